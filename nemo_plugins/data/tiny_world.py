@@ -1,0 +1,84 @@
+"""The tiny world: problems, tokenizer and training examples, generated locally and cached.
+
+Everything is deterministic in `WorldConfig`, so the cache (keyed by a hash of the config) is
+only a speed-up: the tokenizer is trained once and reused by the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from ..utils.atomic import write_json_atomic
+from .chat import render_example
+from .reasoning_world import DIFFICULTIES, Problem, response_for, split_problems
+from .tokenizer import encode_example, load_tokenizer, save_tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1  # bump when generation changes, so stale caches are not reused
+
+
+def cache_root() -> Path:
+    """`$NEMO_PLUGINS_CACHE`, else ~/.cache/nemo_plugins."""
+    return Path(os.environ.get("NEMO_PLUGINS_CACHE", Path.home() / ".cache" / "nemo_plugins"))
+
+
+def config_hash(*parts) -> str:
+    blob = json.dumps([FORMAT_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    n_train: int = 20000
+    n_eval: int = 250
+    difficulties: tuple[int, ...] = DIFFICULTIES
+    vocab_size: int = 384
+    thinking_fraction: float = 0.7  # share of training examples in "detailed thinking on" mode
+
+    def __post_init__(self):
+        if not 0.0 <= self.thinking_fraction <= 1.0:
+            raise ValueError(f"thinking_fraction={self.thinking_fraction}: expected a value in [0, 1]")
+        if self.n_train <= 0 or self.n_eval <= 0:
+            raise ValueError(f"n_train={self.n_train}, n_eval={self.n_eval}: expected positive integers")
+
+
+@dataclass
+class World:
+    config: WorldConfig
+    train: list[Problem]
+    eval: list[Problem]
+    tokenizer: Tokenizer
+    directory: Path = field(default=Path("."))
+
+    def training_examples(self) -> list[tuple[list[int], list[int]]]:
+        """Tokenized (ids, loss_mask) examples; each problem in one reasoning mode."""
+        rng = random.Random(f"{self.config.seed}/modes")
+        out = []
+        for p in self.train:
+            thinking = rng.random() < self.config.thinking_fraction
+            prompt, response = render_example(p.question, response_for(p, thinking), thinking)
+            out.append(encode_example(self.tokenizer, prompt, response))
+        return out
+
+
+def build_world(cfg: WorldConfig = WorldConfig(), root: Path | None = None) -> World:
+    """Generate (or restore from the cache) the problems and tokenizer of the tiny world."""
+    train, eval_ = split_problems(cfg.seed, cfg.n_train, cfg.n_eval, cfg.difficulties)
+    directory = (root or cache_root()) / "tiny_world" / config_hash(asdict(cfg))
+    tok_path = directory / "tokenizer.json"
+    if tok_path.is_file():
+        tok = load_tokenizer(tok_path)
+    else:
+        from .reasoning_world import chat_texts
+
+        tok = train_tokenizer(chat_texts(train), vocab_size=cfg.vocab_size)
+        save_tokenizer(tok, tok_path)
+        write_json_atomic(directory / "world.json", {"format_version": FORMAT_VERSION, **asdict(cfg)})
+    return World(cfg, train, eval_, tok, directory)

@@ -1,0 +1,212 @@
+"""Load and save Hugging Face style checkpoints (config.json + safetensors).
+
+Reads plain Llama directories and nemotron-nas (DeciLM) directories, single-file or sharded
+(`model.safetensors.index.json`, or several `*.safetensors` without an index). Writes
+nemotron-nas for heterogeneous models and plain Llama for homogeneous ones, atomically: the
+previous checkpoint at the same path survives a crash mid-save. Only safetensors are read;
+pickled weights are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..arch.config import ArchConfigError, ModelConfig
+from ..arch.hf_json import from_hf_config, to_hf_config
+from ..utils.atomic import atomic_directory
+from .llama import HeteroLlamaForCausalLM, rope_inv_freq
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, unreadable, or does not match its config."""
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """`ModelConfig` from a `config.json` file or a directory holding one."""
+    path = Path(path)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: no such file (expected a config.json or a checkpoint directory)")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    try:
+        return from_hf_config(data)
+    except ArchConfigError as e:
+        raise ArchConfigError(f"{cfg_path}: {e}") from None
+
+
+def _weight_files(ckpt: Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file holding it."""
+    index = ckpt / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {name: ckpt / fname for name, fname in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise CheckpointError(f"{index} names shard {f.name}, which does not exist in {ckpt}")
+        return files
+    shards = sorted(ckpt.glob("*.safetensors"))
+    if not shards:
+        pickled = [p.name for p in ckpt.glob("*.bin")] + [p.name for p in ckpt.glob("*.pt")]
+        hint = f"; found {pickled}, which are pickled and are not loaded (convert them to safetensors)" if pickled else ""
+        raise CheckpointError(f"{ckpt}: no *.safetensors weights{hint}")
+    files: dict[str, Path] = {}
+    for shard in shards:
+        for name in _open(shard).keys():
+            if name in files:
+                raise CheckpointError(f"tensor {name!r} appears in both {files[name].name} and {shard.name}")
+            files[name] = shard
+    return files
+
+
+def _open(shard: Path):
+    try:
+        return safe_open(str(shard), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{shard}: unreadable safetensors file ({e})") from None
+
+
+def load_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (safetensors only)."""
+    ckpt = Path(ckpt)
+    by_file: dict[Path, list[str]] = {}
+    for name, f in _weight_files(ckpt).items():
+        by_file.setdefault(f, []).append(name)
+    out = {}
+    for f, names in by_file.items():
+        handle = _open(f)
+        available = set(handle.keys())
+        for name in names:
+            if name not in available:
+                raise CheckpointError(f"{f}: index lists tensor {name!r} but the file does not contain it")
+            try:
+                out[name] = handle.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+    return {k: v for k, v in out.items() if not k.endswith(_IGNORED_SUFFIXES)}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a checkpoint of `cfg` must hold."""
+    with torch.device("meta"):
+        model = HeteroLlamaForCausalLM(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Raise `CheckpointError` naming the first missing, unexpected or wrong-shaped tensor."""
+    expected = expected_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all), not in the config's architecture"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape} from config.json"
+            )
+
+
+def load_checkpoint(
+    ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> HeteroLlamaForCausalLM:
+    """Build the model described by `ckpt/config.json` and load its safetensors weights."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a directory (expected a checkpoint with config.json and *.safetensors)")
+    cfg = read_config(ckpt)
+    state = load_state_dict(ckpt)
+    check_state_dict(cfg, state, where=str(ckpt))
+    with torch.device("meta"):
+        model = HeteroLlamaForCausalLM(cfg)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    state = {k: v.to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling).to(device)
+    return model.eval()
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def save_checkpoint(
+    model: HeteroLlamaForCausalLM,
+    path: str | os.PathLike,
+    *,
+    architecture: str = "auto",
+    max_shard_bytes: int | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write `model` as an HF directory (config.json + safetensors [+ index]) atomically.
+
+    architecture: "auto" (plain Llama when homogeneous, else nemotron-nas), "llama" or
+    "nemotron-nas". Shards at `max_shard_bytes` when given. `extra_files` (e.g. the
+    tokenizer.json) are written into the same directory.
+    """
+    cfg = model.config
+    config = to_hf_config(cfg, architecture)  # fails before anything is written
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
+    shards = _shard(state, max_shard_bytes)
+    with atomic_directory(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+    return Path(path)
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    return shards

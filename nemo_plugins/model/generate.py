@@ -1,0 +1,102 @@
+"""Batched generation: left-padded prompts, KV cache, greedy / temperature / top-p, stop tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .llama import HeteroLlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy; top_p 1.0 keeps the whole distribution."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: expected >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), longest), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            valid[i, longest - len(p) :] = True
+    return ids.to(device), valid.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: HeteroLlamaForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig = SamplingConfig(),
+    *,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each, ending at (and including) a stop token.
+
+    With `use_cache=False` every step re-runs the whole sequence (the slow path, kept for
+    benchmarks and as a check of the cache).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    ids, valid = _left_pad(prompts, pad_id, device)
+    B, T = ids.shape
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    padded = not bool(valid.all())
+    stop = torch.tensor(sorted(cfg.stop_token_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.full((B, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    n_out = torch.zeros(B, dtype=torch.long, device=device)
+
+    cache = model.new_cache(B, T + cfg.max_new_tokens) if use_cache else None
+    logits = model(ids, positions=positions, key_valid=valid if padded else None, cache=cache)[:, -1]
+    for step in range(cfg.max_new_tokens):
+        nxt = sample_next(logits, cfg, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[:, step] = nxt
+        n_out += (~done).long()
+        if len(stop):
+            done |= torch.isin(nxt, stop)
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        next_pos = positions[:, -1:] + 1
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        positions = torch.cat([positions, next_pos], dim=1)
+        if use_cache:
+            logits = model(nxt[:, None], positions=next_pos, key_valid=valid if padded else None, cache=cache)[:, -1]
+        else:
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            logits = model(ids, positions=positions, key_valid=valid if padded else None)[:, -1]
+    return [out[i, : n_out[i]].tolist() for i in range(B)]

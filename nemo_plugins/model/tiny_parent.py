@@ -1,0 +1,88 @@
+"""The tiny parent: a small Llama trained on the tiny world on CPU in a few minutes, cached.
+
+Dimensions keep Puzzle children expressible in nemotron-nas: with hidden 192 the parent FFN
+(768, ffn_mult 6.0) and its reduced widths 256 and 512 are multiples of 256, and 8 query heads
+over 4 KV heads leave 2 and 1 KV heads as cheaper variants.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..arch.config import ModelConfig, homogeneous
+from ..data.chat import BOS, EOS
+from ..data.tiny_world import World, config_hash
+from ..data.tokenizer import TOKENIZER_FILE, token_id
+from ..utils.atomic import write_json_atomic
+from .checkpoint import load_checkpoint, save_checkpoint
+from .llama import HeteroLlamaForCausalLM
+from .train import OptimConfig, fit_lm
+
+
+@dataclass(frozen=True)
+class ParentConfig:
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_attention_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    seed: int = 0
+
+
+def parent_model_config(p: ParentConfig, world: World) -> ModelConfig:
+    tok = world.tokenizer
+    return homogeneous(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=p.hidden_size,
+        num_layers=p.num_layers,
+        num_attention_heads=p.num_attention_heads,
+        num_kv_heads=p.num_kv_heads,
+        intermediate_size=p.intermediate_size,
+        rope_theta=p.rope_theta,
+        max_position_embeddings=p.max_position_embeddings,
+        tie_word_embeddings=p.tie_word_embeddings,
+        rms_norm_eps=1e-5,
+        bos_token_id=token_id(tok, BOS),
+        eos_token_id=token_id(tok, EOS),
+    )
+
+
+def parent_dir(world: World, p: ParentConfig) -> Path:
+    return world.directory / f"parent-{config_hash(asdict(p))}"
+
+
+def train_parent(world: World, p: ParentConfig = ParentConfig(), *, progress: bool = True) -> Path:
+    """Train the parent (or reuse the cached one); returns its HF checkpoint directory."""
+    out = parent_dir(world, p)
+    if (out / "train_log.json").is_file():
+        return out
+    import torch
+
+    torch.manual_seed(p.seed)
+    model = HeteroLlamaForCausalLM(parent_model_config(p, world))
+    optim = OptimConfig(lr=p.lr, warmup_steps=p.warmup_steps)
+    losses = fit_lm(
+        model, world.training_examples(), steps=p.steps, batch_size=p.batch_size, optim=optim,
+        seed=p.seed, progress=progress,
+    )  # fmt: skip
+    tokenizer_json = world.tokenizer.to_str()
+    save_checkpoint(model, out, extra_files={TOKENIZER_FILE: tokenizer_json})
+    write_json_atomic(out / "train_log.json", {"config": asdict(p), "losses": losses})
+    return out
+
+
+def load_parent(world: World, p: ParentConfig = ParentConfig(), *, progress: bool = False) -> HeteroLlamaForCausalLM:
+    return load_checkpoint(train_parent(world, p, progress=progress))
+
+
+def read_train_log(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "train_log.json").read_text())

@@ -1,0 +1,138 @@
+"""Causal-LM training loop on Lightning: loss-masked next-token prediction.
+
+Used to train the tiny parent; recovery and SFT stages reuse `TokenDataset`, `collate` and
+`LMTrainingModule` with their own losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .llama import HeteroLlamaForCausalLM, causal_lm_loss
+
+
+class TokenDataset(Dataset):
+    """(input_ids, loss_mask) pairs, one per example."""
+
+    def __init__(self, examples: Sequence[tuple[list[int], list[int]]]):
+        self.examples = list(examples)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+def collate(batch, pad_id: int = 0):
+    """Right-pad a batch to its longest example; padding gets loss mask 0."""
+    longest = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, (x, m) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m)
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+
+
+def cosine_schedule(step: int, total: int, cfg: OptimConfig) -> float:
+    """LR multiplier: linear warmup, then cosine down to `min_lr_ratio`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    """AdamW with no weight decay on norms/embeddings-free 1-D params; cosine schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total_steps, cfg))
+    return opt, sched
+
+
+class LMTrainingModule(L.LightningModule):
+    """Masked next-token loss on a `HeteroLlamaForCausalLM`."""
+
+    def __init__(self, model: HeteroLlamaForCausalLM, optim: OptimConfig, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.total_steps = total_steps
+
+    def training_step(self, batch, batch_idx):
+        ids, mask = batch
+        loss = causal_lm_loss(self.model(ids), ids, mask)
+        self.log("loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt, sched = make_optimizer(self.model, self.optim, self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit_lm(
+    model: HeteroLlamaForCausalLM,
+    examples: Sequence[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int,
+    optim: OptimConfig = OptimConfig(),
+    pad_id: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train `model` in place for `steps` optimizer steps; returns the per-step losses."""
+    L.seed_everything(seed, verbose=False)
+    loader = DataLoader(
+        TokenDataset(examples),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda b: collate(b, pad_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    module = LMTrainingModule(model, optim, steps)
+    losses: list[float] = []
+
+    class _Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_steps=steps,
+        gradient_clip_val=optim.grad_clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=[_Record()],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader)
+    model.eval()
+    return losses

@@ -1,0 +1,43 @@
+"""nemo_plugins: the Llama-Nemotron recipe (Puzzle NAS, FFN Fusion, recovery, reasoning toggle,
+GRPO, RLOO/RPO) as plugins for NeMo users.
+
+Core requirements stay inside what a NeMo 2.7.3 environment pins (numpy<2, lightning<=2.4.0,
+omegaconf<=2.3, transformers ~4.57, torch>=2.6), so the plugin installs into one unchanged.
+Install with the constraints file on CPU machines: `pip install -c constraints.txt -e .[dev]`.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.6",
+    "numpy<2",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "omegaconf>=2.3,<=2.3.0",
+    "lightning>=2.2,<=2.4.0",
+    "tqdm>=4.60",
+    "rich>=13",
+]
+
+EXTRAS = {
+    # NeMo 2 LLM stack (the last release with nemo.collections.llm) and NeMo-Run; see
+    # constraints.txt for the pins that keep it on CPU torch.
+    "nemo": ["nemo-toolkit[llm]==2.7.3", "nemo-run==0.11.1", "megatron-core==0.16.1", "pyarrow<20", "leptonai==0.27.3"],
+    # NeMo-Aligner needs NeMo's older nlp collection; it lives in its own environment/container.
+    "aligner": ["nemo-aligner==0.7.0"],
+    "gpu": ["transformer-engine[pytorch]"],
+    "dev": ["pytest>=8", "transformers>=4.57,<4.58", "matplotlib>=3.8"],
+}
+
+setup(
+    name="nemo_plugins",
+    version="0.1.0",
+    description="Llama-Nemotron recipe (Puzzle NAS, FFN Fusion, reasoning toggle, GRPO) for NeMo",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_plugins", "nemo_plugins.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["nemo-plugins=nemo_plugins.cli.main:main"]},
+)
