@@ -33,12 +33,12 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorldConfig:
     seed: int = 0
     n_train: int = 20000
     n_eval: int = 250
-    difficulties: tuple[int, ...] = DIFFICULTIES
+    difficulties: list[int] = field(default_factory=lambda: list(DIFFICULTIES))
     vocab_size: int = 384
     thinking_fraction: float = 0.7  # share of training examples in "detailed thinking on" mode
 
@@ -47,6 +47,8 @@ class WorldConfig:
             raise ValueError(f"thinking_fraction={self.thinking_fraction}: expected a value in [0, 1]")
         if self.n_train <= 0 or self.n_eval <= 0:
             raise ValueError(f"n_train={self.n_train}, n_eval={self.n_eval}: expected positive integers")
+        if self.vocab_size < 264:
+            raise ValueError(f"vocab_size={self.vocab_size}: expected >= 264 (8 special tokens + 256 bytes)")
 
 
 @dataclass
@@ -68,8 +70,9 @@ class World:
         return out
 
 
-def build_world(cfg: WorldConfig = WorldConfig(), root: Path | None = None) -> World:
+def build_world(cfg: WorldConfig | None = None, root: Path | None = None) -> World:
     """Generate (or restore from the cache) the problems and tokenizer of the tiny world."""
+    cfg = cfg or WorldConfig()
     train, eval_ = split_problems(cfg.seed, cfg.n_train, cfg.n_eval, cfg.difficulties)
     directory = (root or cache_root()) / "tiny_world" / config_hash(asdict(cfg))
     tok_path = directory / "tokenizer.json"

@@ -21,7 +21,7 @@ from .llama import HeteroLlamaForCausalLM
 from .train import OptimConfig, fit_lm
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParentConfig:
     hidden_size: int = 192
     num_layers: int = 4
@@ -36,6 +36,13 @@ class ParentConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "hidden_size", "num_layers", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"parent.{name}={getattr(self, name)}: expected a positive integer")
+        if self.lr <= 0:
+            raise ValueError(f"parent.lr={self.lr}: expected a positive number")
 
 
 def parent_model_config(p: ParentConfig, world: World) -> ModelConfig:
@@ -60,8 +67,9 @@ def parent_dir(world: World, p: ParentConfig) -> Path:
     return world.directory / f"parent-{config_hash(asdict(p))}"
 
 
-def train_parent(world: World, p: ParentConfig = ParentConfig(), *, progress: bool = True) -> Path:
+def train_parent(world: World, p: ParentConfig | None = None, *, progress: bool = True) -> Path:
     """Train the parent (or reuse the cached one); returns its HF checkpoint directory."""
+    p = p or ParentConfig()
     out = parent_dir(world, p)
     if (out / "train_log.json").is_file():
         return out
@@ -80,7 +88,7 @@ def train_parent(world: World, p: ParentConfig = ParentConfig(), *, progress: bo
     return out
 
 
-def load_parent(world: World, p: ParentConfig = ParentConfig(), *, progress: bool = False) -> HeteroLlamaForCausalLM:
+def load_parent(world: World, p: ParentConfig | None = None, *, progress: bool = False) -> HeteroLlamaForCausalLM:
     return load_checkpoint(train_parent(world, p, progress=progress))
 
 

@@ -1,0 +1,1 @@
+"""Command line: `nemo-plugins <stage> key=value ...`."""

@@ -1,0 +1,127 @@
+"""The main job: tiny world -> parent -> evaluation -> export, each stage resumable.
+
+Stages keep their outputs on disk keyed by their config (world and parent live in the cache,
+see `data.tiny_world.cache_root`), so a rerun restores finished work instead of redoing it.
+Later stages (Puzzle, fusion, recovery, SFT, GRPO) join this list.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .arch.accounting import report
+from .data.tiny_world import World, WorldConfig, build_world
+from .data.tokenizer import TOKENIZER_FILE
+from .evaluate import task_accuracy
+from .model.checkpoint import load_checkpoint, save_checkpoint
+from .model.tiny_parent import ParentConfig, read_train_log, train_parent
+from .utils.atomic import write_json_atomic
+
+log = logging.getLogger("nemo_plugins")
+
+STAGES = ("world", "parent", "evaluate", "export")
+MODES = {"on": True, "off": False}
+# YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
+_MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
+
+
+@dataclass
+class EvalConfig:
+    n_problems: int = 250  # taken from the world's held-out set
+    batch_size: int = 64
+    max_new_tokens: int = 64
+    modes: list[str] = field(default_factory=lambda: ["on", "off"])  # reasoning toggle settings
+
+    def __post_init__(self):
+        self.modes = [_MODE_ALIASES.get(str(m), str(m)) for m in self.modes]
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"eval.modes: unknown mode {bad[0]!r} (expected 'on' or 'off')")
+        if self.n_problems <= 0 or self.batch_size <= 0 or self.max_new_tokens <= 0:
+            raise ValueError("eval.n_problems, eval.batch_size and eval.max_new_tokens must be positive")
+
+
+@dataclass
+class ExportConfig:
+    architecture: str = "auto"  # auto | llama | nemotron-nas
+    max_shard_bytes: int = 0  # 0: one safetensors file
+
+    def __post_init__(self):
+        if self.architecture not in ("auto", "llama", "nemotron-nas"):
+            raise ValueError(
+                f"export.architecture={self.architecture!r}: expected 'auto', 'llama' or 'nemotron-nas'"
+            )
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "outputs/tiny"
+    cache_dir: str | None = None  # default: $NEMO_PLUGINS_CACHE or ~/.cache/nemo_plugins
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    progress: bool = True
+    world: WorldConfig = field(default_factory=WorldConfig)
+    parent: ParentConfig = field(default_factory=ParentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"stages: unknown stage {bad[0]!r} (expected some of {list(STAGES)})")
+
+
+def evaluate_model(model, world: World, cfg: EvalConfig, progress: bool = False) -> dict:
+    problems = world.eval[: cfg.n_problems]
+    return {
+        mode: task_accuracy(
+            model, world.tokenizer, problems, thinking=MODES[mode], batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens, progress=progress,
+        )  # fmt: skip
+        for mode in cfg.modes
+    }
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run the selected stages; returns (and writes to output_dir/report.json) a summary."""
+    out = Path(cfg.output_dir)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else None
+    summary: dict = {"config": asdict(cfg)}
+
+    world = build_world(cfg.world, root)
+    summary["world"] = {
+        "directory": str(world.directory), "vocab_size": world.tokenizer.get_vocab_size(),
+        "n_train": len(world.train), "n_eval": len(world.eval),
+    }  # fmt: skip
+    log.info("world: %s", summary["world"])
+    if cfg.stages == ["world"]:
+        return _finish(out, summary)
+
+    ckpt = train_parent(world, cfg.parent, progress=cfg.progress)
+    losses = read_train_log(ckpt)["losses"]
+    summary["parent"] = {"checkpoint": str(ckpt), "first_loss": losses[0], "final_loss": losses[-1]}
+    log.info("parent: %s", summary["parent"])
+    model = load_checkpoint(ckpt)
+
+    if "evaluate" in cfg.stages:
+        summary["evaluate"] = evaluate_model(model, world, cfg.eval, cfg.progress)
+        for mode, res in summary["evaluate"].items():
+            log.info("parent accuracy (thinking %s): %.3f by difficulty %s", mode, res["accuracy"], res["by_difficulty"])
+
+    if "export" in cfg.stages:
+        target = out / "parent"
+        save_checkpoint(
+            model, target, architecture=cfg.export.architecture, max_shard_bytes=cfg.export.max_shard_bytes or None,
+            extra_files={TOKENIZER_FILE: world.tokenizer.to_str()},
+        )  # fmt: skip
+        rep = report(model.config)
+        summary["export"] = {"checkpoint": str(target), "params": rep.params,
+                             "kv_cache_bytes_per_token": rep.kv_cache_bytes_per_token}  # fmt: skip
+        log.info("exported parent to %s", target)
+    return _finish(out, summary)
+
+
+def _finish(out: Path, summary: dict) -> dict:
+    write_json_atomic(out / "report.json", summary, default=str)
+    return summary

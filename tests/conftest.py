@@ -1,0 +1,30 @@
+"""Shared fixtures. The trained tiny parent is built once (about 3-4 minutes on 2 CPU cores)
+and cached under $NEMO_PLUGINS_CACHE (default ~/.cache/nemo_plugins), shared with the demo."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    markexpr = config.getoption("-m") or ""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow tier: run with -m slow")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and "slow" not in markexpr:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    from nemo_plugins.data.tiny_world import WorldConfig, build_world
+
+    return build_world(WorldConfig())
+
+
+@pytest.fixture(scope="session")
+def parent_checkpoint(tiny_world):
+    from nemo_plugins.model.tiny_parent import ParentConfig, train_parent
+
+    return train_parent(tiny_world, ParentConfig(), progress=False)

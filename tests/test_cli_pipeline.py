@@ -1,0 +1,144 @@
+"""CLI, configs and the main job (plumbing on a very small world; quality on the real parent)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_plugins.cli.main import main
+from nemo_plugins.config import CONF_DIR, ConfigError, load_config
+from nemo_plugins.pipeline import PipelineConfig, run_pipeline
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SUPER = FIXTURES / "llama33_nemotron_super_49b_config.json"
+
+
+def test_inspect_json_totals_and_layers(capsys):
+    assert main(["inspect", str(SUPER), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["totals"]["params"] == 49_867_145_216
+    assert out["totals"]["kv_cache_bytes_per_token"] == 49 * 2 * 8 * 128 * 2
+    assert len(out["layers"]) == 80
+    assert main(["inspect", str(SUPER), "--json", "--dtype", "fp8"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["kv_cache_bytes_per_token"] == 49 * 2 * 8 * 128
+
+
+def test_inspect_table_prints_layers_and_totals(capsys):
+    assert main(["inspect", str(SUPER)]) == 0
+    out = capsys.readouterr().out
+    assert "49,867,145,216" in out and "no_op" in out and "swiglu(28672)" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith("79 ")]) == 1
+
+
+def test_inspect_malformed_config_names_field_and_fails(tmp_path, capsys):
+    cfg = json.loads(SUPER.read_text())
+    cfg["block_configs"][3]["attention"]["n_heads_in_group"] = 7
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps(cfg))
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "block_configs[3].attention.n_heads_in_group=7" in err and "config.json" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_plugins.cli.main", "inspect", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+
+
+def test_config_overrides_and_rejections():
+    yaml = CONF_DIR / "pipeline" / "tiny.yaml"
+    cfg = load_config(PipelineConfig, yaml, ["parent.steps=7", "eval.modes=[on]", "world.difficulties=[1,2]"])
+    assert cfg.parent.steps == 7 and cfg.eval.modes == ["on"] and cfg.world.difficulties == [1, 2]
+    assert cfg.parent.hidden_size == 192  # from the YAML, untouched
+    with pytest.raises(ConfigError, match="unknown key 'parent.hiden_size'"):
+        load_config(PipelineConfig, yaml, ["parent.hiden_size=8"])
+    with pytest.raises(ConfigError, match="parent.steps"):
+        load_config(PipelineConfig, yaml, ["parent.steps=many"])
+    with pytest.raises(ConfigError, match="parent.lr=-0.1"):
+        load_config(PipelineConfig, yaml, ["parent.lr=-0.1"])
+    with pytest.raises(ConfigError, match="stages: unknown stage 'puzzle2'"):
+        load_config(PipelineConfig, yaml, ["stages=[world,puzzle2]"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(PipelineConfig, yaml, ["parent.steps"])
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parent:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'parent.stepz'"):
+        load_config(PipelineConfig, bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PipelineConfig, tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_bad_override_without_touching_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("previous")
+    assert main(["pipeline", f"output_dir={out}", "parent.steps=0"]) == 2
+    assert "parent.steps=0" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == "previous"
+
+
+def test_pipeline_plumbing_on_a_small_world(tmp_path):
+    """Every stage runs, writes its outputs, and a rerun restores the cached parent."""
+    overrides = [
+        f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "progress=false",
+        "world.n_train=64", "world.n_eval=10", "parent.steps=3", "parent.batch_size=8",
+        "parent.hidden_size=64", "parent.intermediate_size=256", "parent.num_layers=2",
+        "eval.n_problems=10", "eval.max_new_tokens=8",
+    ]  # fmt: skip
+    cfg = load_config(PipelineConfig, CONF_DIR / "pipeline" / "tiny.yaml", overrides)
+    summary = run_pipeline(cfg)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["parent"]["checkpoint"] == summary["parent"]["checkpoint"]
+    assert set(report["evaluate"]) == {"on", "off"} and report["evaluate"]["on"]["n"] == 10
+    exported = tmp_path / "out" / "parent"
+    assert (exported / "config.json").is_file() and (exported / "tokenizer.json").is_file()
+    ckpt = Path(summary["parent"]["checkpoint"])
+    stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(cfg)  # resumes: the parent is not retrained
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------- the real tiny parent
+
+
+def test_parent_solves_easy_problems(tiny_world, parent_checkpoint):
+    from nemo_plugins.evaluate import task_accuracy
+    from nemo_plugins.model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(parent_checkpoint)
+    easy = [p for p in tiny_world.eval if p.difficulty == 1][:40]
+    hard = [p for p in tiny_world.eval if p.difficulty == 5][:40]
+    on_easy = task_accuracy(model, tiny_world.tokenizer, easy, thinking=True)
+    on_hard = task_accuracy(model, tiny_world.tokenizer, hard, thinking=True)
+    assert on_easy["accuracy"] >= 0.6, on_easy
+    assert on_easy["format_ok"] >= 0.9, on_easy
+    assert on_hard["accuracy"] < on_easy["accuracy"]  # graded difficulty leaves headroom
+
+
+def test_exported_parent_loads_in_transformers(tiny_world, parent_checkpoint, tmp_path):
+    import transformers
+
+    from nemo_plugins.model.checkpoint import load_checkpoint, save_checkpoint
+
+    ours = load_checkpoint(parent_checkpoint)
+    save_checkpoint(ours, tmp_path / "hf", extra_files={"tokenizer.json": tiny_world.tokenizer.to_str()})
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    ids = torch.tensor([tok.encode("<|bos|><|user|>What is (3 + 4) * 2?<|assistant|>")])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_recipe_script_rejects_unknown_key():
+    script = Path(__file__).parent.parent / "recipes" / "pipeline.py"
+    proc = subprocess.run([sys.executable, str(script), "parent.nope=1"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "unknown key 'parent.nope'" in proc.stderr
