@@ -48,7 +48,8 @@ class FFNConfig:
     kind: FFNKind = "swiglu"
     intermediate_size: int | None = None
     members: tuple[FFNConfig, ...] = ()
-    ffn_mult: float | None = None
+    # Provenance, not architecture: two FFNs of the same width compare equal.
+    ffn_mult: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,8 @@ def save_checkpoint(
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
+    if "dtype" in config:  # carried over from a transformers >= 4.56 config, which reads it first
+        config["dtype"] = config["torch_dtype"]
     shards = _shard(state, max_shard_bytes)
     with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -51,10 +51,17 @@ def atomic_directory(path: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.rmdir(old)
-        os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        # Put the previous directory back (if it was moved aside) and drop the temporary.
+        if old is not None and old.exists() and not path.exists():
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
