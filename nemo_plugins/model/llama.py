@@ -18,6 +18,8 @@ from torch import nn
 
 from ..arch.config import BlockConfig, FFNConfig, ModelConfig, RopeScaling, validate
 
+IGNORE_INDEX = -100
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back (as Llama does)."""
@@ -54,7 +56,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [B, 1, T, head_dim] for integer `positions` [B, T]."""
+    """cos/sin of shape [B, 1, T, head_dim] for integer `positions` [B, T] (B may be 1)."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -260,8 +262,8 @@ class HeteroLlamaForCausalLM(nn.Module):
         """Embeddings, RoPE tables and attention mask shared by all layers."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if positions is None:  # one row, broadcast over the batch: RoPE tables stay [1, 1, T, d]
+            positions = torch.arange(past, past + T, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)
         rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
         mask = _attention_mask(key_valid, T, past + T, input_ids.device)
@@ -290,11 +292,14 @@ class HeteroLlamaForCausalLM(nn.Module):
 
 
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None):
-    """Mean next-token cross-entropy; `loss_mask` [B, T] selects which target tokens count."""
-    targets = input_ids[:, 1:]
-    logits = logits[:, :-1].float()
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    if loss_mask is None:
-        return losses.mean()
-    m = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
-    return (losses * m).sum() / m.sum().clamp_min(1)
+    """Mean next-token cross-entropy; `loss_mask` [B, T] selects which target tokens count.
+
+    The targets are shifted (not the logits), so the [B, T, V] logits are never copied.
+    """
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    if loss_mask is not None:
+        keep = F.pad(loss_mask[:, 1:], (0, 1), value=0).bool()
+        targets = targets.masked_fill(~keep, IGNORE_INDEX)
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat != IGNORE_INDEX).sum().clamp_min(1)
