@@ -107,24 +107,35 @@ def _expect(d: dict, key: str, where: str, kind: type | tuple, allow_none: bool 
     return v
 
 
-def _attention_from_hf(i: int, a: dict, num_heads: int) -> AttentionConfig:
-    where = f"block_configs[{i}].attention"
-    if not isinstance(a, dict):
-        raise ArchConfigError(f"{where}: expected a mapping, got {a!r}")
-    unknown = sorted(set(a) - {"no_op", "replace_with_linear", "n_heads_in_group", *_ATTN_OFF})
+def _subblock_from_hf(where: str, d, size_key: str, off_values: dict) -> tuple[str, object]:
+    """Checks shared by HF attention and ffn entries.
+
+    Returns ("no_op" | "linear" | "full", d[size_key]); the size must be null unless "full".
+    """
+    if not isinstance(d, dict):
+        raise ArchConfigError(f"{where}: expected a mapping, got {d!r}")
+    unknown = sorted(set(d) - {"no_op", "replace_with_linear", size_key, *off_values})
     if unknown:
         raise ArchConfigError(f"{where}: unknown key(s) {unknown}")
-    for key, off in _ATTN_OFF.items():
-        if a.get(key, off) != off:
-            raise ArchConfigError(f"{where}.{key}={a[key]!r}: not supported (expected {off!r})")
-    no_op, linear = bool(a.get("no_op", False)), bool(a.get("replace_with_linear", False))
-    g = a.get("n_heads_in_group")
+    for key, off in off_values.items():
+        if d.get(key, off) != off:
+            raise ArchConfigError(f"{where}.{key}={d[key]!r}: not supported (expected {off!r})")
+    no_op, linear = bool(d.get("no_op", False)), bool(d.get("replace_with_linear", False))
+    size = d.get(size_key)
     if no_op and linear:
         raise ArchConfigError(f"{where}: no_op and replace_with_linear are both true")
     if no_op or linear:
-        if g is not None:
-            raise ArchConfigError(f"{where}.n_heads_in_group={g!r}: must be null when no_op or replace_with_linear")
-        return AttentionConfig("no_op" if no_op else "linear")
+        if size is not None:
+            raise ArchConfigError(f"{where}.{size_key}={size!r}: must be null when no_op or replace_with_linear")
+        return ("no_op" if no_op else "linear"), None
+    return "full", size
+
+
+def _attention_from_hf(i: int, a: dict, num_heads: int) -> AttentionConfig:
+    where = f"block_configs[{i}].attention"
+    kind, g = _subblock_from_hf(where, a, "n_heads_in_group", _ATTN_OFF)
+    if kind != "full":
+        return AttentionConfig(kind)
     if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or num_heads % g:
         raise ArchConfigError(
             f"{where}.n_heads_in_group={g!r}: expected a positive divisor of num_attention_heads={num_heads}"
@@ -134,22 +145,9 @@ def _attention_from_hf(i: int, a: dict, num_heads: int) -> AttentionConfig:
 
 def _ffn_from_hf(i: int, f: dict, hidden: int) -> FFNConfig:
     where = f"block_configs[{i}].ffn"
-    if not isinstance(f, dict):
-        raise ArchConfigError(f"{where}: expected a mapping, got {f!r}")
-    unknown = sorted(set(f) - {"no_op", "replace_with_linear", "ffn_mult", *_FFN_OFF})
-    if unknown:
-        raise ArchConfigError(f"{where}: unknown key(s) {unknown}")
-    for key, off in _FFN_OFF.items():
-        if f.get(key, off) != off:
-            raise ArchConfigError(f"{where}.{key}={f[key]!r}: not supported (expected {off!r})")
-    no_op, linear = bool(f.get("no_op", False)), bool(f.get("replace_with_linear", False))
-    m = f.get("ffn_mult")
-    if no_op and linear:
-        raise ArchConfigError(f"{where}: no_op and replace_with_linear are both true")
-    if no_op or linear:
-        if m is not None:
-            raise ArchConfigError(f"{where}.ffn_mult={m!r}: must be null when no_op or replace_with_linear")
-        return FFNConfig("no_op" if no_op else "linear")
+    kind, m = _subblock_from_hf(where, f, "ffn_mult", _FFN_OFF)
+    if kind != "full":
+        return FFNConfig(kind)
     if not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m) or m <= 0:
         raise ArchConfigError(f"{where}.ffn_mult={m!r}: expected a positive number")
     return FFNConfig("swiglu", ffn_mult_to_intermediate_size(m, hidden), ffn_mult=m)
