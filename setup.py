@@ -17,6 +17,8 @@ CORE = [
     "lightning>=2.2,<=2.4.0",
     "tqdm>=4.60",
     "rich>=13",
+    "ortools>=9.10,<10",  # Puzzle's MIP (NeMo 2.7.3 itself pins 9.12)
+    "matplotlib>=3.8",  # reports: Pareto frontier, per-layer architecture chart
 ]
 
 EXTRAS = {
@@ -26,7 +28,8 @@ EXTRAS = {
     # NeMo-Aligner needs NeMo's older nlp collection; it lives in its own environment/container.
     "aligner": ["nemo-aligner==0.7.0"],
     "gpu": ["transformer-engine[pytorch]"],
-    "dev": ["pytest>=8", "transformers>=4.57,<4.58", "matplotlib>=3.8"],
+    # transformers is the test-time reference model; PuLP/CBC the reference MIP solver in benchmarks.
+    "dev": ["pytest>=8", "transformers>=4.57,<4.58", "pulp>=2.8"],
 }
 
 setup(
