@@ -1,0 +1,170 @@
+"""Blockwise local distillation (BLD) of the whole block library in one loop.
+
+Each batch runs the frozen parent once; every variant then learns, from the parent's own input
+activations, to reproduce the parent sub-block's output (normalized MSE
+`mse(y, t) / mse(t, 0)` over real tokens). Variants share no parameters, so one summed loss
+trains them all independently (gradients are clipped per variant). Variants are trained in
+waves; each finished variant is saved at once, and a restarted run skips the saved ones.
+With several GPUs, each process takes every `world_size`-th variant (`rank` / `world_size`)
+and all write into the same library directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..model.llama import Block, HeteroLlamaForCausalLM
+from ..model.train import OptimConfig, TokenDataset, collate, cosine_schedule
+from ..utils.atomic import write_bytes_atomic
+from .activations import capture, run_student, student_io
+from .library import Variant
+
+log = logging.getLogger("nemo_plugins.puzzle")
+
+
+@dataclass
+class BLDConfig:
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    wave_size: int = 0  # variants trained together; 0 = all at once
+    rank: int = 0  # this process's share when several processes (GPUs) split the library
+    world_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"bld.steps={self.steps}, bld.batch_size={self.batch_size}: expected positive integers")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"bld.rank={self.rank}: expected 0 <= rank < world_size={self.world_size}")
+
+
+def normalized_mse(y: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """mse(y, t) / mse(t, 0) over the valid tokens [B, T]."""
+    m = valid[..., None].to(y.dtype)
+    return ((y - t).pow(2) * m).sum() / (t.pow(2) * m).sum().clamp_min(1e-12)
+
+
+def variant_path(library_dir: Path, v: Variant) -> Path:
+    return Path(library_dir) / "variants" / v.group / f"{v.name}.safetensors"
+
+
+def save_variant(library_dir: Path, v: Variant, block: Block, metadata: dict[str, str]) -> Path:
+    """Atomically write the variant's own weights (names relative to its layer)."""
+    from safetensors.torch import save as save_bytes
+
+    state = {k: t.detach().contiguous().cpu() for k, t in block.state_dict().items()}
+    path = variant_path(library_dir, v)
+    write_bytes_atomic(path, save_bytes(state, metadata={k: str(val) for k, val in metadata.items()}))
+    return path
+
+
+def load_variant_state(library_dir: Path, v: Variant) -> dict[str, torch.Tensor]:
+    return load_file(str(variant_path(library_dir, v)))
+
+
+def _module_key(v: Variant) -> str:
+    return v.key.replace(".", "_").replace("/", "__")
+
+
+class BLDModule(L.LightningModule):
+    """Frozen parent + the students of one wave."""
+
+    def __init__(self, parent: HeteroLlamaForCausalLM, students: dict[Variant, Block], cfg: BLDConfig):
+        super().__init__()
+        self.parent = parent.requires_grad_(False).eval()
+        self.variants = {_module_key(v): v for v in students}
+        self.students = nn.ModuleDict({_module_key(v): b for v, b in students.items()})
+        self.cfg = cfg
+        self.last_losses: dict[str, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        ids, valid = batch
+        acts = capture(self.parent, ids)
+        total = 0.0
+        for key, block in self.students.items():
+            v = self.variants[key]
+            x, target = student_io(v, acts)
+            loss = normalized_mse(run_student(block, v, x, acts), target, valid)
+            self.last_losses[key] = float(loss.detach())
+            total = total + loss
+        self.log("bld_loss", total / max(1, len(self.students)), prog_bar=True, on_step=True)
+        return total
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        for block in self.students.values():  # per variant: one variant's spike must not shrink the others
+            torch.nn.utils.clip_grad_norm_(block.parameters(), self.cfg.grad_clip)
+
+    def configure_optimizers(self):
+        params = [p for b in self.students.values() for p in b.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.95), weight_decay=self.cfg.weight_decay)
+        sched_cfg = OptimConfig(lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, self.cfg.steps, sched_cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run_bld(
+    parent: HeteroLlamaForCausalLM,
+    students: dict[Variant, Block],
+    examples: list[tuple[list[int], list[int]]],
+    library_dir: Path,
+    cfg: BLDConfig,
+    *,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train every student not yet saved in `library_dir`; returns {variant key: final loss}.
+
+    Students without parameters (no-ops) and students already saved are not trained; the
+    caller passes students already initialized from the parent.
+    """
+    mine = [v for i, v in enumerate(sorted(students, key=lambda v: v.key)) if i % cfg.world_size == cfg.rank]
+    todo = [v for v in mine if not variant_path(library_dir, v).is_file()]
+    for v in todo:
+        if not any(True for _ in students[v].parameters()):
+            save_variant(library_dir, v, students[v], {"bld_loss": "nan", "trained": "false"})
+    todo = [v for v in todo if not variant_path(library_dir, v).is_file()]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        log.info("BLD: %d of %d variants already in %s", skipped, len(mine), library_dir)
+    wave = cfg.wave_size or len(todo) or 1
+    losses: dict[str, float] = {}
+    for start in range(0, len(todo), wave):
+        chunk = {v: students[v] for v in todo[start : start + wave]}
+        L.seed_everything(cfg.seed, verbose=False)
+        module = BLDModule(parent, chunk, cfg)
+        loader = DataLoader(
+            TokenDataset(examples), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            collate_fn=lambda b: _ids_and_validity(b, pad_id), generator=torch.Generator().manual_seed(cfg.seed),
+        )  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="auto", devices=1, max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, logger=False,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+            num_sanity_val_steps=0,
+        )  # fmt: skip
+        trainer.fit(module, loader)
+        for key, v in module.variants.items():
+            loss = module.last_losses.get(key, float("nan"))
+            save_variant(library_dir, v, module.students[key], {"bld_loss": loss, "trained": "true"})
+            losses[v.key] = loss
+        log.info("BLD: saved %d variants (%d/%d)", len(chunk), start + len(chunk), len(todo))
+    return losses
+
+
+def _ids_and_validity(batch, pad_id: int):
+    ids, _ = collate(batch, pad_id)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (x, _) in enumerate(batch):
+        valid[i, : len(x)] = True
+    return ids, valid

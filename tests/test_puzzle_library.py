@@ -1,0 +1,179 @@
+"""Puzzle block library, BLD (incl. resume), replace-one-block scoring, costs and realization."""
+
+import pytest
+import torch
+
+from nemo_plugins.arch import homogeneous
+from nemo_plugins.arch import accounting as acc
+from nemo_plugins.model import HeteroLlamaForCausalLM
+from nemo_plugins.puzzle import bld as bld_mod
+from nemo_plugins.puzzle.activations import capture, run_student, student_io
+from nemo_plugins.puzzle.bld import BLDConfig, load_variant_state, normalized_mse, run_bld, variant_path
+from nemo_plugins.puzzle.build import InitConfig, build_students
+from nemo_plugins.puzzle.costs import CostConfig, block_stats, measure_block, non_block_stats, variant_stats
+from nemo_plugins.puzzle.library import LibraryConfig, build_variants, groups, is_parent_variant
+from nemo_plugins.puzzle.realize import realize_child
+from nemo_plugins.puzzle.scoring import model_metrics, score_variants
+
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_parent(seed=0, layers=3):
+    torch.manual_seed(seed)
+    cfg = homogeneous(vocab_size=VOCAB, hidden_size=32, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
+                      intermediate_size=96, rope_theta=10000.0)  # fmt: skip
+    return HeteroLlamaForCausalLM(cfg).eval()
+
+
+def batches(n=3, B=4, T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (B, T), generator=g)
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[0, T - 3 :] = False  # right padding on one row
+        ids[~valid] = 0
+        out.append((ids, valid))
+    return out
+
+
+def examples(n=32, T=12, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(1, VOCAB, (T,), generator=g).tolist(), [1] * T) for _ in range(n)]
+
+
+LIB = LibraryConfig(kv_heads=[2, 1], ffn_fractions=[0.5], ffn_multiple=16)
+
+
+def test_variants_decoupled_and_coupled():
+    parent = tiny_parent()
+    vs = build_variants(parent.config, LIB)
+    names = {v.group: [] for v in vs}
+    for v in vs:
+        names[v.group].append(v.name)
+    assert list(names) == groups(parent.config, LIB)
+    assert names["0.attention"] == ["gqa_kv4", "gqa_kv2", "gqa_kv1", "linear", "no_op"]
+    assert names["0.ffn"] == ["swiglu_96", "swiglu_48", "linear", "no_op"]
+    assert all(is_parent_variant(parent.config, v) == (v.name in ("gqa_kv4", "swiglu_96")) for v in vs)
+    coupled = build_variants(parent.config, LibraryConfig(kv_heads=[2, 1], ffn_fractions=[0.5], ffn_multiple=16, mode="coupled"))
+    assert len([v for v in coupled if v.group == "0"]) == 5 * 4  # product, vs 5 + 4 decoupled
+    with pytest.raises(ValueError, match="library.mode"):
+        LibraryConfig(mode="both")
+    # widths round to the nearest multiple: 0.67 of 768 is 512 with multiple 256
+    big = homogeneous(vocab_size=10, hidden_size=192, num_layers=1, num_attention_heads=8, num_kv_heads=4, intermediate_size=768)
+    widths = [v.name for v in build_variants(big, LibraryConfig(ffn_fractions=[0.67, 0.33])) if v.subblock == "ffn"]
+    assert widths == ["swiglu_768", "swiglu_512", "swiglu_256", "linear", "no_op"]
+
+
+def test_library_of_parent_variants_reproduces_the_parent_exactly(tmp_path):
+    parent = tiny_parent()
+    vs = build_variants(parent.config, LIB)
+    students = build_students(parent, vs, batches(), InitConfig())
+    parent_choice = {v.group: v.name for v in vs if is_parent_variant(parent.config, v)}
+    child = realize_child(parent, parent_choice, vs, lambda v: students[v].state_dict())
+    ids, _ = batches()[0]
+    with torch.no_grad():
+        assert torch.equal(child(ids), parent(ids))
+    scores = score_variants(parent, {v: students[v] for v in vs if v.group.startswith("1.")}, batches())
+    assert scores["1.attention/gqa_kv4"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["1.ffn/swiglu_96"]["cosine"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["1.attention/no_op"]["kl_div"] > 1e-4  # removing attention changes the output
+
+
+def test_scores_equal_a_full_child_run():
+    """Replace-one-block scoring from cached activations equals running the realized child."""
+    parent = tiny_parent()
+    vs = build_variants(parent.config, LIB)
+    students = build_students(parent, vs, batches(), InitConfig())
+    base = {v.group: v.name for v in vs if is_parent_variant(parent.config, v)}
+    for key in ("1.attention/linear", "2.ffn/swiglu_48", "0.ffn/no_op"):
+        group, name = key.split("/")
+        child = realize_child(parent, {**base, group: name}, vs, lambda v: students[v].state_dict())
+        direct = model_metrics(parent, child, batches())
+        v = next(v for v in vs if v.key == key)
+        scored = score_variants(parent, {v: students[v]}, batches())[key]
+        for m in ("kl_div", "lm_loss", "cosine"):
+            assert scored[m] == pytest.approx(direct[m], rel=1e-4, abs=1e-6), (key, m)
+
+
+def test_bld_lowers_the_loss_and_resumes_without_retraining(tmp_path, monkeypatch):
+    parent = tiny_parent()
+    vs = [v for v in build_variants(parent.config, LIB) if v.layer == 1 and v.name in ("linear", "gqa_kv1", "no_op")]
+    students = build_students(parent, vs, batches(), InitConfig())
+    acts = capture(parent, batches(seed=9)[0][0])  # held out from calibration and training
+
+    @torch.no_grad()
+    def loss_of(v, block):
+        x, t = student_io(v, acts)
+        return float(normalized_mse(run_student(block, v, x, acts), t, torch.ones(t.shape[:2], dtype=torch.bool)))
+
+    before = {v.key: loss_of(v, students[v]) for v in vs}
+    cfg = BLDConfig(steps=30, batch_size=8, lr=3e-3)
+    losses = run_bld(parent, students, examples(), tmp_path, cfg, progress=False)
+    assert set(losses) == {"1.attention/linear", "1.attention/gqa_kv1", "1.ffn/linear"}  # no-ops: nothing to train
+    assert all(variant_path(tmp_path, v).is_file() for v in vs)
+    for v in vs:  # the linear FFN starts at its least-squares optimum; the attention variants must improve
+        if v.subblock == "attention" and v.name != "no_op":
+            trained = build_students(parent, [v], batches(), InitConfig())[v]
+            trained.load_state_dict(load_variant_state(tmp_path, v))
+            assert loss_of(v, trained) < before[v.key], v.key
+
+    # simulate a crash that lost one variant: only that one is trained again
+    lost = next(v for v in vs if v.name == "linear")
+    variant_path(tmp_path, lost).unlink()
+    stamps = {v.key: variant_path(tmp_path, v).stat().st_mtime_ns for v in vs if v is not lost}
+    fits = []
+    monkeypatch.setattr(bld_mod.L.Trainer, "fit", lambda self, module, loader: fits.append(set(module.variants.values())) or None)
+    again = run_bld(parent, build_students(parent, vs, batches(), InitConfig()), examples(), tmp_path, cfg, progress=False)
+    assert fits == [{lost}] and set(again) == {lost.key}
+    assert {k: variant_path(tmp_path, v).stat().st_mtime_ns for v in vs if v is not lost for k in [v.key]} == stamps
+
+
+def test_bld_splits_work_across_ranks(tmp_path, monkeypatch):
+    parent = tiny_parent()
+    vs = [v for v in build_variants(parent.config, LIB) if v.name in ("linear", "gqa_kv2")]
+    students = build_students(parent, vs, batches(), InitConfig())
+    seen = []
+    monkeypatch.setattr(bld_mod.L.Trainer, "fit", lambda self, module, loader: seen.append(set(module.variants.values())))
+    for rank in range(2):
+        run_bld(parent, students, examples(), tmp_path / str(rank), BLDConfig(steps=1, rank=rank, world_size=2), progress=False)
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(vs)
+
+
+def test_costs_follow_accounting_and_subtract_non_block():
+    parent = tiny_parent()
+    cfg = CostConfig(batch_size=2, prefill_len=8, decode_len=4, dtype="bf16")
+    vs = {v.key: v for v in build_variants(parent.config, LIB)}
+    full = variant_stats(parent.config, vs["0.attention/gqa_kv4"], cfg)
+    half = variant_stats(parent.config, vs["0.attention/gqa_kv2"], cfg)
+    assert full["num_params"] == acc.attention_params(parent.config, parent.config.blocks[0])
+    assert half["kv_cache_mib"] == pytest.approx(full["kv_cache_mib"] / 2)
+    assert full["kv_cache_mib"] * 2**20 == 2 * 4 * 8 * 2 * 2 * (8 + 4)  # 2 (k,v) * kv * head_dim * bytes * batch * ctx
+    assert variant_stats(parent.config, vs["0.ffn/no_op"], cfg)["num_params"] == 0
+    assert variant_stats(parent.config, vs["0.attention/linear"], cfg)["kv_cache_mib"] == 0
+    total = sum(variant_stats(parent.config, v, cfg)["num_params"] for v in vs.values()
+                if is_parent_variant(parent.config, v)) + non_block_stats(parent.config, cfg)["num_params"]  # fmt: skip
+    assert total == acc.count_params(parent.config)
+    assert block_stats(parent.config, parent.config.blocks[0], CostConfig(hardware="h200"))["runtime_ms"] < \
+        block_stats(parent.config, parent.config.blocks[0], CostConfig(hardware="a100-80gb"))["runtime_ms"]  # fmt: skip
+    with pytest.raises(ValueError, match="costs.hardware"):
+        CostConfig(hardware="tpu")
+
+
+def test_measured_runtime_is_positive_and_no_op_is_cheapest():
+    parent = tiny_parent()
+    vs = {v.key: v for v in build_variants(parent.config, LIB)}
+    students = build_students(parent, list(vs.values()), batches(), InitConfig())
+    cfg = CostConfig(batch_size=2, prefill_len=16, decode_len=8, measure_reps=3)
+    full = measure_block(parent.config, students[vs["0.attention/gqa_kv4"]], cfg)
+    none = measure_block(parent.config, students[vs["0.attention/no_op"]], cfg)
+    assert full["measured_prefill_ms"] > 0 and full["measured_decode_ms"] > 0
+    assert none["measured_decode_ms"] < full["measured_decode_ms"]
