@@ -177,3 +177,14 @@ def test_measured_runtime_is_positive_and_no_op_is_cheapest():
     none = measure_block(parent.config, students[vs["0.attention/no_op"]], cfg)
     assert full["measured_prefill_ms"] > 0 and full["measured_decode_ms"] > 0
     assert none["measured_decode_ms"] < full["measured_decode_ms"]
+
+
+def test_bld_saves_exact_parent_variants_without_training(tmp_path, monkeypatch):
+    parent = tiny_parent()
+    vs = [v for v in build_variants(parent.config, LIB) if v.layer == 0 and v.name in ("gqa_kv4", "swiglu_96")]
+    students = build_students(parent, vs, batches(), InitConfig())
+    monkeypatch.setattr(bld_mod.L.Trainer, "fit", lambda *a, **k: pytest.fail("trained an exact variant"))
+    assert run_bld(parent, students, examples(), tmp_path, BLDConfig(steps=1), exact=set(vs), progress=False) == {}
+    for v in vs:
+        saved = load_variant_state(tmp_path, v)
+        assert all(torch.equal(saved[k], t) for k, t in students[v].state_dict().items())

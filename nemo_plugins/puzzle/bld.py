@@ -121,19 +121,21 @@ def run_bld(
     library_dir: Path,
     cfg: BLDConfig,
     *,
+    exact: set[Variant] = frozenset(),
     pad_id: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
     """Train every student not yet saved in `library_dir`; returns {variant key: final loss}.
 
-    Students without parameters (no-ops) and students already saved are not trained; the
+    Students without parameters (no-ops), students whose initialization is already exact
+    (`exact`: the parent's own sub-blocks) and students already saved are not trained; the
     caller passes students already initialized from the parent.
     """
     mine = [v for i, v in enumerate(sorted(students, key=lambda v: v.key)) if i % cfg.world_size == cfg.rank]
     todo = [v for v in mine if not variant_path(library_dir, v).is_file()]
     for v in todo:
-        if not any(True for _ in students[v].parameters()):
-            save_variant(library_dir, v, students[v], {"bld_loss": "nan", "trained": "false"})
+        if v in exact or not any(True for _ in students[v].parameters()):
+            save_variant(library_dir, v, students[v], {"bld_loss": "0.0" if v in exact else "nan", "trained": "false"})
     todo = [v for v in todo if not variant_path(library_dir, v).is_file()]
     skipped = len(mine) - len(todo)
     if skipped:

@@ -128,20 +128,23 @@ def measure_block(parent: ModelConfig, block: Block, cfg: CostConfig, device=Non
     step = torch.randn(B, 1, h, device=device)
     positions = torch.arange(cfg.prefill_len + cfg.decode_len, device=device)[None]
 
+    prefill_rope = rope_cos_sin(inv_freq, positions[:, : cfg.prefill_len], x.dtype)
+
     def prefill(cache=None):
-        rope = rope_cos_sin(inv_freq, positions[:, : cfg.prefill_len], x.dtype)
-        y = block(x, rope, (None, True), cache)
+        y = block(x, prefill_rope, (None, True), cache)
         if cache is not None:
             cache.length += cfg.prefill_len
         return y
+
+    # The model computes RoPE tables once per forward for all layers: keep that out of the timing.
+    step_ropes = [rope_cos_sin(inv_freq, positions[:, p : p + 1], x.dtype) for p in range(cfg.prefill_len, positions.shape[1])]
 
     def decode():
         cache = KVCache(one, B, cfg.prefill_len + cfg.decode_len, x.dtype, device)
         prefill(cache)
         start = time.perf_counter()
-        for t in range(cfg.decode_len):
-            pos = cfg.prefill_len + t
-            block(step, rope_cos_sin(inv_freq, positions[:, pos : pos + 1], x.dtype), (None, False), cache)
+        for rope in step_ropes:
+            block(step, rope, (None, False), cache)
             cache.length += 1
         _sync(device)
         return time.perf_counter() - start
@@ -169,3 +172,31 @@ def _median(xs: list[float]) -> float:
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure_model(model, cfg: CostConfig) -> dict[str, float]:
+    """Median wall time (ms) of a whole model at the operating point: prefill of a
+    [batch, prefill_len] prompt, and `decode_len` single-token steps with the KV cache."""
+    device = model.lm_head.weight.device
+    ids = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.prefill_len), device=device)
+    step = ids[:, -1:]
+
+    def run() -> tuple[float, float]:
+        cache = model.new_cache(cfg.batch_size, cfg.prefill_len + cfg.decode_len)
+        _sync(device)
+        t0 = time.perf_counter()
+        model(ids, cache=cache)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(cfg.decode_len):
+            model(step, cache=cache)
+        _sync(device)
+        return t1 - t0, time.perf_counter() - t1
+
+    run()  # warm-up
+    times = [run() for _ in range(cfg.measure_reps)]
+    return {
+        "measured_prefill_ms": 1e3 * _median([p for p, _ in times]),
+        "measured_decode_ms": 1e3 * _median([d for _, d in times]),
+    }

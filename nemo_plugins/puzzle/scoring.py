@@ -1,6 +1,6 @@
 """Replace-one-block scores: each variant in the otherwise-parent model, on held-out tokens.
 
-Metrics per variant (means over predicted real tokens):
+Metrics per variant (means over the counted held-out tokens):
 - `kl_div`: KL(parent || child) of the next-token distributions (the default MIP objective);
 - `lm_loss`: the child's next-token cross-entropy;
 - `cosine`: 1 - cosine similarity of the child's and parent's final hidden states.
@@ -28,8 +28,9 @@ def token_metrics(
     child_logits: torch.Tensor, child_hidden: torch.Tensor, parent_logits: torch.Tensor,
     parent_hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Per-metric (sum, count) over the batch."""
-    pred = valid[:, 1:] & valid[:, :-1]  # positions that predict a real token
+    """Per-metric (sum, count) over the batch; `valid` [B, T] marks the counted tokens (real
+    tokens, or only response tokens). KL and LM loss count the positions predicting them."""
+    pred = valid[:, 1:]
     p_logp = F.log_softmax(parent_logits[:, :-1].float(), -1)
     c_logp = F.log_softmax(child_logits[:, :-1].float(), -1)
     kl = (p_logp.exp() * (p_logp - c_logp)).sum(-1)
