@@ -3,8 +3,10 @@
     nemo-plugins inspect PATH [--json] [--dtype bf16] [--batch-size 1] [--seq-len 4096]
     nemo-plugins pipeline [--config conf/pipeline/tiny.yaml] [key=value ...]
     nemo-plugins config pipeline [key=value ...]      # print the resolved config
+    nemo-plugins mip --library library.json --objective metrics.kl_div --max stats.memory_mib=40000 [--json]
 
-Errors in configs, overrides or checkpoints print one message naming what is wrong and exit 2.
+Errors in configs, overrides, checkpoints, MIP libraries or budgets print one message naming what is
+wrong and exit 2 (an infeasible budget too: the message names the binding bound and how far it can go).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
 from ..config import CONF_DIR, ConfigError, load_config, to_yaml
 from ..model.checkpoint import CheckpointError, read_config
+from ..puzzle.library_file import MipError, resolve_key
 
-USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError)
+USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, MipError)
 
 
 def _fmt_int(n: int) -> str:
@@ -83,6 +87,69 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _parse_bounds(items: list[str] | None, flag: str) -> dict[str, float]:
+    bounds: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise MipError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} stats.memory_mib=40000")
+        try:
+            bound = float(value)
+        except ValueError:
+            raise MipError(f"{flag} {item!r}: {value.strip()!r} is not a number") from None
+        if not math.isfinite(bound):
+            raise MipError(f"{flag} {item!r}: the bound must be a finite number")
+        if key in bounds:
+            raise MipError(f"{flag} {key} is given twice")
+        bounds[key] = bound
+    return bounds
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() and abs(v) >= 1000 else f"{v:.6g}"
+
+
+def cmd_mip(args) -> int:
+    from ..puzzle import mip
+
+    max_bounds = _parse_bounds(args.max, "--max")
+    min_bounds = _parse_bounds(args.min, "--min")
+    library = mip.load_library(args.library)
+    solutions = mip.solve(
+        library, args.objective, maximize=args.maximize, max_bounds=max_bounds, min_bounds=min_bounds,
+        num_solutions=args.num_solutions, min_diversity=args.min_diversity, time_limit_s=args.time_limit,
+    )  # fmt: skip
+    if args.json:
+        payload = [s.to_json() for s in solutions]
+        print(json.dumps(payload if args.num_solutions > 1 else payload[0], indent=2))
+        return 0
+    goal = "maximize" if args.maximize else "minimize"
+    print(f"{goal} {args.objective} over {len(library)} groups; {len(solutions)} solution(s)")
+    print(f"{'solution':>8}  {'status':<8} {'objective':>14} {'seconds':>8}")
+    for i, s in enumerate(solutions, 1):
+        print(f"{i:>8}  {s.status:<8} {s.objective:>14.6g} {s.solve_seconds:>8.3f}")
+    names = [f"solution {i}" for i in range(1, len(solutions) + 1)]
+    width = max([5, *(len(g) for g in library)])
+    cols = [max([len(n), *(len(v) for v in s.choices.values())]) for n, s in zip(names, solutions)]
+    print()
+    print(f"{'group':<{width}}  " + "  ".join(f"{n:<{c}}" for n, c in zip(names, cols)).rstrip())
+    for g in library:
+        print(f"{g:<{width}}  " + "  ".join(f"{s.choices[g]:<{c}}" for s, c in zip(solutions, cols)).rstrip())
+    bounds: dict[str, list[str]] = {}
+    for op, given in (("<=", max_bounds), (">=", min_bounds)):
+        for k, v in given.items():
+            bounds.setdefault(".".join(resolve_key(library, k)), []).append(f"{op} {_fmt_num(v)}")
+    keys = list(solutions[0].totals)
+    kw = max(len(k) for k in keys)
+    print()
+    print(f"{'total':<{kw}}  " + "  ".join(f"{n:>16}" for n in names) + "  bound")
+    for k in keys:
+        row = "  ".join(f"{_fmt_num(s.totals.get(k, float('nan'))):>16}" for s in solutions)
+        print(f"{k:<{kw}}  {row}  {', '.join(bounds.get(k, []))}".rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nemo-plugins", description="Llama-Nemotron recipe plugins for NeMo")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML file (default: conf/pipeline/tiny.yaml)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parent.steps=200")
         sp.set_defaults(func=func)
+
+    mp = sub.add_parser("mip", help="Puzzle's MIP: pick one variant per group of a block library under budgets")
+    mp.add_argument("--library", required=True, help="library JSON: {group: {variant: {stats: {...}, metrics: {...}}}}")
+    mp.add_argument("--objective", default="metrics.kl_div", help="summed key to minimize (default: metrics.kl_div)")
+    mp.add_argument("--maximize", action="store_true", help="maximize the objective instead")
+    mp.add_argument("--max", action="append", metavar="KEY=VALUE", help="budget: sum of KEY <= VALUE (repeatable)")
+    mp.add_argument("--min", action="append", metavar="KEY=VALUE", help="floor: sum of KEY >= VALUE (repeatable)")
+    mp.add_argument("--num-solutions", type=int, default=1, help="several solutions, each differing from the earlier ones")
+    mp.add_argument("--min-diversity", type=int, default=1, help="... in at least this many groups (default 1)")
+    mp.add_argument("--time-limit", type=float, default=60.0, help="seconds for the whole solve (default 60)")
+    mp.add_argument("--json", action="store_true", help="print JSON (an object; a list with --num-solutions > 1)")
+    mp.set_defaults(func=cmd_mip)
     return p
 
 
