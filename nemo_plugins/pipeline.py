@@ -17,11 +17,13 @@ from .data.tokenizer import TOKENIZER_FILE
 from .evaluate import task_accuracy
 from .model.checkpoint import load_checkpoint, save_checkpoint
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
+from .puzzle.stage import PuzzleConfig, run_puzzle
 from .utils.atomic import write_json_atomic
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "export")
+STAGES = ("world", "parent", "evaluate", "export", "puzzle")
+DEFAULT_STAGES = ("world", "parent", "evaluate", "export")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -59,12 +61,13 @@ class ExportConfig:
 class PipelineConfig:
     output_dir: str = "outputs/tiny"
     cache_dir: str | None = None  # default: $NEMO_PLUGINS_CACHE or ~/.cache/nemo_plugins
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     progress: bool = True
     world: WorldConfig = field(default_factory=WorldConfig)
     parent: ParentConfig = field(default_factory=ParentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -119,6 +122,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         summary["export"] = {"checkpoint": str(target), "params": rep.params,
                              "kv_cache_bytes_per_token": rep.kv_cache_bytes_per_token}  # fmt: skip
         log.info("exported parent to %s", target)
+
+    if "puzzle" in cfg.stages:
+        rep = run_puzzle(model, ckpt.name, world, cfg.puzzle, out / "puzzle", progress=cfg.progress)
+        summary["puzzle"] = {k: rep[k] for k in ("status", "objective", "child", "quality", "task_accuracy_easy",
+                                                 "child_params", "parent_params", "child_kv_cache_bytes_per_token",
+                                                 "parent_kv_cache_bytes_per_token")}  # fmt: skip
+        log.info("puzzle child: %s", summary["puzzle"])
     return _finish(out, summary)
 
 

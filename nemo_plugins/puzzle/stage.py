@@ -1,0 +1,268 @@
+"""The `puzzle` stage: library -> init -> BLD -> scores + costs -> MIP -> child -> report.
+
+Every step keeps its result on disk keyed by what it depends on: the trained library by
+(parent, library, init, BLD config), scores by the scoring config, costs by the cost config.
+A changed budget therefore re-runs only the MIP and the realization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch.accounting import report as arch_report
+from ..data.tiny_world import World, config_hash
+from ..data.tokenizer import TOKENIZER_FILE
+from ..model.checkpoint import save_checkpoint
+from ..model.llama import HeteroLlamaForCausalLM
+from ..model.train import collate
+from ..utils.atomic import write_json_atomic
+from . import mip
+from .bld import BLDConfig, load_variant_state, run_bld
+from .build import InitConfig, build_students
+from .costs import CostConfig, measure_block, non_block_stats, variant_stats
+from .library import LibraryConfig, Variant, build_variants, is_parent_variant
+from .realize import realize_child
+from .scoring import model_metrics, score_variants
+
+log = logging.getLogger("nemo_plugins.puzzle")
+
+
+@dataclass
+class BudgetConfig:
+    """Targets as users think of them; each becomes a bound on a sum over the chosen variants
+    (after subtracting what no variant changes: embeddings, final norm, lm_head)."""
+
+    params_fraction: float | None = 0.7  # of the parent's parameters in blocks
+    kv_cache_fraction: float | None = 0.5  # of the parent's KV cache
+    memory_gib: float | None = None  # weights + KV cache at costs.batch_size/lengths/dtype
+    throughput: float | None = None  # generated tokens/s at costs.batch_size (roofline, costs.hardware)
+    latency_ms: float | None = None  # prefill + decode of one batch (roofline)
+    max_attention_layers: int | None = None
+
+    def __post_init__(self):
+        for name in ("params_fraction", "kv_cache_fraction"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise ValueError(f"puzzle.budget.{name}={v}: expected a fraction in (0, 1]")
+        for name in ("memory_gib", "throughput", "latency_ms"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"puzzle.budget.{name}={v}: expected a positive number")
+
+
+@dataclass
+class PuzzleConfig:
+    library: LibraryConfig = field(default_factory=LibraryConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    bld: BLDConfig = field(default_factory=BLDConfig)
+    costs: CostConfig = field(default_factory=CostConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    objective: str = "metrics.kl_div"
+    score_batches: int = 8
+    score_batch_size: int = 32
+    pareto_points: int = 16
+
+
+def budget_bounds(budget: BudgetConfig, parent_totals: dict[str, float], non_block: dict[str, float], costs: CostConfig) -> dict[str, float]:
+    """{stats key: max} for the MIP from the user's targets."""
+    bounds: dict[str, float] = {}
+    if budget.params_fraction is not None:
+        bounds["stats.num_params"] = budget.params_fraction * parent_totals["num_params"]
+    if budget.kv_cache_fraction is not None:
+        bounds["stats.kv_cache_mib"] = budget.kv_cache_fraction * parent_totals["kv_cache_mib"]
+    if budget.memory_gib is not None:
+        bounds["stats.memory_mib"] = budget.memory_gib * 1024 - non_block["memory_mib"]
+    runtime = []
+    if budget.throughput is not None:  # tokens/s -> ms for one batch's generation
+        runtime.append(1000.0 * costs.batch_size * costs.decode_len / budget.throughput)
+    if budget.latency_ms is not None:
+        runtime.append(budget.latency_ms)
+    if runtime:
+        bounds["stats.runtime_ms"] = min(runtime) - non_block["runtime_ms"]
+    if budget.max_attention_layers is not None:
+        bounds["stats.num_attention_layers"] = budget.max_attention_layers
+    return bounds
+
+
+def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_only: bool = False):
+    """Up to `n` right-padded batches of (input_ids, counted): counted marks real tokens, or only
+    the response tokens with `response_only` (what scoring measures: the parent was never
+    trained to predict the prompts)."""
+    out = []
+    for start in range(0, min(len(examples), batch_size * n), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, loss_mask = collate(chunk, pad_id)
+        counted = loss_mask.bool() if response_only else torch.zeros_like(ids, dtype=torch.bool)
+        if not response_only:
+            for i, (x, _) in enumerate(chunk):
+                counted[i, : len(x)] = True
+        out.append((ids, counted))
+    return out
+
+
+def _cached_json(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_json_atomic(path, value)
+    return value
+
+
+def build_library_file(parent_cfg, variants, scores, measured, costs: CostConfig) -> dict:
+    """{group: {variant: {"stats": {...}, "metrics": {...}}}}: the MIP's plain input."""
+    lib: dict = {}
+    for v in variants:
+        stats = variant_stats(parent_cfg, v, costs)
+        stats.update(measured.get(v.key, {}))
+        lib.setdefault(v.group, {})[v.name] = {"stats": stats, "metrics": scores[v.key]}
+    return lib
+
+
+def run_puzzle(
+    parent: HeteroLlamaForCausalLM, parent_id: str, world: World, cfg: PuzzleConfig, out_dir: Path, *, progress: bool = True
+) -> dict:
+    """Run the whole Puzzle stage; returns the summary also written to out_dir/puzzle_report.json."""
+    pcfg = parent.config
+    pad = 0
+    variants = build_variants(pcfg, cfg.library)
+    examples = world.training_examples()
+    held_out = eval_examples(world)
+    lib_dir = world.directory / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
+
+    calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, pad)
+    students = build_students(parent, variants, calib, cfg.init)
+    exact = {v for v in variants if is_parent_variant(pcfg, v)}
+    bld_losses = run_bld(parent, students, examples, lib_dir, cfg.bld, exact=exact, pad_id=pad, progress=progress)
+    for v, block in students.items():
+        block.load_state_dict(load_variant_state(lib_dir, v))
+
+    score_batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, pad, response_only=True)
+    score_key = config_hash("response-tokens", cfg.score_batches, cfg.score_batch_size, len(held_out))
+    scores = _cached_json(
+        lib_dir / f"scores-{score_key}.json", lambda: score_variants(parent, students, score_batches, progress=progress)
+    )
+    measured = {}
+    if cfg.costs.measure:
+        measured = _cached_json(
+            lib_dir / f"measured-{config_hash(asdict(cfg.costs))}.json",
+            lambda: {v.key: measure_block(pcfg, students[v], cfg.costs) for v in variants},
+        )
+    library = build_library_file(pcfg, variants, scores, measured, cfg.costs)
+    write_json_atomic(out_dir / "library.json", library)
+
+    parent_choice = {v.group: v.name for v in variants if is_parent_variant(pcfg, v)}
+    parent_totals = choice_totals(library, parent_choice)
+    non_block = non_block_stats(pcfg, cfg.costs)
+    bounds = budget_bounds(cfg.budget, parent_totals, non_block, cfg.costs)
+    solution = mip.solve(library, cfg.objective, max_bounds=bounds)[0]
+    log.info("MIP: %s objective %.4f under %s", solution.status, solution.objective, bounds)
+
+    sweep_key = "stats.num_params"
+    budgets = [parent_totals["num_params"] * (i + 1) / cfg.pareto_points for i in range(cfg.pareto_points)]
+    others = {k: v for k, v in bounds.items() if k != sweep_key}
+    frontier = mip.pareto_sweep(library, cfg.objective, sweep_key, budgets, max_bounds=others)
+
+    child = realize_child(parent, solution.choices, variants, lambda v: students[v].state_dict())
+    child_dir = out_dir / "child"
+    save_checkpoint(child, child_dir, architecture="nemotron-nas", extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
+
+    report = _report(
+        parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out
+    )
+    report.update(library_dir=str(lib_dir), child=str(child_dir), bld_trained=len(bld_losses))
+    write_json_atomic(out_dir / "puzzle_report.json", report)
+    from .report_plots import plot_architecture, plot_pareto
+
+    plot_architecture(pcfg, child.config, out_dir / "architecture.png")
+    plot_pareto(frontier, budgets, solution, out_dir / "pareto.png", sweep_key, cfg.objective)
+    return report
+
+
+def eval_examples(world: World):
+    from ..data.chat import render_example
+    from ..data.reasoning_world import reasoning_response
+    from ..data.tokenizer import encode_example
+
+    out = []
+    for p in world.eval:
+        prompt, response = render_example(p.question, reasoning_response(p), True)
+        out.append(encode_example(world.tokenizer, prompt, response))
+    return out
+
+
+def choice_totals(library: dict, choices: dict[str, str]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for group, name in choices.items():
+        for k, val in library[group][name]["stats"].items():
+            totals[k] = totals.get(k, 0.0) + val
+    return totals
+
+
+def _runtime_check(parent, child, library, parent_choice, choices, non_block, cfg) -> dict:
+    """Measured child/parent speed next to the cost model's predictions.
+
+    Predicted from the library: (a) the roofline model at costs.hardware, and (b) the sum of
+    per-variant times measured on this device plus the measured time of what no variant
+    changes (the parent's total minus its own blocks)."""
+    from .costs import measure_model
+
+    m_parent, m_child = measure_model(parent, cfg.costs), measure_model(child, cfg.costs)
+    out = {}
+    for phase in ("prefill", "decode"):
+        key = f"measured_{phase}_ms"
+        blocks_parent = choice_totals(library, parent_choice)[key]
+        rest = m_parent[key] - blocks_parent
+        predicted_child = rest + choice_totals(library, choices)[key]
+        out[phase] = {
+            "parent_ms": m_parent[key], "child_ms": m_child[key],
+            "measured_speedup": m_parent[key] / m_child[key],
+            "predicted_speedup_measured_blocks": m_parent[key] / predicted_child,
+            "predicted_speedup_roofline": (choice_totals(library, parent_choice)[f"{phase}_ms"] + non_block[f"{phase}_ms"])
+            / (choice_totals(library, choices)[f"{phase}_ms"] + non_block[f"{phase}_ms"]),
+        }  # fmt: skip
+    return out
+
+
+def _report(parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out) -> dict:
+    from ..evaluate import task_accuracy
+
+    batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)
+    quality = model_metrics(parent, child, batches)
+    easy = [p for p in world.eval if p.difficulty <= 2][:100]
+    acc_parent = task_accuracy(parent, world.tokenizer, easy)["accuracy"]
+    acc_child = task_accuracy(child, world.tokenizer, easy)["accuracy"]
+    predicted = choice_totals(library, solution.choices)
+    runtime = (
+        _runtime_check(parent, child, library, parent_choice, solution.choices, non_block, cfg) if cfg.costs.measure else None
+    )
+    arch = arch_report(child.config, dtype=cfg.costs.dtype, batch_size=cfg.costs.batch_size,
+                       seq_len=cfg.costs.prefill_len + cfg.costs.decode_len)  # fmt: skip
+    return {
+        "status": solution.status,
+        "objective": solution.objective,
+        "choices": solution.choices,
+        "bounds": bounds,
+        "predicted_totals": predicted,
+        "parent_totals": parent_totals,
+        "non_block": non_block,
+        "child_params": arch.params,
+        "parent_params": arch_report(parent.config).params,
+        "child_kv_cache_bytes_per_token": arch.kv_cache_bytes_per_token,
+        "parent_kv_cache_bytes_per_token": arch_report(parent.config).kv_cache_bytes_per_token,
+        "quality": quality,
+        "runtime": runtime,
+        "task_accuracy_easy": {"parent": acc_parent, "child": acc_child},
+        "pareto": [
+            {"budget": b, "objective": None if s is None else s.objective} for b, s in zip(budgets, frontier)
+        ],
+        "layers": [
+            {"attention": b.attention.kind, "kv_heads": b.attention.num_kv_heads, "ffn": b.ffn.kind,
+             "ffn_width": b.ffn.intermediate_size}  # fmt: skip
+            for b in child.config.blocks
+        ],
+    }
