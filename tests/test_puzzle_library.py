@@ -188,3 +188,32 @@ def test_bld_saves_exact_parent_variants_without_training(tmp_path, monkeypatch)
     for v in vs:
         saved = load_variant_state(tmp_path, v)
         assert all(torch.equal(saved[k], t) for k, t in students[v].state_dict().items())
+
+
+def test_coupled_library_trains_whole_blocks_and_realizes(tmp_path):
+    parent = tiny_parent(layers=2)
+    lib = LibraryConfig(kv_heads=[2], ffn_fractions=[0.5], ffn_multiple=16, attention_linear=False,
+                        ffn_linear=False, mode="coupled")  # fmt: skip
+    vs = build_variants(parent.config, lib)
+    assert {v.group for v in vs} == {"0", "1"} and all(v.subblock == "block" for v in vs)
+    students = build_students(parent, vs, batches(), InitConfig())
+    exact = {v for v in vs if is_parent_variant(parent.config, v)}
+    losses = run_bld(parent, students, examples(), tmp_path, BLDConfig(steps=3, batch_size=8), exact=exact, progress=False)
+    assert set(losses) == {v.key for v in vs if v not in exact and list(students[v].parameters())}
+    choice = {"0": "gqa_kv2+swiglu_48", "1": "no_op+no_op"}
+    child = realize_child(parent, choice, vs, lambda v: load_variant_state(tmp_path, v))
+    assert child.config.blocks[0].attention.num_kv_heads == 2 and child.config.blocks[1].ffn.kind == "no_op"
+    scored = score_variants(parent, {v: students[v] for v in vs if v.key == "0/gqa_kv4+swiglu_96"}, batches())
+    assert scored["0/gqa_kv4+swiglu_96"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_importance_kv_init_copies_one_head_per_group():
+    parent = tiny_parent()
+    v = next(v for v in build_variants(parent.config, LIB) if v.key == "0.attention/gqa_kv2")
+    student = build_students(parent, [v], batches(), InitConfig(kv_heads="importance"))[v]
+    pk = parent.model.layers[0].self_attn.k_proj.weight.view(4, 8, 32)  # 4 KV heads of dim 8
+    sk = student.self_attn.k_proj.weight.view(2, 8, 32)
+    for j in range(2):  # new head j is one of the old heads {2j, 2j+1}, copied exactly
+        assert any(torch.equal(sk[j], pk[2 * j + r]) for r in range(2))
+    mean = build_students(parent, [v], batches(), InitConfig(kv_heads="mean"))[v]
+    torch.testing.assert_close(mean.self_attn.k_proj.weight.view(2, 8, 32), pk.view(2, 2, 8, 32).mean(1))
