@@ -2,7 +2,7 @@
 
     nemo-plugins inspect PATH [--json] [--dtype bf16] [--batch-size 1] [--seq-len 4096]
     nemo-plugins pipeline [--config conf/pipeline/tiny.yaml] [key=value ...]
-    nemo-plugins config pipeline [key=value ...]      # print the resolved config
+    nemo-plugins config [--config FILE] [key=value ...]   # print the resolved pipeline config
     nemo-plugins mip --library library.json --objective metrics.kl_div --max stats.memory_mib=40000 [--json]
 
 Errors in configs, overrides, checkpoints, MIP libraries or budgets print one message naming what is
@@ -20,7 +20,7 @@ import sys
 from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
 from ..config import CONF_DIR, ConfigError, load_config, to_yaml
-from ..model.checkpoint import CheckpointError, read_config
+from ..errors import CheckpointError
 from ..puzzle.library_file import MipError, resolve_key
 
 USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, MipError)
@@ -39,6 +39,8 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_inspect(args) -> int:
+    from ..model.checkpoint import read_config
+
     cfg = read_config(args.path)
     rep = report(cfg, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len)
     if args.json:

@@ -19,16 +19,13 @@ from safetensors.torch import save_file
 
 from ..arch.config import ArchConfigError, ModelConfig
 from ..arch.hf_json import from_hf_config, to_hf_config
+from ..errors import CheckpointError
 from ..utils.atomic import atomic_directory
 from .llama import HeteroLlamaForCausalLM, rope_inv_freq
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, unreadable, or does not match its config."""
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

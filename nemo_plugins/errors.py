@@ -1,0 +1,5 @@
+"""User-facing error types that must be importable without torch (the CLI catches them)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, unreadable, or does not match its config."""
