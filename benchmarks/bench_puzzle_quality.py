@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict
 
 from nemo_plugins.arch import accounting as acc
-from nemo_plugins.config import CONF_DIR, load_config
+from nemo_plugins.config import DEFAULT_CONFIGS, load_config
 from nemo_plugins.data.tiny_world import build_world, config_hash
 from nemo_plugins.evaluate import task_accuracy
 from nemo_plugins.model.checkpoint import load_checkpoint
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*", help="pipeline key=value overrides (same as nemo-plugins pipeline)")
     args = ap.parse_args(argv)
 
-    cfg = load_config(PipelineConfig, CONF_DIR / "pipeline" / "tiny.yaml", [*args.overrides, "progress=false"])
+    cfg = load_config(PipelineConfig, DEFAULT_CONFIGS, [*args.overrides, "progress=false"])
     world = build_world(cfg.world)
     ckpt = train_parent(world, cfg.parent, progress=False)
     parent = load_checkpoint(ckpt)

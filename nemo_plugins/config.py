@@ -5,6 +5,7 @@ naming the key; each dataclass's own checks (`__post_init__`) then validate the 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,6 +15,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 T = TypeVar("T")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The embedded default (tiny world on CPU): the pipeline, then the Puzzle stage's settings.
+DEFAULT_CONFIGS = (CONF_DIR / "pipeline" / "tiny.yaml", CONF_DIR / "puzzle" / "tiny.yaml")
 
 
 class ConfigError(ValueError):
@@ -28,32 +31,37 @@ def _describe(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(schema: type[T], yaml_path: str | os.PathLike | None = None, overrides: list[str] = ()) -> T:
-    """Schema defaults <- YAML file <- `key=value` overrides, as an instance of `schema`."""
-    base = OmegaConf.structured(schema)
-    layers = []
-    if yaml_path is not None:
+def load_config(
+    schema: type[T],
+    yaml_paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Schema defaults <- each YAML file in order <- `key=value` overrides, as a `schema` instance."""
+    if yaml_paths is None:
+        yaml_paths = []
+    elif isinstance(yaml_paths, (str, os.PathLike)):
+        yaml_paths = [yaml_paths]
+    layers: list[tuple[str, object]] = []
+    for yaml_path in yaml_paths:
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            layers.append(OmegaConf.load(path))
+            layers.append((str(path), OmegaConf.load(path)))
         except Exception as e:  # YAML syntax errors come in many types
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. parent.steps=100)")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
     except OmegaConfBaseException as e:
         raise ConfigError(f"overrides: {_describe(e)}") from None
-    where = {0: str(yaml_path)} if yaml_path else {}
-    cfg = base
-    for i, layer in enumerate(layers):
+    cfg = OmegaConf.structured(schema)
+    for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
-            source = where.get(i, "overrides") if yaml_path else "overrides"
             raise ConfigError(f"{source}: {_describe(e)}") from None
     try:
         return OmegaConf.to_object(cfg)

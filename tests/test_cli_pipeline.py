@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nemo_plugins.cli.main import main
-from nemo_plugins.config import CONF_DIR, ConfigError, load_config
+from nemo_plugins.config import DEFAULT_CONFIGS, ConfigError, load_config
 from nemo_plugins.pipeline import PipelineConfig, run_pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -52,7 +52,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_config_overrides_and_rejections():
-    yaml = CONF_DIR / "pipeline" / "tiny.yaml"
+    yaml = DEFAULT_CONFIGS  # pipeline, then puzzle
     cfg = load_config(PipelineConfig, yaml, ["parent.steps=7", "eval.modes=[on]", "world.difficulties=[1,2]"])
     assert cfg.parent.steps == 7 and cfg.eval.modes == ["on"] and cfg.world.difficulties == [1, 2]
     assert cfg.parent.hidden_size == 192  # from the YAML, untouched
@@ -94,7 +94,7 @@ def test_pipeline_plumbing_on_a_small_world(tmp_path):
         "parent.hidden_size=64", "parent.intermediate_size=256", "parent.num_layers=2",
         "eval.n_problems=10", "eval.max_new_tokens=8",
     ]  # fmt: skip
-    cfg = load_config(PipelineConfig, CONF_DIR / "pipeline" / "tiny.yaml", overrides)
+    cfg = load_config(PipelineConfig, DEFAULT_CONFIGS, overrides)
     summary = run_pipeline(cfg)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["parent"]["checkpoint"] == summary["parent"]["checkpoint"]
@@ -142,3 +142,22 @@ def test_recipe_script_rejects_unknown_key():
     script = Path(__file__).parent.parent / "recipes" / "pipeline.py"
     proc = subprocess.run([sys.executable, str(script), "parent.nope=1"], capture_output=True, text=True)
     assert proc.returncode == 1 and "unknown key 'parent.nope'" in proc.stderr
+
+
+def test_yaml_layers_merge_in_order_and_errors_name_the_file(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("puzzle:\n  budget:\n    kv_cache_fraction: 0.25\n")
+    cfg = load_config(PipelineConfig, [*DEFAULT_CONFIGS, preset], ["puzzle.bld.steps=3"])
+    assert cfg.puzzle.budget.kv_cache_fraction == 0.25 and cfg.puzzle.bld.steps == 3
+    assert cfg.puzzle.budget.params_fraction == 0.7  # from conf/puzzle/tiny.yaml
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("puzzle:\n  bld:\n    stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'puzzle\.bld\.stepz'"):
+        load_config(PipelineConfig, [*DEFAULT_CONFIGS, bad])
+
+
+def test_puzzle_command_validates_puzzle_keys(capsys):
+    assert main(["puzzle", "puzzle.budget.params_fraction=1.5"]) == 2
+    assert "params_fraction" in capsys.readouterr().err
+    assert main(["config", "puzzle.library.mode=coupled"]) == 0
+    assert "mode: coupled" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nemo_plugins.arch import accounting as acc
-from nemo_plugins.config import CONF_DIR, load_config
+from nemo_plugins.config import DEFAULT_CONFIGS, load_config
 from nemo_plugins.model.checkpoint import load_checkpoint, read_config
 from nemo_plugins.pipeline import PipelineConfig, run_pipeline
 from nemo_plugins.puzzle import bld as bld_mod
@@ -26,7 +26,7 @@ def small(tmp_path, *extra):
         "puzzle.costs.measure_reps=1", "puzzle.costs.prefill_len=8", "puzzle.costs.decode_len=4",
         *extra,
     ]  # fmt: skip
-    return load_config(PipelineConfig, CONF_DIR / "pipeline" / "tiny.yaml", overrides)
+    return load_config(PipelineConfig, DEFAULT_CONFIGS, overrides)
 
 
 def test_puzzle_stage_meets_budget_and_resumes(tmp_path, monkeypatch):

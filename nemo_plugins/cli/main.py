@@ -1,7 +1,8 @@
 """`nemo-plugins` command line.
 
     nemo-plugins inspect PATH [--json] [--dtype bf16] [--batch-size 1] [--seq-len 4096]
-    nemo-plugins pipeline [--config conf/pipeline/tiny.yaml] [key=value ...]
+    nemo-plugins pipeline [--config FILE ...] [key=value ...]
+    nemo-plugins puzzle [--config FILE ...] [key=value ...]   # = pipeline stages=[world,parent,puzzle]
     nemo-plugins config [--config FILE] [key=value ...]   # print the resolved pipeline config
     nemo-plugins mip --library library.json --objective metrics.kl_div --max stats.memory_mib=40000 [--json]
 
@@ -19,7 +20,7 @@ import sys
 
 from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
-from ..config import CONF_DIR, ConfigError, load_config, to_yaml
+from ..config import DEFAULT_CONFIGS, ConfigError, load_config, to_yaml
 from ..errors import CheckpointError
 from ..puzzle.library_file import MipError, resolve_key
 
@@ -68,17 +69,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _pipeline_config(args):
+def _pipeline_config(args, extra_overrides: tuple[str, ...] = ()):
     from ..pipeline import PipelineConfig
 
-    yaml_path = args.config or CONF_DIR / "pipeline" / "tiny.yaml"
-    return load_config(PipelineConfig, yaml_path, args.overrides)
+    yaml_paths = args.config or list(DEFAULT_CONFIGS)
+    return load_config(PipelineConfig, yaml_paths, [*extra_overrides, *args.overrides])
 
 
 def cmd_pipeline(args) -> int:
     from ..pipeline import run_pipeline
 
-    cfg = _pipeline_config(args)
+    # `nemo-plugins puzzle` is the pipeline up to the puzzle stage (still overridable: stages=[...])
+    extra = ("stages=[world,parent,puzzle]",) if args.command == "puzzle" else ()
+    cfg = _pipeline_config(args, extra)
     summary = run_pipeline(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
     return 0
@@ -166,10 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, help_ in (
         ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export)"),
+        ("puzzle", cmd_pipeline, "Puzzle NAS on the parent: library, BLD, scores, costs, MIP, child, report"),
         ("config", cmd_config, "print the resolved pipeline config"),
     ):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--config", help="YAML file (default: conf/pipeline/tiny.yaml)")
+        sp.add_argument(
+            "--config", action="append",
+            help="YAML file, merged in order when given several times (default: conf/pipeline/tiny.yaml "
+            "then conf/puzzle/tiny.yaml)",
+        )  # fmt: skip
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parent.steps=200")
         sp.set_defaults(func=func)
 
