@@ -1,4 +1,4 @@
-"""The main job: tiny world -> parent -> evaluation -> export, each stage resumable.
+"""The main job: tiny world -> parent -> evaluation -> export -> Puzzle child, each stage resumable.
 
 Stages keep their outputs on disk keyed by their config (world and parent live in the cache,
 see `data.tiny_world.cache_root`), so a rerun restores finished work instead of redoing it.
@@ -23,7 +23,6 @@ from .utils.atomic import write_json_atomic
 log = logging.getLogger("nemo_plugins")
 
 STAGES = ("world", "parent", "evaluate", "export", "puzzle")
-DEFAULT_STAGES = ("world", "parent", "evaluate", "export")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -61,7 +60,7 @@ class ExportConfig:
 class PipelineConfig:
     output_dir: str = "outputs/tiny"
     cache_dir: str | None = None  # default: $NEMO_PLUGINS_CACHE or ~/.cache/nemo_plugins
-    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
     progress: bool = True
     world: WorldConfig = field(default_factory=WorldConfig)
     parent: ParentConfig = field(default_factory=ParentConfig)

@@ -90,7 +90,7 @@ def test_pipeline_plumbing_on_a_small_world(tmp_path):
     """Every stage runs, writes its outputs, and a rerun restores the cached parent."""
     overrides = [
         f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "progress=false",
-        "world.n_train=64", "world.n_eval=10", "parent.steps=3", "parent.batch_size=8",
+        "stages=[world,parent,evaluate,export]", "world.n_train=64", "world.n_eval=10", "parent.steps=3", "parent.batch_size=8",
         "parent.hidden_size=64", "parent.intermediate_size=256", "parent.num_layers=2",
         "eval.n_problems=10", "eval.max_new_tokens=8",
     ]  # fmt: skip

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     for name, func, help_ in (
-        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export)"),
+        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export -> puzzle)"),
         ("puzzle", cmd_pipeline, "Puzzle NAS on the parent: library, BLD, scores, costs, MIP, child, report"),
         ("config", cmd_config, "print the resolved pipeline config"),
     ):
