@@ -138,14 +138,25 @@ def load_checkpoint(
     cfg = read_config(ckpt)
     state = load_state_dict(ckpt)
     check_state_dict(cfg, state, where=str(ckpt))
-    with torch.device("meta"):
-        model = HeteroLlamaForCausalLM(cfg)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    state = {k: v.to(device) for k, v in state.items()}
+    return model_from_state(cfg, {k: v.to(device) for k, v in state.items()})
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> HeteroLlamaForCausalLM:
+    """The model of `cfg` holding exactly the tensors of `state` (no random init, no copy).
+
+    Built on the meta device and filled by assignment; a missing or unexpected tensor is an
+    error (`lm_head.weight` may be absent when embeddings are tied).
+    """
+    with torch.device("meta"):
+        model = HeteroLlamaForCausalLM(cfg)
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    device = model.model.embed_tokens.weight.device
     model.inv_freq = rope_inv_freq(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling).to(device)
     return model.eval()
 

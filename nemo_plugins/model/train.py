@@ -31,14 +31,22 @@ class TokenDataset(Dataset):
 
 
 def collate(batch, pad_id: int = 0):
-    """Right-pad a batch to its longest example; padding gets loss mask 0."""
+    """Right-pad a batch to its longest example; padding gets loss mask 0. Returns (ids, loss_mask)."""
+    ids, loss_mask, _ = collate_with_validity(batch, pad_id)
+    return ids, loss_mask
+
+
+def collate_with_validity(batch, pad_id: int = 0):
+    """(ids, loss_mask, real): `real` [B, T] bool marks non-padding tokens."""
     longest = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    real = torch.zeros((len(batch), longest), dtype=torch.bool)
     for i, (x, m) in enumerate(batch):
         ids[i, : len(x)] = torch.tensor(x)
         mask[i, : len(m)] = torch.tensor(m)
-    return ids, mask
+        real[i, : len(x)] = True
+    return ids, mask, real
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..model.llama import Block, HeteroLlamaForCausalLM
-from ..model.train import OptimConfig, TokenDataset, collate, cosine_schedule
+from ..model.train import OptimConfig, TokenDataset, collate_with_validity, cosine_schedule
 from ..utils.atomic import write_bytes_atomic
 from .activations import capture, run_student, student_io
 from .library import Variant
@@ -148,7 +148,7 @@ def run_bld(
         module = BLDModule(parent, chunk, cfg)
         loader = DataLoader(
             TokenDataset(examples), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            collate_fn=lambda b: _ids_and_validity(b, pad_id), generator=torch.Generator().manual_seed(cfg.seed),
+            collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real) generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
         trainer = L.Trainer(
             accelerator="auto", devices=1, max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, logger=False,
@@ -163,10 +163,3 @@ def run_bld(
         log.info("BLD: saved %d variants (%d/%d)", len(chunk), start + len(chunk), len(todo))
     return losses
 
-
-def _ids_and_validity(batch, pad_id: int):
-    ids, _ = collate(batch, pad_id)
-    valid = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (x, _) in enumerate(batch):
-        valid[i, : len(x)] = True
-    return ids, valid

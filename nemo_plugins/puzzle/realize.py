@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..model.checkpoint import model_from_state
 from ..model.llama import HeteroLlamaForCausalLM
 from .library import Variant, child_config
 
@@ -30,12 +31,4 @@ def realize_child(
             raise ValueError(f"choices[{group!r}]={name!r}: no such variant in the library")
         for k, t in variant_state(v).items():
             state[f"model.layers.{v.layer}.{k}"] = t
-    with torch.device("meta"):
-        child = HeteroLlamaForCausalLM(cfg)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    child.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    if cfg.tie_word_embeddings:
-        child.lm_head.weight = child.model.embed_tokens.weight
-    child.inv_freq = parent.inv_freq.clone()
-    return child.eval()
+    return model_from_state(cfg, state)

@@ -12,20 +12,19 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..arch.accounting import report as arch_report
 from ..data.tiny_world import World, config_hash
 from ..data.tokenizer import TOKENIZER_FILE
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
-from ..model.train import collate
+from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic
 from . import mip
 from .bld import BLDConfig, load_variant_state, run_bld
 from .build import InitConfig, build_students
 from .costs import CostConfig, measure_block, non_block_stats, variant_stats
-from .library import LibraryConfig, Variant, build_variants, is_parent_variant
+from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
 from .scoring import model_metrics, score_variants
 
@@ -96,12 +95,8 @@ def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_on
     out = []
     for start in range(0, min(len(examples), batch_size * n), batch_size):
         chunk = examples[start : start + batch_size]
-        ids, loss_mask = collate(chunk, pad_id)
-        counted = loss_mask.bool() if response_only else torch.zeros_like(ids, dtype=torch.bool)
-        if not response_only:
-            for i, (x, _) in enumerate(chunk):
-                counted[i, : len(x)] = True
-        out.append((ids, counted))
+        ids, loss_mask, real = collate_with_validity(chunk, pad_id)
+        out.append((ids, loss_mask.bool() if response_only else real))
     return out
 
 
@@ -137,6 +132,7 @@ def run_puzzle(
     calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, pad)
     students = build_students(parent, variants, calib, cfg.init)
     exact = {v for v in variants if is_parent_variant(pcfg, v)}
+    parent_choice = {v.group: v.name for v in exact}
     bld_losses = run_bld(parent, students, examples, lib_dir, cfg.bld, exact=exact, pad_id=pad, progress=progress)
     for v, block in students.items():
         block.load_state_dict(load_variant_state(lib_dir, v))
@@ -155,7 +151,6 @@ def run_puzzle(
     library = build_library_file(pcfg, variants, scores, measured, cfg.costs)
     write_json_atomic(out_dir / "library.json", library)
 
-    parent_choice = {v.group: v.name for v in variants if is_parent_variant(pcfg, v)}
     parent_totals = choice_totals(library, parent_choice)
     non_block = non_block_stats(pcfg, cfg.costs)
     bounds = budget_bounds(cfg.budget, parent_totals, non_block, cfg.costs)
