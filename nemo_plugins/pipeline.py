@@ -46,13 +46,13 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    architecture: str = "auto"  # auto | llama | nemotron-nas
+    architecture: str = "auto"  # auto | llama | nemotron-nas | nemo_plugins
     max_shard_bytes: int = 0  # 0: one safetensors file
 
     def __post_init__(self):
-        if self.architecture not in ("auto", "llama", "nemotron-nas"):
+        if self.architecture not in ("auto", "llama", "nemotron-nas", "nemo_plugins"):
             raise ValueError(
-                f"export.architecture={self.architecture!r}: expected 'auto', 'llama' or 'nemotron-nas'"
+                f"export.architecture={self.architecture!r}: expected auto, llama, nemotron-nas or nemo_plugins"
             )
 
 

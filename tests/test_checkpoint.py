@@ -421,19 +421,35 @@ def test_export_refusal_writes_nothing(tmp_path):
     fused = make_model(ModelConfig(vocab_size=V, hidden_size=H, num_attention_heads=HEADS, blocks=blocks))
 
     with pytest.raises(ArchConfigError, match=r"layers\[1\]"):
-        save_checkpoint(fused, tmp_path / "new" / "ck")
+        save_checkpoint(fused, tmp_path / "new" / "ck", architecture="nemotron-nas")
     assert list(tmp_path.iterdir()) == []
 
     d = save_checkpoint(make_model(hetero_cfg()), tmp_path / "ck")
     before = snapshot(d)
     with pytest.raises(ArchConfigError, match=r"layers\[1\]"):
-        save_checkpoint(fused, d)
+        save_checkpoint(fused, d, architecture="nemotron-nas")
     assert snapshot(d) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
     with pytest.raises(ArchConfigError):  # heterogeneous as plain Llama
         save_checkpoint(make_model(hetero_cfg()), d, architecture="llama")
     assert snapshot(d) == before
+
+
+def test_auto_falls_back_to_the_project_schema_and_loads_back(tmp_path):
+    blocks = (BlockConfig(gqa(2), swiglu(256)), BlockConfig(gqa(2), parallel(swiglu(256), swiglu(512))))
+    cfg = ModelConfig(vocab_size=V, hidden_size=H, num_attention_heads=HEADS, blocks=blocks)
+    model = make_model(cfg)
+    d = save_checkpoint(model, tmp_path / "ck")
+    assert (d / "nemo_plugins_config.json").is_file() and not (d / "config.json").exists()
+    back = load_checkpoint(d)
+    assert back.config == cfg
+    ids = torch.randint(0, V, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    (d / "nemo_plugins_config.json").write_text('{"layers": [], "bogus": 1}')
+    with pytest.raises(ArchConfigError, match="nemo_plugins_config.json"):
+        load_checkpoint(d)
 
 
 def test_extra_files_are_written(tmp_path):

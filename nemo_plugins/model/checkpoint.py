@@ -3,8 +3,10 @@
 Reads plain Llama directories and nemotron-nas (DeciLM) directories, single-file or sharded
 (`model.safetensors.index.json`, or several `*.safetensors` without an index). Writes
 nemotron-nas for heterogeneous models and plain Llama for homogeneous ones, atomically: the
-previous checkpoint at the same path survives a crash mid-save. Only safetensors are read;
-pickled weights are refused.
+previous checkpoint at the same path survives a crash mid-save. What neither HF format can
+hold (a parallel FFN group with a linear member, a width nemotron-nas cannot express) is
+written in the project's own schema: `nemo_plugins_config.json` (arch.config.to_dict) next to
+the same safetensors. Only safetensors are read; pickled weights are refused.
 """
 
 from __future__ import annotations
@@ -17,31 +19,51 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..arch.config import ArchConfigError, ModelConfig
-from ..arch.hf_json import from_hf_config, to_hf_config
+from ..arch.config import ArchConfigError, ModelConfig, from_dict, to_dict
+from ..arch.hf_json import from_hf_config, is_plain_llama, nas_compatible, to_hf_config
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_directory
 from .llama import HeteroLlamaForCausalLM, rope_inv_freq
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+NATIVE_CONFIG = "nemo_plugins_config.json"  # the project's own schema
+ARCHITECTURES = ("auto", "llama", "nemotron-nas", "nemo_plugins")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """`ModelConfig` from a `config.json` file or a directory holding one."""
+    """`ModelConfig` from a `config.json` (HF) or `nemo_plugins_config.json` (own schema) file,
+    or a directory holding one (the own schema wins when both are there)."""
     path = Path(path)
-    cfg_path = path / "config.json" if path.is_dir() else path
+    if path.is_dir():
+        cfg_path = path / NATIVE_CONFIG if (path / NATIVE_CONFIG).is_file() else path / "config.json"
+    else:
+        cfg_path = path
     if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path}: no such file (expected a config.json or a checkpoint directory)")
+        raise CheckpointError(
+            f"{cfg_path}: no such file (expected a config.json, a {NATIVE_CONFIG} or a checkpoint directory)"
+        )
     try:
         data = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     try:
-        return from_hf_config(data)
-    except ArchConfigError as e:
+        return from_dict(data) if cfg_path.name == NATIVE_CONFIG else from_hf_config(data)
+    except (ArchConfigError, ValueError, TypeError, KeyError) as e:
         raise ArchConfigError(f"{cfg_path}: {e}") from None
+
+
+def choose_architecture(cfg: ModelConfig, architecture: str = "auto") -> str:
+    """The format a save will use: "auto" is plain Llama for homogeneous models, nemotron-nas
+    when it can express the model, and the project's own schema otherwise."""
+    if architecture not in ARCHITECTURES:
+        raise ArchConfigError(f"architecture={architecture!r}: expected one of {list(ARCHITECTURES)}")
+    if architecture != "auto":
+        return architecture
+    if is_plain_llama(cfg):
+        return "llama"
+    return "nemotron-nas" if not nas_compatible(cfg) else "nemo_plugins"
 
 
 def _weight_files(ckpt: Path) -> dict[str, Path]:
@@ -172,23 +194,27 @@ def save_checkpoint(
     max_shard_bytes: int | None = None,
     extra_files: dict[str, str | bytes] | None = None,
 ) -> Path:
-    """Write `model` as an HF directory (config.json + safetensors [+ index]) atomically.
+    """Write `model` as a checkpoint directory (config + safetensors [+ index]) atomically.
 
-    architecture: "auto" (plain Llama when homogeneous, else nemotron-nas), "llama" or
-    "nemotron-nas". Shards at `max_shard_bytes` when given. `extra_files` (e.g. the
+    architecture: "llama", "nemotron-nas", "nemo_plugins" (own schema) or "auto" (see
+    `choose_architecture`). Shards at `max_shard_bytes` when given. `extra_files` (e.g. the
     tokenizer.json) are written into the same directory.
     """
     cfg = model.config
-    config = to_hf_config(cfg, architecture)  # fails before anything is written
+    architecture = choose_architecture(cfg, architecture)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
-    config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
-    if "dtype" in config:  # carried over from a transformers >= 4.56 config, which reads it first
-        config["dtype"] = config["torch_dtype"]
+    if architecture == "nemo_plugins":
+        config_name, config = NATIVE_CONFIG, to_dict(cfg)
+    else:
+        config_name, config = "config.json", to_hf_config(cfg, architecture)  # fails before anything is written
+        config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
+        if "dtype" in config:  # carried over from a transformers >= 4.56 config, which reads it first
+            config["dtype"] = config["torch_dtype"]
     shards = _shard(state, max_shard_bytes)
     with atomic_directory(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
         else:
