@@ -148,7 +148,8 @@ def run_bld(
         module = BLDModule(parent, chunk, cfg)
         loader = DataLoader(
             TokenDataset(examples), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real) generator=torch.Generator().manual_seed(cfg.seed),
+            collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real)
+            generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
         trainer = L.Trainer(
             accelerator="auto", devices=1, max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, logger=False,
