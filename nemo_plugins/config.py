@@ -15,8 +15,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 T = TypeVar("T")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# The embedded default (tiny world on CPU): the pipeline, then the Puzzle stage's settings.
-DEFAULT_CONFIGS = (CONF_DIR / "pipeline" / "tiny.yaml", CONF_DIR / "puzzle" / "tiny.yaml")
+# The embedded default (tiny world on CPU): the pipeline, then each later stage's settings.
+DEFAULT_CONFIGS = tuple(CONF_DIR / stage / "tiny.yaml" for stage in ("pipeline", "puzzle", "fusion", "recovery"))
 
 
 class ConfigError(ValueError):

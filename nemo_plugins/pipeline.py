@@ -1,8 +1,9 @@
-"""The main job: tiny world -> parent -> evaluation -> export -> Puzzle child, each stage resumable.
+"""The main job: tiny world -> parent -> evaluation -> export -> Puzzle child -> FFN Fusion ->
+recovery distillation, each stage resumable.
 
 Stages keep their outputs on disk keyed by their config (world and parent live in the cache,
 see `data.tiny_world.cache_root`), so a rerun restores finished work instead of redoing it.
-Later stages (Puzzle, fusion, recovery, SFT, GRPO) join this list.
+Later stages (SFT, GRPO) join this list.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from .data.tokenizer import TOKENIZER_FILE
 from .evaluate import task_accuracy
 from .model.checkpoint import load_checkpoint, save_checkpoint
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
+from .distill.stage import RecoveryStageConfig
+from .errors import CheckpointError
+from .fusion.stage import FusionConfig
 from .puzzle.stage import PuzzleConfig, run_puzzle
 from .utils.atomic import write_json_atomic
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "export", "puzzle")
+STAGES = ("world", "parent", "evaluate", "export", "puzzle", "fusion", "recovery")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -67,6 +71,8 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -128,7 +134,45 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                                  "child_params", "parent_params", "child_kv_cache_bytes_per_token",
                                                  "parent_kv_cache_bytes_per_token")}  # fmt: skip
         log.info("puzzle child: %s", summary["puzzle"])
+
+    if "fusion" in cfg.stages:
+        from .fusion.stage import run_fusion_stage
+
+        child = load_checkpoint(_stage_input(out, "fusion", cfg.stages))
+        rep, _ = run_fusion_stage(child, world, cfg.fusion, out / "fusion")
+        summary["fusion"] = {k: rep[k] for k in ("message", "windows", "layers_saved", "kl_div", "max_abs_diff_logits",
+                                                 "depth_before", "depth_after", "checkpoint")}  # fmt: skip
+
+    if "recovery" in cfg.stages:
+        from .distill.stage import run_recovery_stage
+
+        child = load_checkpoint(_stage_input(out, "recovery", cfg.stages))
+        rep, _ = run_recovery_stage(model, child, world, cfg.recovery, out / "recovery", progress=cfg.progress)
+        summary["recovery"] = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "child") if k in rep}
+        for run in ("kd", "cpt"):  # the curves are in recovery/<run>/metrics.csv; keep the summary short
+            summary["recovery"].get(run, {}).pop("val_history", None)
     return _finish(out, summary)
+
+
+# What each later stage compresses further, newest first: the fused model, the Puzzle child.
+_STAGE_OUTPUTS = (("fusion", Path("fusion") / "fused"), ("puzzle", Path("puzzle") / "child"))
+
+
+def _stage_input(out: Path, stage: str, stages: list[str]) -> Path:
+    """The model a stage starts from: the output of the latest earlier stage that ran in this
+    job, else the newest such output already on disk."""
+    earlier = [(name, path) for name, path in _STAGE_OUTPUTS if STAGES.index(name) < STAGES.index(stage)]
+    for name, path in earlier:
+        if name in stages:
+            return out / path
+    for name, path in earlier:
+        if (out / path).is_dir():
+            log.info("%s: starting from %s (from an earlier run)", stage, out / path)
+            return out / path
+    raise CheckpointError(
+        f"stage {stage!r} needs a compressed child: none of {[str(out / p) for _, p in earlier]} exists; "
+        f"run the puzzle stage first (e.g. stages=[world,parent,puzzle,{stage}])"
+    )
 
 
 def _finish(out: Path, summary: dict) -> dict:

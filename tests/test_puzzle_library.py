@@ -10,7 +10,10 @@ from nemo_plugins.puzzle import bld as bld_mod
 from nemo_plugins.puzzle.activations import capture, run_student, student_io
 from nemo_plugins.puzzle.bld import BLDConfig, load_variant_state, normalized_mse, run_bld, variant_path
 from nemo_plugins.puzzle.build import InitConfig, build_students
-from nemo_plugins.puzzle.costs import CostConfig, block_stats, measure_block, non_block_stats, variant_stats
+from nemo_plugins.puzzle.costs import (
+    CostConfig, block_stats, layout_layer, measure_in_model, non_block_stats, swapped_layers, timed_forward,
+    timing_layouts, variant_stats,
+)  # fmt: skip
 from nemo_plugins.puzzle.library import LibraryConfig, build_variants, groups, is_parent_variant
 from nemo_plugins.puzzle.realize import realize_child
 from nemo_plugins.puzzle.scoring import model_metrics, score_variants
@@ -168,15 +171,50 @@ def test_costs_follow_accounting_and_subtract_non_block():
         CostConfig(hardware="tpu")
 
 
-def test_measured_runtime_is_positive_and_no_op_is_cheapest():
+def test_in_model_timing_covers_every_variant_and_no_op_is_free():
     parent = tiny_parent()
     vs = {v.key: v for v in build_variants(parent.config, LIB)}
     students = build_students(parent, list(vs.values()), batches(), InitConfig())
     cfg = CostConfig(batch_size=2, prefill_len=16, decode_len=8, measure_reps=3)
-    full = measure_block(parent.config, students[vs["0.attention/gqa_kv4"]], cfg)
-    none = measure_block(parent.config, students[vs["0.attention/no_op"]], cfg)
+    before = [id(layer) for layer in parent.model.layers], parent.config
+    out = measure_in_model(parent, list(vs.values()), students, cfg)
+    assert ([id(layer) for layer in parent.model.layers], parent.config) == before  # restored
+    assert set(out["variants"]) == set(vs)
+    full, none = out["variants"]["0.attention/gqa_kv4"], out["variants"]["0.attention/no_op"]
     assert full["measured_prefill_ms"] > 0 and full["measured_decode_ms"] > 0
-    assert none["measured_decode_ms"] < full["measured_decode_ms"]
+    assert none["measured_decode_ms"] < 0.2 * full["measured_decode_ms"]
+    assert out["non_block"]["measured_decode_ms"] > 0
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "coupled"])
+def test_timing_layouts_hold_every_variant_and_compute_the_realized_child(mode):
+    parent = tiny_parent(layers=2)
+    lib = LibraryConfig(kv_heads=[2, 1], ffn_fractions=[0.5], ffn_multiple=16, mode=mode)
+    vs = build_variants(parent.config, lib)
+    students = build_students(parent, vs, batches(), InitConfig())
+    layouts = timing_layouts(vs)
+    assert {v for layout in layouts for parts in layout.values() for v in parts} == set(vs)
+    ids = torch.randint(0, parent.config.vocab_size, (2, 6))
+    for layout in layouts:
+        choices = {v.group: v.name for parts in layout.values() for v in parts}
+        child = realize_child(parent, choices, vs, lambda v: students[v].state_dict())
+        layers = [layout_layer(parent, i, parts, students) for i, parts in layout.items()]
+        with torch.no_grad(), swapped_layers(parent, layers):
+            clock = {}
+            got = timed_forward(parent, ids, parent.new_cache(2, 8), clock)
+            step = timed_forward(parent, ids[:, -1:], _cache_after(parent, ids), clock)
+        with torch.no_grad():
+            torch.testing.assert_close(got, child(ids))
+            cache = child.new_cache(2, 8)
+            child(ids, cache=cache)
+            torch.testing.assert_close(step, child(ids[:, -1:], cache=cache))
+        assert set(clock) == {(i, part) for i in range(2) for part in ("attention", "ffn")}
+
+
+def _cache_after(model, ids):
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 2)
+    model(ids, cache=cache)
+    return cache
 
 
 def test_bld_saves_exact_parent_variants_without_training(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
     nemo-plugins inspect PATH [--json] [--dtype bf16] [--batch-size 1] [--seq-len 4096]
     nemo-plugins pipeline [--config FILE ...] [key=value ...]
     nemo-plugins puzzle [--config FILE ...] [key=value ...]   # = pipeline stages=[world,parent,puzzle]
+    nemo-plugins fusion [--config FILE ...] [key=value ...]   # ... up to FFN Fusion of the Puzzle child
+    nemo-plugins recovery [--config FILE ...] [key=value ...] # ... up to recovery distillation
     nemo-plugins config [--config FILE] [key=value ...]   # print the resolved pipeline config
     nemo-plugins mip --library library.json --objective metrics.kl_div --max stats.memory_mib=40000 [--json]
 
@@ -25,6 +27,11 @@ from ..errors import CheckpointError
 from ..puzzle.library_file import MipError, resolve_key
 
 USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, MipError)
+STAGE_COMMANDS = {
+    "puzzle": ("world", "parent", "puzzle"),
+    "fusion": ("world", "parent", "puzzle", "fusion"),
+    "recovery": ("world", "parent", "puzzle", "fusion", "recovery"),
+}
 
 
 def _fmt_int(n: int) -> str:
@@ -79,8 +86,8 @@ def _pipeline_config(args, extra_overrides: tuple[str, ...] = ()):
 def cmd_pipeline(args) -> int:
     from ..pipeline import run_pipeline
 
-    # `nemo-plugins puzzle` is the pipeline up to the puzzle stage (still overridable: stages=[...])
-    extra = ("stages=[world,parent,puzzle]",) if args.command == "puzzle" else ()
+    # `nemo-plugins puzzle|fusion|recovery` is the pipeline up to that stage (still overridable: stages=[...])
+    extra = (f"stages=[{','.join(STAGE_COMMANDS[args.command])}]",) if args.command in STAGE_COMMANDS else ()
     cfg = _pipeline_config(args, extra)
     summary = run_pipeline(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
@@ -168,15 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     for name, func, help_ in (
-        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export -> puzzle)"),
+        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export -> puzzle -> fusion -> recovery)"),
         ("puzzle", cmd_pipeline, "Puzzle NAS on the parent: library, BLD, scores, costs, MIP, child, report"),
+        ("fusion", cmd_pipeline, "FFN Fusion of the Puzzle child: dependency analysis, exact fusion, report"),
+        ("recovery", cmd_pipeline, "recovery of the compressed child: KD from the parent (and LM-loss training to compare)"),
         ("config", cmd_config, "print the resolved pipeline config"),
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument(
             "--config", action="append",
             help="YAML file, merged in order when given several times (default: conf/pipeline/tiny.yaml "
-            "then conf/puzzle/tiny.yaml)",
+            "then conf/{puzzle,fusion,recovery}/tiny.yaml)",
         )  # fmt: skip
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parent.steps=200")
         sp.set_defaults(func=func)

@@ -10,14 +10,16 @@ touches (embeddings, final norm, lm_head) before the search (`non_block_stats`).
 
 from __future__ import annotations
 
+import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..arch import accounting as acc
 from ..arch.config import ATTENTION_NO_OP, FFN_NO_OP, BlockConfig, ModelConfig
-from ..model.llama import Block, KVCache, rope_cos_sin, rope_inv_freq
+from ..model.llama import Block
 from .library import Variant
 
 MIB = 1024 * 1024
@@ -45,7 +47,10 @@ class CostConfig:
     dtype: str = "bf16"
     hardware: str = "h100-sxm"
     measure: bool = True  # also time each variant on this machine
-    measure_reps: int = 5
+    measure_reps: int = 10  # timing rounds (the paired parent-vs-child check runs twice as many)
+    # CPU threads while timing (0: torch's default). One thread keeps timings stable on a small
+    # shared machine, where a multithreaded op stalls whenever another process takes a core.
+    threads: int = 1
 
     def __post_init__(self):
         if self.hardware not in PROFILES:
@@ -53,6 +58,8 @@ class CostConfig:
         acc.dtype_bytes(self.dtype)
         if min(self.batch_size, self.prefill_len, self.decode_len, self.measure_reps) <= 0:
             raise ValueError("costs.batch_size, prefill_len, decode_len and measure_reps must be positive")
+        if self.threads < 0:
+            raise ValueError(f"costs.threads={self.threads}: expected 0 (torch's default) or a positive count")
 
 
 def subblock_config(v: Variant) -> BlockConfig:
@@ -115,53 +122,185 @@ def non_block_stats(parent: ModelConfig, cfg: CostConfig) -> dict[str, float]:
     }  # fmt: skip
 
 
-@torch.no_grad()
-def measure_block(parent: ModelConfig, block: Block, cfg: CostConfig, device=None) -> dict[str, float]:
-    """Median wall time (ms) of one (sub-)block on this device: prefill of the prompt, and the
-    whole decode (`decode_len` single-token steps against a growing KV cache)."""
-    device = device or next(iter(block.parameters()), torch.empty(0)).device
-    h, B = parent.hidden_size, cfg.batch_size
-    one = parent.replace_blocks([block.config])
-    inv_freq = rope_inv_freq(parent.kv_channels, parent.rope_theta, parent.rope_scaling).to(device)
-    index, block.index = block.index, 0
-    x = torch.randn(B, cfg.prefill_len, h, device=device)
-    step = torch.randn(B, 1, h, device=device)
-    positions = torch.arange(cfg.prefill_len + cfg.decode_len, device=device)[None]
+def _layer_from(cfg: ModelConfig, index: int, block: BlockConfig, attention_from: Block | None, ffn_from: Block | None) -> Block:
+    """A layer `block` whose sub-blocks are borrowed (not copied) from existing blocks."""
+    with torch.device("meta"):
+        layer = Block(cfg, block, index)
+    layer.input_layernorm = attention_from.input_layernorm if attention_from is not None else None
+    layer.self_attn = attention_from.self_attn if attention_from is not None else None
+    layer.post_attention_layernorm = ffn_from.post_attention_layernorm if ffn_from is not None else None
+    layer.mlp = ffn_from.mlp if ffn_from is not None else None
+    return layer
 
-    prefill_rope = rope_cos_sin(inv_freq, positions[:, : cfg.prefill_len], x.dtype)
 
-    def prefill(cache=None):
-        y = block(x, prefill_rope, (None, True), cache)
-        if cache is not None:
-            cache.length += cfg.prefill_len
-        return y
-
-    # The model computes RoPE tables once per forward for all layers: keep that out of the timing.
-    step_ropes = [rope_cos_sin(inv_freq, positions[:, p : p + 1], x.dtype) for p in range(cfg.prefill_len, positions.shape[1])]
-
-    def decode():
-        cache = KVCache(one, B, cfg.prefill_len + cfg.decode_len, x.dtype, device)
-        prefill(cache)
-        start = time.perf_counter()
-        for rope in step_ropes:
-            block(step, rope, (None, False), cache)
-            cache.length += 1
-        _sync(device)
-        return time.perf_counter() - start
-
+@contextmanager
+def swapped_layers(model, layers: list[Block]):
+    """Temporarily put each of `layers` at its index in `model` (and its config in model.config)."""
+    cfg, own = model.config, model.model.layers
+    old = {layer.index: own[layer.index] for layer in layers}
+    blocks = list(cfg.blocks)
+    for layer in layers:
+        blocks[layer.index] = layer.config
+        own[layer.index] = layer
+    model.config = cfg.replace_blocks(blocks)
     try:
-        prefill()  # warm-up
-        times_p, times_d = [], []
-        for _ in range(cfg.measure_reps):
-            _sync(device)
-            start = time.perf_counter()
-            prefill()
-            _sync(device)
-            times_p.append(time.perf_counter() - start)
-            times_d.append(decode())
+        yield model
     finally:
-        block.index = index
-    return {"measured_prefill_ms": 1e3 * _median(times_p), "measured_decode_ms": 1e3 * _median(times_d)}
+        for i, layer in old.items():
+            own[i] = layer
+        model.config = cfg
+
+
+def timed_forward(model, ids: torch.Tensor, cache, clock: dict[tuple[int, str], float]) -> torch.Tensor:
+    """The model's forward with a KV cache (the logits of `HeteroLlamaForCausalLM.forward`),
+    adding each sub-block's wall time to clock[(layer, "attention" | "ffn")]."""
+    sync = ids.device.type == "cuda"
+    x, rope, mask = model.prepare(ids, cache=cache)
+    for i, layer in enumerate(model.model.layers):
+        for part in ("attention", "ffn"):
+            if sync:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            x = layer.attention(x, rope, mask, cache) if part == "attention" else layer.ffn(x)
+            if sync:
+                torch.cuda.synchronize()
+            clock[(i, part)] = clock.get((i, part), 0.0) + time.perf_counter() - start
+    cache.length += ids.shape[1]
+    return model.lm_head(model.model.norm(x))
+
+
+def timing_layouts(variants: list[Variant]) -> list[dict[int, tuple[Variant, ...]]]:
+    """Few whole-model layouts that together hold every variant: layout k takes the k-th
+    variant of every group (cycling through shorter groups). Values: the variants making up
+    each layer (an attention and an FFN variant in decoupled mode, one block variant coupled)."""
+    by_group: dict[str, list[Variant]] = {}
+    for v in variants:
+        by_group.setdefault(v.group, []).append(v)
+    layouts = []
+    for k in range(max(len(vs) for vs in by_group.values())):
+        layers: dict[int, list[Variant]] = {}
+        for vs in by_group.values():
+            layers.setdefault(vs[0].layer, []).append(vs[k % len(vs)])
+        layouts.append({i: tuple(vs) for i, vs in layers.items()})
+    return layouts
+
+
+def layout_layer(parent, index: int, parts: tuple[Variant, ...], modules: dict) -> Block:
+    own = parent.model.layers[index]
+    attention = ffn = None  # (config, module holding it)
+    for v in parts:
+        if v.subblock in ("attention", "block"):
+            attention = (v.block.attention, modules[v])
+        if v.subblock in ("ffn", "block"):
+            ffn = (v.block.ffn, modules[v])
+    attention = attention or (own.config.attention, own)
+    ffn = ffn or (own.config.ffn, own)
+    block = BlockConfig(attention[0], ffn[0])
+    return _layer_from(
+        parent.config, index, block,
+        attention[1] if block.attention.kind != "no_op" else None, ffn[1] if block.ffn.kind != "no_op" else None,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def measure_in_model(parent, variants: list[Variant], modules: dict, cfg: CostConfig, seed: int = 0) -> dict:
+    """Per-variant prefill and decode time (ms), each sub-block timed where it runs: inside a
+    whole model at the operating point.
+
+    A block timed alone keeps its weights in cache and is dominated by different overheads
+    than in the real model; timed in place, the child's time is close to the parent's
+    non-block time plus the sum of its chosen variants' times. The variants are arranged
+    into a few whole-model layouts (every layout holds one variant of every group) that run
+    in a shuffled order each round; each figure is the median over `cfg.measure_reps` rounds.
+
+    Returns {"variants": {variant key: {"measured_prefill_ms", "measured_decode_ms"}},
+    "non_block": the same two figures for everything outside the blocks (embedding, RoPE
+    tables, final norm, lm_head, the layer loop)}.
+    """
+    with cpu_threads(cfg.threads):
+        return _measure_in_model(parent, variants, modules, cfg, seed)
+
+
+def _measure_in_model(parent, variants: list[Variant], modules: dict, cfg: CostConfig, seed: int) -> dict:
+    layouts = timing_layouts(variants)
+    ids = torch.randint(0, parent.config.vocab_size, (cfg.batch_size, cfg.prefill_len), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(parent.lm_head.weight.device)
+    rounds: list[dict[str, list[tuple[float, float]]]] = []  # per round: {variant key or "": samples}
+    rng = random.Random(seed)
+    order = list(range(len(layouts)))
+    for rep in range(cfg.measure_reps + 1):  # round 0 warms up
+        rng.shuffle(order)
+        for k in order:
+            layers = [layout_layer(parent, i, parts, modules) for i, parts in layouts[k].items()]
+            with swapped_layers(parent, layers):
+                prefill: dict = {}
+                decode: dict = {}
+                cache = parent.new_cache(cfg.batch_size, cfg.prefill_len + cfg.decode_len)
+                t0 = time.perf_counter()
+                timed_forward(parent, ids, cache, prefill)
+                t1 = time.perf_counter()
+                for _ in range(cfg.decode_len):
+                    timed_forward(parent, ids[:, -1:], cache, decode)
+                t2 = time.perf_counter()
+            if rep == 0:
+                continue
+            if k == order[0]:
+                rounds.append({})
+            got = rounds[-1]
+            got.setdefault(NON_BLOCK, []).append((t1 - t0 - sum(prefill.values()), t2 - t1 - sum(decode.values())))
+            for i, parts in layouts[k].items():
+                for v in parts:
+                    keys = [(i, "attention"), (i, "ffn")] if v.subblock == "block" else [(i, v.subblock)]
+                    got.setdefault(v.key, []).append((sum(prefill[x] for x in keys), sum(decode[x] for x in keys)))
+    # per round, a variant in several layouts (a short group cycles) counts with its mean
+    per_round = [{key: _mean_ms(t) for key, t in r.items()} for r in rounds]
+    keys = [v.key for v in variants]
+    return {
+        "variants": {key: _median_over(per_round, key) for key in keys},
+        "non_block": _median_over(per_round, NON_BLOCK),
+        "rounds": per_round,
+    }
+
+
+NON_BLOCK = "non_block"
+PHASES = ("prefill", "decode")
+
+
+def _mean_ms(samples: list[tuple[float, float]]) -> dict[str, float]:
+    return {f"measured_{ph}_ms": 1e3 * sum(s[j] for s in samples) / len(samples) for j, ph in enumerate(PHASES)}
+
+
+def _median_over(rounds: list[dict], key: str) -> dict[str, float]:
+    return {f"measured_{ph}_ms": _median([r[key][f"measured_{ph}_ms"] for r in rounds]) for ph in PHASES}
+
+
+def predicted_speedup(measured: dict, parent_choice: dict[str, str], choice: dict[str, str]) -> dict[str, float]:
+    """Parent/child time ratio per phase from a `measure_in_model` result: per round, the
+    non-block time plus the chosen variants' times, for parent and for child; the median
+    over rounds of their ratio (pairing within a round cancels drift in machine speed)."""
+    out = {}
+    for ph in PHASES:
+        key = f"measured_{ph}_ms"
+        ratios = []
+        for r in measured["rounds"]:
+            def total(c: dict[str, str]) -> float:
+                return r[NON_BLOCK][key] + sum(r[f"{g}/{n}"][key] for g, n in c.items())
+
+            ratios.append(total(parent_choice) / total(choice))
+        out[ph] = _median(ratios)
+    return out
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run with `n` torch CPU threads (0: leave torch's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _median(xs: list[float]) -> float:
@@ -174,29 +313,37 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def measure_model(model, cfg: CostConfig) -> dict[str, float]:
-    """Median wall time (ms) of a whole model at the operating point: prefill of a
-    [batch, prefill_len] prompt, and `decode_len` single-token steps with the KV cache."""
-    device = model.lm_head.weight.device
-    ids = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.prefill_len), device=device)
+def _time_model(model, ids: torch.Tensor, cfg: CostConfig) -> tuple[float, float]:
+    """Seconds for the prefill of `ids` and for `decode_len` single-token steps after it."""
+    device = ids.device
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + cfg.decode_len)
     step = ids[:, -1:]
+    _sync(device)
+    t0 = time.perf_counter()
+    model(ids, cache=cache)
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(cfg.decode_len):
+        model(step, cache=cache)
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t1
 
-    def run() -> tuple[float, float]:
-        cache = model.new_cache(cfg.batch_size, cfg.prefill_len + cfg.decode_len)
-        _sync(device)
-        t0 = time.perf_counter()
-        model(ids, cache=cache)
-        _sync(device)
-        t1 = time.perf_counter()
-        for _ in range(cfg.decode_len):
-            model(step, cache=cache)
-        _sync(device)
-        return t1 - t0, time.perf_counter() - t1
 
-    run()  # warm-up
-    times = [run() for _ in range(cfg.measure_reps)]
+@torch.no_grad()
+def measure_speedup(parent, child, cfg: CostConfig, reps: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Whole parent vs whole child at the operating point, timed in alternation: per phase the
+    median times (ms) and the median over rounds of the paired ratio parent/child (each
+    round's two runs back to back, so drift in machine speed cancels)."""
+    with cpu_threads(cfg.threads):
+        ids = torch.randint(0, parent.config.vocab_size, (cfg.batch_size, cfg.prefill_len), generator=torch.Generator().manual_seed(seed))
+        ids = ids.to(parent.lm_head.weight.device)
+        _time_model(parent, ids, cfg), _time_model(child, ids, cfg)  # warm-up
+        pairs = [(_time_model(parent, ids, cfg), _time_model(child, ids, cfg)) for _ in range(reps or cfg.measure_reps)]
     return {
-        "measured_prefill_ms": 1e3 * _median([p for p, _ in times]),
-        "measured_decode_ms": 1e3 * _median([d for _, d in times]),
+        ph: {
+            "parent_ms": 1e3 * _median([p[j] for p, _ in pairs]),
+            "child_ms": 1e3 * _median([c[j] for _, c in pairs]),
+            "speedup": _median([p[j] / c[j] for p, c in pairs]),
+        }
+        for j, ph in enumerate(PHASES)
     }

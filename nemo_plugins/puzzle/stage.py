@@ -23,7 +23,7 @@ from ..utils.atomic import write_json_atomic
 from . import mip
 from .bld import BLDConfig, load_variant_state, run_bld
 from .build import InitConfig, build_students
-from .costs import CostConfig, measure_block, non_block_stats, variant_stats
+from .costs import PHASES, CostConfig, measure_in_model, measure_speedup, non_block_stats, predicted_speedup, variant_stats
 from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
 from .scoring import model_metrics, score_variants
@@ -124,31 +124,23 @@ def run_puzzle(
     """Run the whole Puzzle stage; returns the summary also written to out_dir/puzzle_report.json."""
     pcfg = parent.config
     pad = 0
-    variants = build_variants(pcfg, cfg.library)
-    examples = world.training_examples()
+    variants, students, lib_dir, bld_losses = trained_library(parent, parent_id, world, cfg, progress=progress)
     held_out = eval_examples(world)
-    lib_dir = world.directory / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
-
-    calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, pad)
-    students = build_students(parent, variants, calib, cfg.init)
     exact = {v for v in variants if is_parent_variant(pcfg, v)}
     parent_choice = {v.group: v.name for v in exact}
-    bld_losses = run_bld(parent, students, examples, lib_dir, cfg.bld, exact=exact, pad_id=pad, progress=progress)
-    for v, block in students.items():
-        block.load_state_dict(load_variant_state(lib_dir, v))
 
     score_batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, pad, response_only=True)
     score_key = config_hash("response-tokens", cfg.score_batches, cfg.score_batch_size, len(held_out))
     scores = _cached_json(
         lib_dir / f"scores-{score_key}.json", lambda: score_variants(parent, students, score_batches, progress=progress)
     )
-    measured = {}
+    measured = {"variants": {}, "non_block": {}}
     if cfg.costs.measure:
         measured = _cached_json(
-            lib_dir / f"measured-{config_hash(asdict(cfg.costs))}.json",
-            lambda: {v.key: measure_block(pcfg, students[v], cfg.costs) for v in variants},
+            lib_dir / f"measured-{config_hash('in-model', asdict(cfg.costs))}.json",
+            lambda: measure_in_model(parent, variants, students, cfg.costs),
         )
-    library = build_library_file(pcfg, variants, scores, measured, cfg.costs)
+    library = build_library_file(pcfg, variants, scores, measured["variants"], cfg.costs)
     write_json_atomic(out_dir / "library.json", library)
 
     parent_totals = choice_totals(library, parent_choice)
@@ -167,8 +159,9 @@ def run_puzzle(
     save_checkpoint(child, child_dir, architecture="nemotron-nas", extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
 
     report = _report(
-        parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out
-    )
+        parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg,
+        held_out, measured,
+    )  # fmt: skip
     report.update(library_dir=str(lib_dir), child=str(child_dir), bld_trained=len(bld_losses))
     write_json_atomic(out_dir / "puzzle_report.json", report)
     from .report_plots import plot_architecture, plot_pareto
@@ -176,6 +169,21 @@ def run_puzzle(
     plot_architecture(pcfg, child.config, out_dir / "architecture.png")
     plot_pareto(frontier, budgets, solution, out_dir / "pareto.png", sweep_key, cfg.objective)
     return report
+
+
+def trained_library(parent: HeteroLlamaForCausalLM, parent_id: str, world: World, cfg: PuzzleConfig, *, progress: bool = True):
+    """(variants, {variant: trained module}, library directory, BLD losses of what trained now):
+    every variant initialized from the parent, then trained by BLD unless already on disk."""
+    variants = build_variants(parent.config, cfg.library)
+    examples = world.training_examples()
+    lib_dir = world.directory / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
+    calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, 0)
+    students = build_students(parent, variants, calib, cfg.init)
+    exact = {v for v in variants if is_parent_variant(parent.config, v)}
+    bld_losses = run_bld(parent, students, examples, lib_dir, cfg.bld, exact=exact, pad_id=0, progress=progress)
+    for v, block in students.items():
+        block.load_state_dict(load_variant_state(lib_dir, v))
+    return variants, students, lib_dir, bld_losses
 
 
 def eval_examples(world: World):
@@ -198,32 +206,34 @@ def choice_totals(library: dict, choices: dict[str, str]) -> dict[str, float]:
     return totals
 
 
-def _runtime_check(parent, child, library, parent_choice, choices, non_block, cfg) -> dict:
-    """Measured child/parent speed next to the cost model's predictions.
+def _runtime_check(parent, child, library, parent_choice, choices, non_block, measured, cfg) -> dict:
+    """Measured child/parent speed-up next to the cost model's predictions.
 
-    Predicted from the library: (a) the roofline model at costs.hardware, and (b) the sum of
-    per-variant times measured on this device plus the measured time of what no variant
-    changes (the parent's total minus its own blocks)."""
-    from .costs import measure_model
-
-    m_parent, m_child = measure_model(parent, cfg.costs), measure_model(child, cfg.costs)
+    Predicted from the library alone: (a) the roofline model at costs.hardware, and (b) the
+    per-variant times measured in the model on this device plus the measured time of what no
+    variant touches (`predicted_speedup`). Parent and child are then timed in alternation,
+    twice as many rounds as the library was (`measure_speedup`)."""
+    timed = measure_speedup(parent, child, cfg.costs, reps=2 * cfg.costs.measure_reps)
+    predicted = predicted_speedup(measured, parent_choice, choices)
     out = {}
-    for phase in ("prefill", "decode"):
-        key = f"measured_{phase}_ms"
-        blocks_parent = choice_totals(library, parent_choice)[key]
-        rest = m_parent[key] - blocks_parent
-        predicted_child = rest + choice_totals(library, choices)[key]
+    for phase in PHASES:
+        roof = (choice_totals(library, parent_choice)[f"{phase}_ms"] + non_block[f"{phase}_ms"]) / (
+            choice_totals(library, choices)[f"{phase}_ms"] + non_block[f"{phase}_ms"]
+        )
         out[phase] = {
-            "parent_ms": m_parent[key], "child_ms": m_child[key],
-            "measured_speedup": m_parent[key] / m_child[key],
-            "predicted_speedup_measured_blocks": m_parent[key] / predicted_child,
-            "predicted_speedup_roofline": (choice_totals(library, parent_choice)[f"{phase}_ms"] + non_block[f"{phase}_ms"])
-            / (choice_totals(library, choices)[f"{phase}_ms"] + non_block[f"{phase}_ms"]),
+            "parent_ms": timed[phase]["parent_ms"], "child_ms": timed[phase]["child_ms"],
+            "measured_speedup": timed[phase]["speedup"],
+            "predicted_speedup_measured_blocks": predicted[phase],
+            "prediction_error": predicted[phase] / timed[phase]["speedup"] - 1,
+            "predicted_speedup_roofline": roof,
         }  # fmt: skip
     return out
 
 
-def _report(parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out) -> dict:
+def _report(
+    parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out,
+    measured,
+) -> dict:
     from ..evaluate import task_accuracy
 
     batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)
@@ -233,7 +243,9 @@ def _report(parent, child, solution, frontier, budgets, bounds, parent_choice, p
     acc_child = task_accuracy(child, world.tokenizer, easy)["accuracy"]
     predicted = choice_totals(library, solution.choices)
     runtime = (
-        _runtime_check(parent, child, library, parent_choice, solution.choices, non_block, cfg) if cfg.costs.measure else None
+        _runtime_check(parent, child, library, parent_choice, solution.choices, non_block, measured, cfg)
+        if cfg.costs.measure
+        else None
     )
     arch = arch_report(child.config, dtype=cfg.costs.dtype, batch_size=cfg.costs.batch_size,
                        seq_len=cfg.costs.prefill_len + cfg.costs.decode_len)  # fmt: skip

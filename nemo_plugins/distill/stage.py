@@ -1,0 +1,79 @@
+"""The `recovery` stage: distill the parent into the compressed child, and (for comparison)
+train a second copy of the child on the plain LM loss with the same data, steps and tokens.
+
+Reported before and after, on the world's held-out problems: KL(parent || model) and LM loss
+over response tokens (as the Puzzle report measures them), and greedy task accuracy with
+thinking on. The KD-recovered child is saved (HF format where expressible).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.tiny_world import World
+from ..data.tokenizer import TOKENIZER_FILE
+from ..model.checkpoint import save_checkpoint
+from ..model.llama import HeteroLlamaForCausalLM
+from ..utils.atomic import write_json_atomic
+from .losses import RecoveryLossConfig
+from .recovery import RecoveryConfig, run_recovery
+
+log = logging.getLogger("nemo_plugins.distill")
+
+
+@dataclass
+class RecoveryStageConfig(RecoveryConfig):
+    compare_cpt: bool = True  # also train a copy on the LM loss alone, same steps and tokens
+    eval_problems: int = 250  # held-out problems for task accuracy (thinking on)
+    eval_batches: int = 8  # held-out batches of batch_size for KL / LM loss
+
+
+def quality(parent, model, world: World, cfg: RecoveryStageConfig) -> dict:
+    """KL(parent || model) and LM loss on held-out response tokens; greedy accuracy (thinking on)."""
+    from ..evaluate import task_accuracy
+    from ..puzzle.scoring import model_metrics
+    from ..puzzle.stage import eval_examples, token_batches
+
+    batches = token_batches(eval_examples(world), cfg.batch_size, cfg.eval_batches, 0, response_only=True)
+    metrics = model_metrics(parent, model, batches)
+    acc = task_accuracy(model, world.tokenizer, world.eval[: cfg.eval_problems], thinking=True)
+    return {"kl_div": metrics["kl_div"], "lm_loss": metrics["lm_loss"], "accuracy": acc["accuracy"],
+            "accuracy_by_difficulty": acc["by_difficulty"]}  # fmt: skip
+
+
+def run_recovery_stage(
+    parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, world: World, cfg: RecoveryStageConfig, out_dir: Path,
+    *, progress: bool = False,
+) -> tuple[dict, HeteroLlamaForCausalLM]:  # fmt: skip
+    """(report, KD-recovered child). Resumable: each run continues from its checkpoints."""
+    from ..puzzle.stage import eval_examples
+
+    out_dir = Path(out_dir)
+    train, val = world.training_examples(), eval_examples(world)
+    report: dict = {"parent": quality(parent, parent, world, cfg), "before": quality(parent, child, world, cfg)}
+    runs = {"kd": cfg.loss}
+    if cfg.compare_cpt:
+        runs["cpt"] = RecoveryLossConfig(mode="cpt")
+    recovered = None
+    for name, loss in runs.items():
+        student = copy.deepcopy(child)
+        run_cfg = dataclasses.replace(cfg, loss=loss)
+        summary = run_recovery(student, parent, train, val, run_cfg, out_dir / name, progress=progress)
+        tokens = summary["steps"] * cfg.batch_size * cfg.grad_accum
+        report[name] = {**quality(parent, student, world, cfg), "steps": summary["steps"], "examples_seen": tokens,
+                        "val_history": summary["val_history"], "plot": summary["plot"]}  # fmt: skip
+        if name == "kd":
+            recovered = student
+    before, after = report["before"]["kl_div"], report["kd"]["kl_div"]
+    report["kd_gap_closed"] = 1 - after / before if before > 0 else None
+    target = out_dir / "child"
+    save_checkpoint(recovered, target, extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
+    report["child"] = str(target)
+    write_json_atomic(out_dir / "recovery_report.json", report)
+    log.info("recovery: KL %.4f -> %.4f (KD)%s", before, after,
+             f", {report['cpt']['kl_div']:.4f} (LM loss only)" if "cpt" in report else "")  # fmt: skip
+    return report, recovered
