@@ -52,7 +52,7 @@ class RecoveryConfig:
     steps: int = 200
     batch_size: int = 16
     grad_accum: int = 1  # effective batch = batch_size × grad_accum
-    lr: float = 5e-4
+    lr: float = 1e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.01
