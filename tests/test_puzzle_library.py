@@ -151,6 +151,24 @@ def test_bld_splits_work_across_ranks(tmp_path, monkeypatch):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(vs)
 
 
+def test_bld_processes_split_the_library_and_match_one_process(tmp_path):
+    from nemo_plugins.puzzle.launch import run_bld_processes
+    from nemo_plugins.puzzle.stage import PuzzleConfig, token_batches
+
+    parent = tiny_parent(layers=2)
+    cfg = PuzzleConfig(library=LIB, init=InitConfig(calibration_batches=2), bld=BLDConfig(steps=3, batch_size=8))
+    vs = build_variants(parent.config, LIB)
+    run_bld_processes(parent, vs, examples(), tmp_path / "two", cfg, processes=2)
+    assert all(variant_path(tmp_path / "two", v).is_file() for v in vs)
+
+    students = build_students(parent, vs, token_batches(examples(), 8, 2, 0), cfg.init)
+    exact = {v for v in vs if is_parent_variant(parent.config, v)}
+    run_bld(parent, students, examples(), tmp_path / "one", cfg.bld, exact=exact, progress=False)
+    for v in vs:  # per-variant optimizers, clipping and the same data order: the split changes nothing
+        one, two = load_variant_state(tmp_path / "one", v), load_variant_state(tmp_path / "two", v)
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one), v.key
+
+
 def test_costs_follow_accounting_and_subtract_non_block():
     parent = tiny_parent()
     cfg = CostConfig(batch_size=2, prefill_len=8, decode_len=4, dtype="bf16")

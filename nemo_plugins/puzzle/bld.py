@@ -5,8 +5,10 @@ activations, to reproduce the parent sub-block's output (normalized MSE
 `mse(y, t) / mse(t, 0)` over real tokens). Variants share no parameters, so one summed loss
 trains them all independently (gradients are clipped per variant). Variants are trained in
 waves; each finished variant is saved at once, and a restarted run skips the saved ones.
-With several GPUs, each process takes every `world_size`-th variant (`rank` / `world_size`)
-and all write into the same library directory.
+Several processes split the library: each takes every `world_size`-th variant (`shard`) and
+all write into the same directory. `puzzle.launch.run_bld_processes` starts one per local GPU
+(`bld.processes`); `rank` / `world_size` let an outside launcher (torchrun, Slurm, NeMo-Run)
+give each process its share.
 """
 
 from __future__ import annotations
@@ -39,15 +41,23 @@ class BLDConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     wave_size: int = 0  # variants trained together; 0 = all at once
-    rank: int = 0  # this process's share when several processes (GPUs) split the library
+    processes: int = 0  # local processes that split the library: 0 = one per visible GPU (1 without)
+    rank: int = 0  # this process's share when an outside launcher splits the library
     world_size: int = 1
     seed: int = 0
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"bld.steps={self.steps}, bld.batch_size={self.batch_size}: expected positive integers")
+        if self.processes < 0:
+            raise ValueError(f"bld.processes={self.processes}: expected 0 (one per GPU) or a positive count")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"bld.rank={self.rank}: expected 0 <= rank < world_size={self.world_size}")
+
+
+def shard(variants, rank: int, world_size: int) -> list[Variant]:
+    """Process `rank`'s share of the variants: every `world_size`-th in key order."""
+    return [v for i, v in enumerate(sorted(variants, key=lambda v: v.key)) if i % world_size == rank]
 
 
 def normalized_mse(y: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -131,7 +141,7 @@ def run_bld(
     (`exact`: the parent's own sub-blocks) and students already saved are not trained; the
     caller passes students already initialized from the parent.
     """
-    mine = [v for i, v in enumerate(sorted(students, key=lambda v: v.key)) if i % cfg.world_size == cfg.rank]
+    mine = shard(students, cfg.rank, cfg.world_size)
     todo = [v for v in mine if not variant_path(library_dir, v).is_file()]
     for v in todo:
         if v in exact or not any(True for _ in students[v].parameters()):

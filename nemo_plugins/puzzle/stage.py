@@ -21,9 +21,10 @@ from ..model.llama import HeteroLlamaForCausalLM
 from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic
 from . import mip
-from .bld import BLDConfig, load_variant_state, run_bld
+from .bld import BLDConfig, load_variant_state, run_bld, variant_path
 from .build import InitConfig, build_students
 from .costs import PHASES, CostConfig, measure_in_model, measure_speedup, non_block_stats, predicted_speedup, variant_stats
+from .launch import bld_processes, run_bld_processes
 from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
 from .scoring import model_metrics, score_variants
@@ -177,6 +178,9 @@ def trained_library(parent: HeteroLlamaForCausalLM, parent_id: str, world: World
     variants = build_variants(parent.config, cfg.library)
     examples = world.training_examples()
     lib_dir = world.directory / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
+    processes = bld_processes(cfg.bld.processes)
+    if processes > 1 and not all(variant_path(lib_dir, v).is_file() for v in variants):
+        run_bld_processes(parent, variants, examples, lib_dir, cfg, processes)
     calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, 0)
     students = build_students(parent, variants, calib, cfg.init)
     exact = {v for v in variants if is_parent_variant(parent.config, v)}

@@ -1,0 +1,69 @@
+"""One BLD process per local GPU: each trains its share of the library (`bld.shard`).
+
+The parent's weights go to the workers through shared memory (torch.multiprocessing), the
+workers write finished variants into the shared library directory, and the caller then finds
+every variant on disk. Each worker sees one GPU (CUDA_VISIBLE_DEVICES is narrowed to its own
+before CUDA starts), so Lightning's `devices=1` is that GPU. Without GPUs the workers run on
+the CPU (used by the tests to check the split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.multiprocessing as mp
+
+from ..arch.config import ModelConfig
+from .library import Variant
+
+log = logging.getLogger("nemo_plugins.puzzle")
+
+
+def bld_processes(requested: int) -> int:
+    """`bld.processes`, with 0 meaning one per visible GPU (1 without a GPU)."""
+    return requested or max(1, torch.cuda.device_count())
+
+
+def _visible_gpu(rank: int) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return ids[rank]
+
+
+def _worker(rank: int, world_size: int, use_gpu: bool, parent_cfg: ModelConfig, parent_state: dict, variants: list[Variant],
+            examples: list, library_dir: str, cfg, threads: int) -> None:  # fmt: skip
+    if use_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = _visible_gpu(rank)
+    else:
+        torch.set_num_threads(threads)
+    from ..model.checkpoint import model_from_state
+    from .bld import run_bld, shard
+    from .build import build_students
+    from .library import is_parent_variant
+    from .stage import token_batches
+
+    device = "cuda" if use_gpu else "cpu"
+    parent = model_from_state(parent_cfg, {k: t.to(device) for k, t in parent_state.items()})
+    mine = shard(variants, rank, world_size)
+    calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, 0)
+    students = build_students(parent, mine, calib, cfg.init)
+    exact = {v for v in mine if is_parent_variant(parent_cfg, v)}
+    single = dataclasses.replace(cfg.bld, rank=0, world_size=1, processes=1)
+    run_bld(parent, students, examples, library_dir, single, exact=exact, progress=False)
+
+
+def run_bld_processes(parent, variants: list[Variant], examples: list, library_dir, cfg, processes: int) -> None:
+    """Train the library with `processes` local workers (blocks until all are done)."""
+    use_gpu = torch.cuda.is_available()
+    if use_gpu and processes > torch.cuda.device_count():
+        raise ValueError(f"puzzle.bld.processes={processes}: only {torch.cuda.device_count()} GPU(s) visible")
+    state = {k: t.detach().cpu() for k, t in parent.state_dict().items()}
+    threads = max(1, torch.get_num_threads() // processes)
+    log.info("BLD: %d processes (%s)", processes, "one GPU each" if use_gpu else "CPU")
+    mp.spawn(
+        _worker, nprocs=processes, join=True,
+        args=(processes, use_gpu, parent.config, state, variants, examples, str(library_dir), cfg, threads),
+    )  # fmt: skip
