@@ -2,6 +2,7 @@
 which model each stage starts from, and resume without retraining."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,12 +50,19 @@ def test_fusion_and_recovery_stages_run_report_and_resume(tmp_path, monkeypatch)
     assert rec["parent"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
     assert read_config(out / "recovery" / "child") == fused  # recovery started from the fused model
     for run in ("kd", "cpt"):
-        assert (out / "recovery" / run / "metrics.csv").is_file() and (out / "recovery" / run / "recovery.png").is_file()
+        run_dir = Path(rec[run]["metrics_csv"]).parent
+        assert run_dir.parent == out / "recovery" and run_dir.name.startswith(run + "-")
+        assert (run_dir / "metrics.csv").is_file() and (run_dir / "recovery.png").is_file()
 
     # again: both recovery runs resume from their final checkpoints and train nothing
     monkeypatch.setattr(recovery_mod, "_fit", lambda *a, **k: pytest.fail("recovery retrained"))
     again = run_pipeline(small(tmp_path, "stages=[world,parent,recovery]"))
     assert again["recovery"]["kd"]["kl_div"] == pytest.approx(rec["kd"]["kl_div"])
+    # a changed setting is a new run, not a resume of the old one
+    monkeypatch.undo()
+    changed = run_pipeline(small(tmp_path, "stages=[world,parent,recovery]", "recovery.lr=0.002"))
+    assert changed["recovery"]["kd"]["kl_div"] != pytest.approx(rec["kd"]["kl_div"])
+    assert len(list((out / "recovery").glob("kd-*"))) == 2
 
 
 def test_recovery_without_a_compressed_child_names_what_is_missing(tmp_path):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..data.tiny_world import World
+from ..arch.config import to_dict
+from ..data.tiny_world import World, config_hash
 from ..data.tokenizer import TOKENIZER_FILE
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
@@ -30,6 +31,12 @@ class RecoveryStageConfig(RecoveryConfig):
     compare_cpt: bool = True  # also train a copy on the LM loss alone, same steps and tokens
     eval_problems: int = 250  # held-out problems for task accuracy (thinking on)
     eval_batches: int = 8  # held-out batches of batch_size for KL / LM loss
+
+
+def fingerprint(model) -> str:
+    """A short digest of a model's architecture and weights (one float64 sum per tensor)."""
+    sums = [(k, float(t.detach().double().sum())) for k, t in sorted(model.state_dict().items())]
+    return config_hash(to_dict(model.config), sums)
 
 
 def quality(parent, model, world: World, cfg: RecoveryStageConfig) -> dict:
@@ -49,7 +56,9 @@ def run_recovery_stage(
     parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, world: World, cfg: RecoveryStageConfig, out_dir: Path,
     *, progress: bool = False,
 ) -> tuple[dict, HeteroLlamaForCausalLM]:  # fmt: skip
-    """(report, KD-recovered child). Resumable: each run continues from its checkpoints."""
+    """(report, KD-recovered child). Resumable: each run continues from its checkpoints, which
+    live in a directory keyed by the run's config and the child's weights, so a changed setting
+    or a different child starts afresh instead of resuming someone else's run."""
     from ..puzzle.stage import eval_examples
 
     out_dir = Path(out_dir)
@@ -62,10 +71,12 @@ def run_recovery_stage(
     for name, loss in runs.items():
         student = copy.deepcopy(child)
         run_cfg = dataclasses.replace(cfg, loss=loss)
-        summary = run_recovery(student, parent, train, val, run_cfg, out_dir / name, progress=progress)
+        run_dir = out_dir / f"{name}-{config_hash(asdict(run_cfg), fingerprint(child))}"
+        summary = run_recovery(student, parent, train, val, run_cfg, run_dir, progress=progress)
         tokens = summary["steps"] * cfg.batch_size * cfg.grad_accum
         report[name] = {**quality(parent, student, world, cfg), "steps": summary["steps"], "examples_seen": tokens,
-                        "val_history": summary["val_history"], "plot": summary["plot"]}  # fmt: skip
+                        "val_history": summary["val_history"], "plot": summary["plot"],
+                        "metrics_csv": summary["metrics_csv"]}  # fmt: skip
         if name == "kd":
             recovered = student
     before, after = report["before"]["kl_div"], report["kd"]["kl_div"]
