@@ -258,30 +258,37 @@ class HeteroLlamaForCausalLM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=std)
 
-    def prepare(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None):
-        """Embeddings, RoPE tables and attention mask shared by all layers."""
+    def prepare(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None, attn_mask=None):
+        """Embeddings, RoPE tables and attention mask shared by all layers. `attn_mask`
+        [B, 1, T, T] bool (True = may attend) replaces the causal/padding mask, e.g. the
+        block-diagonal mask of packed sequences (`data.sft_data.packed_attention_mask`)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:  # one row, broadcast over the batch: RoPE tables stay [1, 1, T, d]
             positions = torch.arange(past, past + T, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)
         rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        mask = _attention_mask(key_valid, T, past + T, input_ids.device)
+        if attn_mask is not None:
+            if cache is not None or key_valid is not None:
+                raise ValueError("attn_mask replaces the causal and padding mask: pass it without cache or key_valid")
+            mask = (attn_mask, False)
+        else:
+            mask = _attention_mask(key_valid, T, past + T, input_ids.device)
         return x, rope, mask
 
-    def hidden_states(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None, attn_mask=None):
         """Final-norm hidden states [B, T, hidden]."""
-        x, rope, mask = self.prepare(input_ids, positions, key_valid, cache)
+        x, rope, mask = self.prepare(input_ids, positions, key_valid, cache, attn_mask)
         for layer in self.model.layers:
             x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None):
+    def forward(self, input_ids, positions=None, key_valid=None, cache: KVCache | None = None, attn_mask=None):
         """input_ids [B, T]; positions [B, T] (default: continue after the cache);
         key_valid [B, cached+T] marks real (non-padding) tokens; cache is updated in place."""
-        return self.lm_head(self.hidden_states(input_ids, positions, key_valid, cache))
+        return self.lm_head(self.hidden_states(input_ids, positions, key_valid, cache, attn_mask))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
