@@ -19,6 +19,9 @@ CORE = [
     "rich>=13",
     "ortools>=9.10,<10",  # Puzzle's MIP (NeMo 2.7.3 itself pins 9.12)
     "matplotlib>=3.8",  # reports: Pareto frontier, per-layer architecture chart
+    # GRPO accuracy rewards: symbolic answer equivalence (constraints.txt keeps its antlr4
+    # runtime at 4.9.3, the version omegaconf needs)
+    "math-verify>=0.9,<0.10",
 ]
 
 EXTRAS = {

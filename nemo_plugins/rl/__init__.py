@@ -1,0 +1,1 @@
+"""Reinforcement learning for the reasoning stage (GRPO): losses, rewards, their sandbox and an LLM judge."""
