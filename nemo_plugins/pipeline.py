@@ -22,11 +22,12 @@ from .distill.stage import RecoveryStageConfig
 from .errors import CheckpointError
 from .fusion.stage import FusionConfig
 from .puzzle.stage import PuzzleConfig, run_puzzle
+from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "export", "puzzle", "fusion", "recovery")
+STAGES = ("world", "parent", "evaluate", "export", "puzzle", "fusion", "recovery", "sft")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -73,6 +74,7 @@ class PipelineConfig:
     puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -151,16 +153,29 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         summary["recovery"] = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "child") if k in rep}
         for run in ("kd", "cpt"):  # the curves are in recovery/<run>/metrics.csv; keep the summary short
             summary["recovery"].get(run, {}).pop("val_history", None)
+
+    if "sft" in cfg.stages:
+        from .sft.stage import run_sft_stage
+
+        start = _stage_input(out, "sft", cfg.stages, parent=ckpt)
+        rep, _ = run_sft_stage(load_checkpoint(start), world, cfg.sft, out / "sft", progress=cfg.progress)
+        summary["sft"] = {"start": str(start), "before": rep["before"], "after": rep["after"], "model": str(out / "sft" / "model")}
     return _finish(out, summary)
 
 
-# What each later stage compresses further, newest first: the fused model, the Puzzle child.
-_STAGE_OUTPUTS = (("fusion", Path("fusion") / "fused"), ("puzzle", Path("puzzle") / "child"))
+# The model each stage leaves for the next, newest first.
+_STAGE_OUTPUTS = (
+    ("sft", Path("sft") / "model"),
+    ("recovery", Path("recovery") / "child"),
+    ("fusion", Path("fusion") / "fused"),
+    ("puzzle", Path("puzzle") / "child"),
+)
 
 
-def _stage_input(out: Path, stage: str, stages: list[str]) -> Path:
+def _stage_input(out: Path, stage: str, stages: list[str], parent: Path | None = None) -> Path:
     """The model a stage starts from: the output of the latest earlier stage that ran in this
-    job, else the newest such output already on disk."""
+    job, else the newest such output already on disk, else (for stages that do not need a
+    compressed child, like SFT) the parent."""
     earlier = [(name, path) for name, path in _STAGE_OUTPUTS if STAGES.index(name) < STAGES.index(stage)]
     for name, path in earlier:
         if name in stages:
@@ -169,6 +184,9 @@ def _stage_input(out: Path, stage: str, stages: list[str]) -> Path:
         if (out / path).is_dir():
             log.info("%s: starting from %s (from an earlier run)", stage, out / path)
             return out / path
+    if parent is not None:
+        log.info("%s: no compressed child in %s, starting from the parent", stage, out)
+        return parent
     raise CheckpointError(
         f"stage {stage!r} needs a compressed child: none of {[str(out / p) for _, p in earlier]} exists; "
         f"run the puzzle stage first (e.g. stages=[world,parent,puzzle,{stage}])"

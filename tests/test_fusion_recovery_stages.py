@@ -68,3 +68,13 @@ def test_fusion_and_recovery_stages_run_report_and_resume(tmp_path, monkeypatch)
 def test_recovery_without_a_compressed_child_names_what_is_missing(tmp_path):
     with pytest.raises(CheckpointError, match="run the puzzle stage first"):
         run_pipeline(small(tmp_path, "stages=[world,parent,recovery]"))
+
+
+def test_sft_stage_starts_from_the_parent_when_there_is_no_child(tmp_path):
+    sft = ["sft.steps=2", "sft.val_every=1", "sft.ckpt_every=1", "sft.world_problems=16", "sft.val_problems=4",
+           "sft.val_batches=1", "sft.eval_problems=4", "sft.eval_batch_size=4", "sft.max_new_tokens=8"]  # fmt: skip
+    summary = run_pipeline(small(tmp_path, "stages=[world,parent,sft]", *sft))
+    assert summary["sft"]["start"] == summary["parent"]["checkpoint"]
+    report = json.loads((tmp_path / "out" / "sft" / "sft_report.json").read_text())
+    assert set(report["after"]) == {"on", "off"} and report["after"]["on"]["n"] == 4
+    assert read_config(tmp_path / "out" / "sft" / "model") == read_config(summary["parent"]["checkpoint"])

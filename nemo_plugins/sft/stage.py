@@ -1,0 +1,197 @@
+"""The `sft` stage: teach the reasoning toggle ("detailed thinking on/off") by SFT on paired data.
+
+Training examples: the tiny world's training problems in both modes (`world_paired_examples`:
+`<think>steps</think>The answer is N.` under "on", `The answer is N.` under "off"), plus any
+`train_jsonl` files (plain messages or Llama-Nemotron-Post-Training records), all tokenized with
+`max_len`. Validation: the same pairs for the world's held-out problems. The toggle is measured
+on held-out problems before and after (`evaluate_toggle`); the SFT model is saved with its
+tokenizer to `out_dir/model`, the report to `out_dir/sft_report.json`.
+
+Resumable: the run lives in `out_dir/run-<key>`, the key hashing the training settings, the
+tokenized training data and the starting weights, so a rerun continues (or, when finished,
+reuses) its own run and a changed setting, data set or starting model starts afresh. The toggle
+evaluations are cached beside it with the settings they were made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.sft_data import (
+    ChatExample,
+    read_messages_jsonl,
+    read_nemotron_jsonl,
+    tokenize_examples,
+    world_paired_examples,
+)
+from ..data.tiny_world import World, config_hash
+from ..data.tokenizer import TOKENIZER_FILE
+from ..distill.stage import fingerprint
+from ..model.checkpoint import save_checkpoint
+from ..model.llama import HeteroLlamaForCausalLM
+from ..utils.atomic import write_json_atomic
+from .toggle_eval import evaluate_toggle
+from .train import SFTConfig, run_sft
+
+log = logging.getLogger("nemo_plugins.sft")
+
+JSONL_FORMATS = {"messages": read_messages_jsonl, "nemotron": read_nemotron_jsonl}
+
+
+@dataclass
+class SFTStageConfig(SFTConfig):
+    world_problems: int = 2000  # world.train problems used, each in both modes (0: none)
+    val_problems: int = 64  # world.eval problems for the validation loss, each in both modes
+    train_jsonl: list[str] = field(default_factory=list)  # extra SFT data files (real data)
+    jsonl_format: str = "messages"  # messages | nemotron (Llama-Nemotron-Post-Training-Dataset)
+    on_error: str = "skip"  # skip | raise: a malformed JSONL record
+    overflow: str = "drop"  # drop | truncate: an example longer than max_len
+    eval_problems: int = 250  # world.eval problems for the toggle evaluation
+    eval_batch_size: int = 64
+    max_new_tokens: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("world_problems",):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ValueError(f"sft.{name}={getattr(self, name)!r}: expected an integer >= 0")
+        for name in ("val_problems", "eval_problems", "eval_batch_size", "max_new_tokens"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) <= 0:
+                raise ValueError(f"sft.{name}={getattr(self, name)!r}: expected a positive integer")
+        choices = {
+            "jsonl_format": tuple(JSONL_FORMATS), "on_error": ("skip", "raise"), "overflow": ("drop", "truncate"),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"sft.{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        self.train_jsonl = [str(p) for p in self.train_jsonl]
+        if self.world_problems == 0 and not self.train_jsonl:
+            raise ValueError("sft.world_problems=0 and no sft.train_jsonl: no training data")
+
+    def data_fields(self) -> dict:
+        """The settings that choose the training examples (part of the run key)."""
+        keys = ("world_problems", "train_jsonl", "jsonl_format", "on_error", "overflow")
+        return {k: getattr(self, k) for k in keys}
+
+    def eval_fields(self) -> dict:
+        return {"eval_problems": self.eval_problems, "batch_size": self.eval_batch_size,
+                "max_new_tokens": self.max_new_tokens}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _mode_counts(examples: list[ChatExample]) -> dict:
+    c = Counter("on" if ex.thinking else "off" for ex in examples)
+    return {"on": c["on"], "off": c["off"]}
+
+
+def _read_jsonl(cfg: SFTStageConfig) -> tuple[list[ChatExample], dict | None]:
+    if not cfg.train_jsonl:
+        return [], None
+    reader = JSONL_FORMATS[cfg.jsonl_format](cfg.train_jsonl, on_error=cfg.on_error)
+    examples = list(reader)
+    r = reader.report
+    counts = {"files": cfg.train_jsonl, "format": cfg.jsonl_format, "read": r.read, "kept": r.kept,
+              "skipped": r.skipped, "reasons": dict(r.reasons), "problems": r.problems[:10]}  # fmt: skip
+    return examples, counts
+
+
+def build_sft_data(world: World, cfg: SFTStageConfig) -> tuple[list, list, dict]:
+    """(train, val) tokenized examples and the counts for the report."""
+    n_world = min(cfg.world_problems, len(world.train))
+    chats = world_paired_examples(world.train[:n_world])
+    extra, jsonl = _read_jsonl(cfg)
+    chats += extra
+    if not chats:
+        raise ValueError("sft: no training examples (sft.world_problems=0 and every JSONL record was skipped)")
+    train, rep = tokenize_examples(world.tokenizer, chats, cfg.max_len, cfg.overflow)
+    val_chats = world_paired_examples(world.eval[: cfg.val_problems])
+    val, _ = tokenize_examples(world.tokenizer, val_chats, cfg.max_len, "truncate")
+    counts = {
+        "world_problems": n_world, "world_examples": 2 * n_world, "jsonl": jsonl, "by_mode": _mode_counts(chats),
+        "tokenized": {"examples": rep.examples, "kept": rep.kept, "dropped": rep.dropped,
+                      "truncated": rep.truncated, "tokens": rep.tokens, "reasons": dict(rep.reasons)},
+        "val_examples": len(val),
+    }  # fmt: skip
+    if not train:
+        raise ValueError(f"sft: every training example is longer than sft.max_len={cfg.max_len} (overflow=drop)")
+    return train, val, counts
+
+
+def data_digest(examples) -> str:
+    """A short digest of tokenized examples: a different data set gives a different run."""
+    h = hashlib.sha256()
+    for ids, mask in examples:
+        h.update(json.dumps([ids, mask]).encode())
+    return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _cached_toggle(path: Path, model, world: World, cfg: SFTStageConfig) -> dict:
+    """evaluate_toggle on world.eval, reusing `path` when it was made with the same settings."""
+    settings = cfg.eval_fields()
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["result"]
+    result = evaluate_toggle(
+        model, world.tokenizer, world.eval[: cfg.eval_problems],
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+    )  # fmt: skip
+    write_json_atomic(path, {"settings": settings, "result": result})
+    return result
+
+
+def _log_toggle(before: dict, after: dict) -> None:
+    for mode in ("on", "off"):
+        b, a = before[mode], after[mode]
+        log.info("sft: thinking %s: adherence %.3f -> %.3f, accuracy %.3f -> %.3f",
+                 mode, b["adherence"], a["adherence"], b["accuracy"], a["accuracy"])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run_sft_stage(
+    model: HeteroLlamaForCausalLM, world: World, cfg: SFTStageConfig, out_dir: str | Path, *, progress: bool = False
+) -> tuple[dict, HeteroLlamaForCausalLM]:
+    """(report, SFT model): trains `model` in place (resuming its run if there is one), saves it
+    to out_dir/model with the tokenizer and writes out_dir/sft_report.json."""
+    out_dir = Path(out_dir)
+    train, val, counts = build_sft_data(world, cfg)
+    key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), fingerprint(model))
+    run_dir = out_dir / f"run-{key}"
+    before = _cached_toggle(run_dir / "toggle_before.json", model, world, cfg)
+    summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
+    after = _cached_toggle(run_dir / "toggle_after.json", model, world, cfg)
+    _log_toggle(before, after)
+    target = out_dir / "model"
+    save_checkpoint(model, target, extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
+    history = summary["val_history"]
+    report = {
+        "before": before,
+        "after": after,
+        "data": counts,
+        "train": {
+            "steps": summary["steps"], "start_step": summary["start_step"],
+            "final_train_loss": summary["final_train_loss"],
+            "val_lm_loss_before": history[0]["val_lm_loss"] if history else None,
+            "val_lm_loss_after": history[-1]["val_lm_loss"] if history else None,
+            "packing": summary["data"], "val_history": history,
+        },
+        "run_dir": str(run_dir), "metrics_csv": summary["metrics_csv"], "plot": summary["plot"],
+        "model": str(target),
+    }  # fmt: skip
+    write_json_atomic(out_dir / "sft_report.json", report)
+    return report, model
+
+
+__all__ = ["SFTStageConfig", "build_sft_data", "run_sft_stage"]

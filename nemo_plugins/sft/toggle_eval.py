@@ -1,0 +1,98 @@
+"""Does the model obey the reasoning toggle? Greedy answers under "detailed thinking on" and "off".
+
+Per mode, over the same problems:
+- adherence: on, the response starts with exactly one well-formed `<think>…</think>` block and
+  has non-blank text (the answer) after it (`reasoning_world.has_think_block` plus that check);
+  off, the response holds no think tag at all;
+- format_ok: the stricter `reasoning_world.is_well_formatted` (adherence and exactly
+  "The answer is N." as the answer part), reported beside adherence, which does not need it;
+- accuracy: `extract_answer` equals the problem's answer (answers inside a think block never count);
+- mean_response_tokens: generated tokens, the stop token excluded; n: problems.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+
+from ..data.chat import EOS, PAD, THINK_END, THINK_START, render_prompt
+from ..data.reasoning_world import Problem, has_think_block, is_correct, is_well_formatted
+from ..data.tokenizer import decode, encode, token_id
+from ..model.generate import SamplingConfig, generate
+from ..model.llama import HeteroLlamaForCausalLM
+
+MODES = {"on": True, "off": False}
+
+
+def follows_toggle(text: str, thinking: bool) -> bool:
+    """On: one think block at the start and an answer part after it. Off: no think tag."""
+    if not thinking:
+        return THINK_START not in text and THINK_END not in text
+    return has_think_block(text) and bool(text.split(THINK_END, 1)[1].strip())
+
+
+def mode_scores(problems: Sequence[Problem], texts: Sequence[str], lengths: Sequence[int], thinking: bool) -> dict:
+    """Adherence, format, accuracy (overall and per difficulty), mean length and n for one mode."""
+    if len(problems) != len(texts) or len(texts) != len(lengths):
+        raise ValueError(f"{len(problems)} problems, {len(texts)} responses, {len(lengths)} lengths: expected equal")
+    if not problems:
+        raise ValueError("evaluate_toggle: no problems given")
+    n = len(problems)
+    correct = [is_correct(t, p) for p, t in zip(problems, texts)]
+    by_level: dict[int, list[bool]] = defaultdict(list)
+    for p, c in zip(problems, correct):
+        by_level[p.difficulty].append(c)
+    return {
+        "adherence": sum(follows_toggle(t, thinking) for t in texts) / n,
+        "format_ok": sum(is_well_formatted(t, thinking) for t in texts) / n,
+        "accuracy": sum(correct) / n,
+        "accuracy_by_difficulty": {str(d): sum(cs) / len(cs) for d, cs in sorted(by_level.items())},
+        "mean_response_tokens": sum(lengths) / n,
+        "n": n,
+    }
+
+
+def greedy_responses(
+    model: HeteroLlamaForCausalLM, tok: Tokenizer, problems: Sequence[Problem], thinking: bool, *,
+    batch_size: int, max_new_tokens: int,
+) -> tuple[list[str], list[int]]:  # fmt: skip
+    """(texts, token counts) of greedy responses to each problem's prompt, stop token dropped."""
+    eos, pad = token_id(tok, EOS), token_id(tok, PAD)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=(eos,))
+    texts, lengths = [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [encode(tok, render_prompt(p.question, thinking)) for p in chunk]
+        for out in generate(model, prompts, sampling, pad_id=pad):
+            kept = out[:-1] if out and out[-1] == eos else out
+            texts.append(decode(tok, kept))
+            lengths.append(len(kept))
+    return texts, lengths
+
+
+def evaluate_toggle(
+    model: HeteroLlamaForCausalLM, tokenizer: Tokenizer, problems: Sequence[Problem], *,
+    batch_size: int = 64, max_new_tokens: int = 64,
+) -> dict:  # fmt: skip
+    """{"on": scores, "off": scores} (see `mode_scores`) from greedy answers to the same problems."""
+    if not problems:
+        raise ValueError("evaluate_toggle: no problems given")
+    if batch_size < 1:
+        raise ValueError(f"evaluate_toggle: batch_size={batch_size}, expected >= 1")
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        for mode, thinking in MODES.items():
+            texts, lengths = greedy_responses(
+                model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens
+            )
+            out[mode] = mode_scores(problems, texts, lengths, thinking)
+        return out
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["evaluate_toggle", "follows_toggle", "mode_scores"]

@@ -1,0 +1,394 @@
+"""Reasoning-toggle SFT: masked next-token loss on response tokens, on a resumable Lightning loop.
+
+The loop follows distill/recovery.py: manual optimization, one Lightning batch = one optimizer
+step = `grad_accum` micro-batches of `batch_size` rows, each micro-batch backpropagated on its
+own (real accumulation) and weighted by its share of the step's counted tokens, so accumulating
+2×B rows equals one step of 2B rows.
+
+A *row* is what one micro-batch line holds. With `pack=True` the training examples are packed
+once, whole, into rows of `max_len` tokens (a seeded shuffle, then first-fit: fixed for the run,
+like an offline packed dataset); the forward gets per-example `positions` and the block-diagonal
+`attn_mask`, so an example never attends to another, and the packing zeroes the loss at each
+example's first token. With `pack=False` a row is one example, right-padded to the longest of its
+micro-batch. Either way the loss counts response tokens only (the examples' loss masks).
+
+The rows of step k depend on (seed, k) alone (`StepSampler` over rows), so a run resumed from the
+checkpoint of step k, with its weights, optimizer, scheduler and RNG states, ends with the same
+weights as an uninterrupted run. Files under `out_dir`: `checkpoints/step-*/`, `metrics.csv` and
+`sft.png` (validation LM loss on response tokens every `val_every` steps, rewritten from the
+checkpointed history so a resume never duplicates rows) and `sft_summary.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.sft_data import first_fit, pack_examples, packed_attention_mask
+from ..distill.plots import plot_recovery
+from ..distill.recovery import PRECISIONS, StepSampler, evaluate_recovery, micro_batches, resolve_precision
+from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
+from ..model.train import OptimConfig, TokenDataset, collate_with_validity, make_optimizer
+from ..utils.atomic import write_json_atomic, write_text_atomic
+from ..utils.resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state
+
+log = logging.getLogger("nemo_plugins.sft")
+
+Example = tuple[list[int], list[int]]  # (ids, loss_mask)
+# (ids, loss_mask, positions or None, segment_ids or None): one micro-batch
+MicroBatch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+# Fields that decide which rows each step sees: a resume with other values is another run.
+_RUN_DEFINING = ("batch_size", "grad_accum", "seed", "max_len", "pack")
+_PACK_SEED = 0x5F7  # second SeedSequence word of the packing shuffle (epochs use small ints)
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 100
+    batch_size: int = 4  # rows per micro-batch (packed rows of max_len, or single examples)
+    max_len: int = 128  # packing length; also the longest example accepted
+    grad_accum: int = 1  # rows per optimizer step = batch_size × grad_accum
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # 0: no clipping
+    precision: str = "auto"  # auto: bf16-mixed on a CUDA GPU with bf16, else 32-bit
+    val_every: int = 25
+    val_batches: int = 4  # batches of batch_size examples from the start of the val set; 0 = all
+    ckpt_every: int = 50
+    keep_last: int = 2
+    seed: int = 0
+    pack: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_len", "grad_accum", "val_every", "ckpt_every", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"sft.{name}={value!r}: expected a positive integer")
+        if self.max_len < 2:
+            raise ValueError(f"sft.max_len={self.max_len}: expected >= 2 (a prompt and a response token)")
+        for name in ("val_batches", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"sft.{name}={value!r}: expected an integer >= 0")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"sft.lr={self.lr}: expected a finite number > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"sft.min_lr_ratio={self.min_lr_ratio}: expected a number in [0, 1]")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"sft.{name}={value}: expected a finite number >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"sft.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"sft.pack={self.pack!r}: expected true or false")
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(
+            lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+        )  # fmt: skip
+
+    def train_fields(self) -> dict:
+        """The SFTConfig fields only (a subclass's extra settings left out): what defines the run."""
+        return {f.name: getattr(self, f.name) for f in fields(SFTConfig)}
+
+
+# ----------------------------------------------------------------------------- rows and micro-batches
+
+
+def build_rows(examples: Sequence[Example], max_len: int, pack: bool, seed: int) -> list[list[int]]:
+    """Example indices of each row: first-fit packing of a seeded shuffle, or one example a row.
+
+    Every example must have 1..max_len tokens (tokenize with max_len to drop or cut longer ones).
+    """
+    for i, (ids, _) in enumerate(examples):
+        if not 0 < len(ids) <= max_len:
+            raise ValueError(
+                f"training example {i} has {len(ids)} tokens; sft.max_len={max_len} (tokenize with max_len)"
+            )
+    if not pack:
+        return [[i] for i in range(len(examples))]
+    order = np.random.default_rng([seed, _PACK_SEED]).permutation(len(examples)).tolist()
+    bins = first_fit([len(examples[i][0]) for i in order], max_len)
+    return [[order[j] for j in b] for b in bins]
+
+
+def packed_micro_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], max_len: int, pad_id: int = 0):
+    """One micro-batch of packed rows, trailing all-padding columns trimmed (they change nothing)."""
+    parts = [pack_examples([examples[i] for i in row], max_len, pad_id) for row in rows]
+    keys = ("input_ids", "loss_mask", "position_ids", "segment_ids")
+    ids, mask, pos, seg = (torch.cat([getattr(p, k) for p in parts]) for k in keys)
+    width = int((seg > 0).sum(-1).max())
+    return ids[:, :width], mask[:, :width], pos[:, :width], seg[:, :width]
+
+
+def padded_micro_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int = 0):
+    """One micro-batch of one example a row, right-padded (the causal mask keeps padding out)."""
+    ids, mask, _ = collate_with_validity([examples[row[0]] for row in rows], pad_id)
+    return ids, mask, None, None
+
+
+def step_micro_batches(examples, rows, row_ids: Sequence[int], cfg: SFTConfig, pad_id: int = 0) -> list[MicroBatch]:
+    """The micro-batches of one step: its rows `row_ids` in chunks of batch_size."""
+    chunks = [[rows[r] for r in row_ids[i : i + cfg.batch_size]] for i in range(0, len(row_ids), cfg.batch_size)]
+    if cfg.pack:
+        return [packed_micro_batch(examples, c, cfg.max_len, pad_id) for c in chunks]
+    return [padded_micro_batch(examples, c, pad_id) for c in chunks]
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def counted_tokens(loss_mask: torch.Tensor) -> int:
+    """Targets `causal_lm_loss` averages over: mask 1 on a token that has a predecessor in the row."""
+    return int(loss_mask[:, 1:].sum())
+
+
+def micro_loss_sum(model: HeteroLlamaForCausalLM, mb: MicroBatch) -> torch.Tensor:
+    """Token-summed next-token loss of one micro-batch (packed rows get positions + block mask)."""
+    ids, loss_mask, positions, segments = mb
+    attn = packed_attention_mask(segments) if segments is not None else None
+    logits = model(ids, positions=positions, attn_mask=attn)
+    return causal_lm_loss(logits, ids, loss_mask) * counted_tokens(loss_mask)
+
+
+def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None) -> float:
+    """Token-weighted mean loss over the step's micro-batches; each micro-batch's share is
+    backpropagated separately through `backward` (e.g. Lightning's manual_backward) if given."""
+    n_tokens = max(1, sum(counted_tokens(mb[1]) for mb in batch))
+    total = 0.0
+    for mb in batch:
+        loss = micro_loss_sum(model, mb) / n_tokens
+        if backward is not None:
+            backward(loss)
+        total += float(loss.detach())
+    return total
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def write_metrics_csv(path: Path, train_losses: list[float], val_history: list[dict]) -> None:
+    """One row per validation: val LM loss, lr, and the mean train loss since the previous row."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["step", "train_loss", "val_lm_loss", "lr"])
+    prev = 0
+    for row in val_history:
+        window = train_losses[prev : row["step"]]
+        train = sum(window) / len(window) if window else None
+        prev = row["step"]
+        values = (train, row["val_lm_loss"], row["lr"])
+        writer.writerow([row["step"], *("" if v is None else f"{v:.6g}" for v in values)])
+    write_text_atomic(path, buffer.getvalue())
+
+
+@dataclass
+class SFTPaths:
+    out_dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.out_dir / "metrics.csv"
+
+    @property
+    def plot(self) -> Path:
+        return self.out_dir / "sft.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.out_dir / "sft_summary.json"
+
+
+# ----------------------------------------------------------------------------- Lightning module
+
+
+class SFTModule(L.LightningModule):
+    """One batch = one optimizer step (a list of micro-batches); validates and checkpoints
+    itself at step boundaries. `step_count` is the number of optimizer steps done."""
+
+    def __init__(self, model, cfg: SFTConfig, val_batches, paths: SFTPaths, resume: TrainingState | None, data: dict):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.cfg = cfg
+        self.val_batches = val_batches
+        self.paths = paths
+        self.resume = resume
+        extra = resume.extra if resume is not None else {}
+        self.step_count = resume.step if resume is not None else 0
+        self.train_losses: list[float] = list(extra.get("train_losses", []))
+        self.val_history: list[dict] = list(extra.get("val_history", []))
+        self.data = data  # example / row counts, recorded so a resume can check them
+
+    def configure_optimizers(self):
+        opt, sched = make_optimizer(self.model, self.cfg.optim(), self.cfg.steps)
+        if self.resume is not None:
+            opt.load_state_dict(self.resume.optimizer)
+            sched.load_state_dict(self.resume.scheduler)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self):
+        if self.resume is not None:
+            restore_rng_state(self.resume.rng)
+
+    def training_step(self, batch, batch_idx):
+        if self.step_count == 0 and not self.val_history:
+            self.validate()  # step-0 baseline
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        total = step_loss(self.model, batch, self.manual_backward)
+        if self.cfg.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.train_losses.append(total)
+        last = self.step_count == self.cfg.steps
+        if self.step_count % self.cfg.val_every == 0 or last:
+            self.validate()
+        if self.step_count % self.cfg.ckpt_every == 0 or last:
+            self.save()
+
+    def validate(self):
+        was_training = self.model.training
+        self.model.eval()
+        metrics = evaluate_recovery(self.model, None, self.val_batches)
+        self.model.train(was_training)
+        lr = self.lr_schedulers().get_last_lr()[0] if self.step_count else None
+        self.val_history.append({"step": self.step_count, "val_lm_loss": metrics["val_lm_loss"], "lr": lr})
+        self.write_reports()
+
+    def write_reports(self):
+        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history)
+        plot_recovery(self.train_losses, self.val_history, self.paths.plot)
+
+    def save(self):
+        extra = {
+            "train_losses": self.train_losses,
+            "val_history": self.val_history,
+            "config": self.cfg.train_fields(),
+            "sampler": {"next_step": self.step_count},
+            "data": self.data,
+        }
+        save_training_state(
+            self.paths.checkpoints, self.step_count, self.model, self.optimizers(), self.lr_schedulers(),
+            extra, keep_last=self.cfg.keep_last,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _check_resumable(state: TrainingState, cfg: SFTConfig, data: dict) -> None:
+    """Warn when a resumed run's settings or data would not continue the checkpointed run."""
+    saved, now = state.extra.get("config", {}), cfg.train_fields()
+    changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != now[k]]
+    if changed:
+        log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", state.path, changed)
+    if state.extra.get("data", data) != data:
+        log.warning("resuming %s with different training data: the data order changes", state.path)
+
+
+def run_sft(
+    model: HeteroLlamaForCausalLM,
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    cfg: SFTConfig,
+    out_dir: str | Path,
+    progress: bool = False,
+    callbacks: Sequence[L.Callback] = (),
+    *,
+    pad_id: int = 0,
+) -> dict:
+    """Train `model` in place for `cfg.steps` optimizer steps on (ids, loss_mask) examples,
+    resuming from the newest checkpoint in `out_dir/checkpoints` if there is one; returns a
+    summary (steps, start step, final train loss, validation history, packing, paths)."""
+    if not train_examples:
+        raise ValueError("run_sft: train_examples is empty")
+    if not val_examples:
+        raise ValueError("run_sft: val_examples is empty")
+    paths = SFTPaths(Path(out_dir))
+    rows = build_rows(train_examples, cfg.max_len, cfg.pack, cfg.seed)
+    data = _data_stats(train_examples, rows, cfg)
+    if len(rows) < cfg.rows_per_step:
+        raise ValueError(f"{len(rows)} training rows < sft.batch_size × sft.grad_accum = {cfg.rows_per_step}")
+    resume = None
+    if (ckpt := latest(paths.checkpoints)) is not None:
+        resume = load_training_state(ckpt, model=model, restore_rng=False)
+        _check_resumable(resume, cfg, data)
+        log.info("sft: resuming from %s (step %d)", ckpt, resume.step)
+    else:
+        L.seed_everything(cfg.seed, verbose=False)
+    start = resume.step if resume is not None else 0
+    n_val = cfg.val_batches * cfg.batch_size or len(val_examples)
+    val_batches = micro_batches(list(val_examples)[:n_val], cfg.batch_size, pad_id)
+    module = SFTModule(model, cfg, val_batches, paths, resume, data)
+    if start < cfg.steps:
+        _fit(module, train_examples, rows, cfg, start, pad_id, progress, callbacks)
+    model.eval()
+    return _summary(module, paths, start)
+
+
+def _data_stats(examples: Sequence[Example], rows: list[list[int]], cfg: SFTConfig) -> dict:
+    tokens = sum(len(ids) for ids, _ in examples)
+    fill = tokens / (len(rows) * cfg.max_len) if cfg.pack else None
+    return {"examples": len(examples), "tokens": tokens, "rows": len(rows), "pack_fill": fill}
+
+
+def _fit(module: SFTModule, examples, rows, cfg: SFTConfig, start: int, pad_id, progress, callbacks):
+    sampler = StepSampler(len(rows), cfg.rows_per_step, cfg.seed, start, cfg.steps)
+    loader = DataLoader(
+        TokenDataset(range(len(rows))), batch_sampler=sampler,
+        collate_fn=lambda row_ids: step_micro_batches(examples, rows, row_ids, cfg, pad_id),
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=progress, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=list(callbacks),
+    )  # fmt: skip
+    trainer.fit(module, loader)
+
+
+def _summary(module: SFTModule, paths: SFTPaths, start: int) -> dict:
+    if not paths.metrics_csv.is_file() and module.val_history:
+        module.write_reports()
+    last = latest(paths.checkpoints)
+    summary = {
+        "steps": module.step_count,
+        "start_step": start,
+        "final_train_loss": module.train_losses[-1] if module.train_losses else None,
+        "val_history": module.val_history,
+        "data": module.data,
+        "metrics_csv": str(paths.metrics_csv),
+        "plot": str(paths.plot),
+        "checkpoint_dir": str(paths.checkpoints),
+        "last_checkpoint": str(last) if last is not None else None,
+    }
+    write_json_atomic(paths.summary, summary)
+    return summary
+
+
+__all__ = ["SFTConfig", "build_rows", "run_sft", "step_loss", "step_micro_batches"]

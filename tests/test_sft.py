@@ -1,0 +1,344 @@
+"""Reasoning-toggle SFT: loss on response tokens only, packed step equal to the unpacked one, real
+gradient accumulation, crash-and-resume equal to an uninterrupted run, SFT teaching a tiny model the
+toggle, the toggle evaluation's counts on crafted answers, and the stage's files and resume."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from nemo_plugins.arch.config import homogeneous
+from nemo_plugins.config import CONF_DIR, load_config
+from nemo_plugins.data import sft_data as S
+from nemo_plugins.data.chat import EOS, THINKING_ON, render_prompt
+from nemo_plugins.data.reasoning_world import Problem
+from nemo_plugins.data.tiny_world import WorldConfig, build_world
+from nemo_plugins.data.tokenizer import decode, encode, token_id
+from nemo_plugins.model.checkpoint import load_checkpoint
+from nemo_plugins.model.llama import HeteroLlamaForCausalLM
+from nemo_plugins.sft import SFTConfig, SFTStageConfig, evaluate_toggle, run_sft, run_sft_stage
+from nemo_plugins.sft import stage as sft_stage
+from nemo_plugins.sft import toggle_eval
+from nemo_plugins.sft import train as sft_train
+from nemo_plugins.sft.train import build_rows, step_loss, step_micro_batches
+from nemo_plugins.utils.resume import latest
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small world of one-operation problems with its own tokenizer (trained in well under a second)."""
+    cfg = WorldConfig(n_train=300, n_eval=16, difficulties=[1], vocab_size=300)
+    return build_world(cfg, root=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def data(world):
+    """(train, val) tokenized on/off pairs of the world's problems."""
+    train, _ = S.tokenize_examples(world.tokenizer, S.world_paired_examples(world.train))
+    val, _ = S.tokenize_examples(world.tokenizer, S.world_paired_examples(world.eval))
+    return train, val
+
+
+def tiny(world, seed=0, hidden=32):
+    torch.manual_seed(seed)
+    cfg = homogeneous(
+        vocab_size=world.tokenizer.get_vocab_size(), hidden_size=hidden, num_layers=2,
+        num_attention_heads=4, num_kv_heads=2, intermediate_size=2 * hidden,
+    )  # fmt: skip
+    return HeteroLlamaForCausalLM(cfg)
+
+
+def small_cfg(**kw):
+    base = dict(steps=6, batch_size=2, max_len=96, lr=5e-3, warmup_steps=1, val_every=2, ckpt_every=3, val_batches=1)
+    return SFTConfig(**{**base, **kw})
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [(SFTConfig, {"steps": 0}, "sft.steps=0"), (SFTConfig, {"grad_accum": -1}, "sft.grad_accum=-1"),
+     (SFTConfig, {"lr": 0.0}, "sft.lr=0.0"), (SFTConfig, {"precision": "fp8"}, "sft.precision='fp8'"),
+     (SFTConfig, {"max_len": 1}, "sft.max_len=1"), (SFTConfig, {"val_batches": -1}, "sft.val_batches=-1"),
+     (SFTStageConfig, {"jsonl_format": "csv"}, "sft.jsonl_format='csv'"),
+     (SFTStageConfig, {"eval_problems": 0}, "sft.eval_problems=0"),
+     (SFTStageConfig, {"world_problems": 0}, "no training data")],
+)  # fmt: skip
+def test_config_errors_name_the_field(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        cls(**kwargs)
+
+
+def test_tiny_yaml_matches_the_stage_config():
+    @dataclass
+    class Root:
+        sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+
+    cfg = load_config(Root, CONF_DIR / "sft" / "tiny.yaml", ["sft.steps=7"]).sft
+    assert isinstance(cfg, SFTStageConfig) and cfg.steps == 7 and cfg.pack and cfg.eval_problems == 250
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits that ignore the input: only the targets (the tokens) can change the loss."""
+
+    def __init__(self, B, T, V, seed=0):
+        super().__init__()
+        self.logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, ids, positions=None, attn_mask=None):
+        return self.logits[: ids.shape[0], : ids.shape[1]]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_loss_counts_response_tokens_only(pack):
+    # two examples, both with a 3-token prompt; the second starts with a counted token, which
+    # packing must not turn into a target of the first example's last token
+    examples = [([5, 6, 7, 8, 9, 10], [0, 0, 0, 1, 1, 1]), ([11, 12, 13, 14, 15], [1, 0, 0, 1, 1])]
+    cfg = SFTConfig(batch_size=2, max_len=16, pack=pack)
+    model = FixedLogits(2, 16, 20)
+
+    def loss(exs):
+        rows = build_rows(exs, cfg.max_len, cfg.pack, cfg.seed)
+        return step_loss(model, step_micro_batches(exs, rows, list(range(len(rows))), cfg))
+
+    base = loss(examples)
+    for e, t in [(0, 1), (0, 2), (1, 0), (1, 2)]:  # prompt tokens (and example 2's first token)
+        changed = [(list(ids), m) for ids, m in examples]
+        changed[e][0][t] = 19
+        assert loss(changed) == base, (e, t)
+    for e, t in [(0, 3), (0, 5), (1, 4)]:  # response tokens
+        changed = [(list(ids), m) for ids, m in examples]
+        changed[e][0][t] = 19
+        assert loss(changed) != base, (e, t)
+
+
+def test_packed_step_equals_unpacked_step(world, data, tmp_path):
+    train = data[0][:24]
+    model = tiny(world)
+    results = {}
+    for pack in (True, False):
+        cfg = SFTConfig(batch_size=4, max_len=96, pack=pack)
+        rows = build_rows(train, cfg.max_len, pack, cfg.seed)
+        model.zero_grad()
+        batch = step_micro_batches(train, rows, list(range(len(rows))), cfg)
+        loss = step_loss(model, batch, lambda x: x.backward())
+        results[pack] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()}, len(rows), batch)
+    (lp, gp, rows_p, batch_p), (lu, gu, rows_u, _) = results[True], results[False]
+    assert rows_p < rows_u == 24 and batch_p[0][0].shape[1] > max(len(x) for x, _ in train)  # rows hold several
+    assert lp == pytest.approx(lu, abs=1e-5)
+    for n in gp:
+        torch.testing.assert_close(gp[n], gu[n], rtol=1e-4, atol=1e-6, msg=n)
+    # the same through run_sft: one step over every example, packed rows vs one example a row
+    losses = {}
+    for pack, bs in ((True, rows_p), (False, rows_u)):
+        cfg = small_cfg(steps=1, batch_size=bs, pack=pack, val_every=1, ckpt_every=1)
+        losses[pack] = run_sft(tiny(world), train, data[1], cfg, tmp_path / str(pack))["final_train_loss"]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_grad_accumulation_equals_one_large_batch(world, data, tmp_path):
+    train, val = data
+    results = {}
+    for name, (bs, accum) in {"accum": (2, 2), "large": (4, 1)}.items():
+        model = tiny(world, seed=1)
+        sizes = []  # rows of every training forward: accumulation must run real micro-batches
+        model.model.embed_tokens.register_forward_hook(lambda m, a, o: sizes.append(len(a[0])) if m.training else None)
+        summary = run_sft(model, train, val, small_cfg(steps=3, batch_size=bs, grad_accum=accum), tmp_path / name)
+        results[name] = (weights(model), summary)
+        assert sizes == [bs] * (3 * accum)
+    (wa, sa), (wl, sl) = results["accum"], results["large"]
+    assert sa["final_train_loss"] == pytest.approx(sl["final_train_loss"], rel=1e-5)
+    start = tiny(world, seed=1).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wl[k], rtol=0, atol=1e-5, msg=k)
+    assert not all(torch.equal(wa[k], start[k]) for k in wa)  # it did train
+
+
+class Crash(L.Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.step_count == self.at:
+            raise RuntimeError(f"simulated crash after step {self.at}")
+
+
+class Steps(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(pl_module.step_count)
+
+
+def test_crash_then_resume_equals_uninterrupted_run(world, data, tmp_path, monkeypatch):
+    train, val = data[0][:24], data[1]
+    cfg = small_cfg(steps=8, batch_size=2, grad_accum=2, ckpt_every=3, val_every=2, max_len=96)
+    rows = build_rows(train, cfg.max_len, True, cfg.seed)
+    assert len(rows) < len(train) and len(rows) // cfg.rows_per_step < cfg.steps  # packed; crosses an epoch
+
+    clean = tiny(world, seed=1)
+    ref = run_sft(clean, train, val, cfg, tmp_path / "clean")
+
+    with pytest.raises(RuntimeError, match="simulated crash after step 5"):
+        run_sft(tiny(world, seed=1), train, val, cfg, tmp_path / "crashed", callbacks=[Crash(5)])
+    assert latest(tmp_path / "crashed" / "checkpoints").name == "step-00000003"
+
+    resumed, steps = tiny(world, seed=7), Steps()  # another init: the weights must come from the checkpoint
+    out = run_sft(resumed, train, val, cfg, tmp_path / "crashed", callbacks=[steps])
+    assert steps.seen == [4, 5, 6, 7, 8] and out["start_step"] == 3 and out["steps"] == 8
+    final = weights(resumed)
+    for k, v in weights(clean).items():
+        assert torch.equal(final[k], v), k
+    assert [r["step"] for r in out["val_history"]] == [0, 2, 4, 6, 8]  # no rows duplicated by the crash
+    for a, b in zip(out["val_history"], ref["val_history"]):
+        assert a["val_lm_loss"] == pytest.approx(b["val_lm_loss"], abs=1e-6)
+    assert (tmp_path / "crashed" / "metrics.csv").read_text().splitlines()[0] == "step,train_loss,val_lm_loss,lr"
+    assert (tmp_path / "crashed" / "metrics.csv").read_text().count("\n") == 6
+
+    monkeypatch.setattr(sft_train, "_fit", lambda *a, **k: pytest.fail("trained again"))
+    again = tiny(world, seed=9)
+    done = run_sft(again, train, val, cfg, tmp_path / "crashed")
+    assert done["start_step"] == done["steps"] == 8
+    assert all(torch.equal(v, final[k]) for k, v in weights(again).items())
+
+
+def test_sft_teaches_the_toggle(world, data, tmp_path):
+    train, val = data
+    model = tiny(world, hidden=64)
+    kw = dict(batch_size=16, max_new_tokens=24)
+    before = evaluate_toggle(model, world.tokenizer, world.eval, **kw)
+    cfg = small_cfg(steps=60, batch_size=4, lr=1e-2, warmup_steps=3, val_every=20, ckpt_every=60, val_batches=2)
+    out = run_sft(model, train, val, cfg, tmp_path)
+    after = evaluate_toggle(model, world.tokenizer, world.eval, **kw)
+    assert before["on"]["adherence"] == 0.0  # a random model never writes a think block
+    assert after["on"]["adherence"] >= 0.9 and after["off"]["adherence"] >= 0.9
+    assert after["on"]["mean_response_tokens"] > after["off"]["mean_response_tokens"] + 5  # the trace
+    history = out["val_history"]
+    assert history[-1]["val_lm_loss"] < 0.25 * history[0]["val_lm_loss"]
+    png = Path(out["plot"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert out["data"]["rows"] < out["data"]["examples"] == 600 and 0.5 < out["data"]["pack_fill"] <= 1
+
+
+# ----------------------------------------------------------------------------- toggle evaluation
+
+
+def test_toggle_eval_counts_crafted_answers(world, monkeypatch):
+    problems = [Problem(f"What is 1 + {i}?", (f"1 + {i} = {i + 1}",), i + 1, 1) for i in range(6)]
+    on = [
+        "<think>1 + 0 = 1</think>The answer is 1.",  # adherent, correct, well formatted
+        "<think>x</think>The answer is 9.",  # adherent, wrong
+        "The answer is 3.",  # no think block: not adherent; correct
+        "<think>a</think><think>b</think>The answer is 4.",  # two blocks: not adherent; correct
+        "The answer is 5.<think>x</think>",  # misplaced block: not adherent; no answer after it
+        "<think>1 + 5 = 6",  # cut off at max_new_tokens (no EOS): not adherent, wrong
+    ]
+    off = [
+        "The answer is 1.",  # adherent, correct, formatted
+        "<think>1</think>The answer is 2.",  # think tags: not adherent; correct
+        "The answer is 4.",  # adherent, wrong, formatted
+        "</think>The answer is 4.",  # a stray tag: not adherent; correct
+        "The answer is 5. I think",  # adherent, correct, not formatted
+        "",  # adherent (no tag), wrong
+    ]
+    tok = world.tokenizer
+    eos = token_id(tok, EOS)
+    truncated = {on[5]}
+    responses = {render_prompt(p.question, True): r for p, r in zip(problems, on)}
+    responses |= {render_prompt(p.question, False): r for p, r in zip(problems, off)}
+    seen = []
+
+    def fake_generate(model, prompts, sampling, pad_id=0):
+        assert sampling.temperature == 0 and sampling.stop_token_ids == (eos,) and sampling.max_new_tokens == 7
+        out = []
+        for ids in prompts:
+            text = decode(tok, ids)
+            seen.append(text)
+            r = encode(tok, responses[text])
+            out.append(r if responses[text] in truncated else r + [eos])
+        return out
+
+    monkeypatch.setattr(toggle_eval, "generate", fake_generate)
+    res = evaluate_toggle(torch.nn.Linear(1, 1), tok, problems, batch_size=4, max_new_tokens=7)
+    assert sorted(seen) == sorted(responses)  # every problem in both modes, as the chat prompt
+    assert json.loads(json.dumps(res)) == res
+    assert res["on"]["n"] == res["off"]["n"] == 6
+    assert res["on"]["adherence"] == pytest.approx(2 / 6) and res["off"]["adherence"] == pytest.approx(4 / 6)
+    assert res["on"]["accuracy"] == pytest.approx(3 / 6) and res["off"]["accuracy"] == pytest.approx(4 / 6)
+    assert res["on"]["format_ok"] == pytest.approx(2 / 6) and res["off"]["format_ok"] == pytest.approx(2 / 6)
+    for mode, texts in (("on", on), ("off", off)):  # tokens without the stop token
+        assert res[mode]["mean_response_tokens"] == pytest.approx(sum(len(encode(tok, t)) for t in texts) / 6)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def test_stage_writes_report_and_model_and_resumes_without_retraining(world, tmp_path, monkeypatch):
+    jsonl = write_jsonl(tmp_path / "extra.jsonl", [
+        {"messages": [{"role": "system", "content": THINKING_ON}, {"role": "user", "content": "What is 2 + 2?"},
+                      {"role": "assistant", "content": "The answer is 4."}], "reasoning": "2 + 2 = 4"},
+        {"messages": [{"role": "user", "content": "What is 3 + 3?"},
+                      {"role": "assistant", "content": "The answer is 6."}], "thinking": False},
+        "not json",
+    ])  # fmt: skip
+    cfg = SFTStageConfig(
+        steps=4, batch_size=2, max_len=96, lr=5e-3, warmup_steps=1, val_every=2, ckpt_every=2, val_batches=1,
+        world_problems=20, val_problems=4, train_jsonl=[jsonl], eval_problems=4, eval_batch_size=4, max_new_tokens=6,
+    )  # fmt: skip
+    out = tmp_path / "sft"
+    start = tiny(world, seed=3)
+    report, model = run_sft_stage(start, world, cfg, out)
+    saved = json.loads((out / "sft_report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(report["before"]) == set(report["after"]) == {"on", "off"} and report["after"]["on"]["n"] == 4
+    d = report["data"]
+    assert (d["world_problems"], d["world_examples"], d["by_mode"]) == (20, 40, {"on": 21, "off": 21})
+    jl = d["jsonl"]
+    assert (jl["read"], jl["kept"], jl["skipped"], jl["reasons"]) == (3, 2, 1, {"bad_json": 1})
+    assert d["tokenized"]["kept"] == 42 and d["val_examples"] == 8
+    assert report["train"]["steps"] == 4 and report["train"]["start_step"] == 0
+    run_dir = Path(report["run_dir"])
+    assert run_dir.parent == out and (run_dir / "metrics.csv").is_file() and (run_dir / "sft.png").is_file()
+    loaded = load_checkpoint(out / "model")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert (out / "model" / "tokenizer.json").read_text() == world.tokenizer.to_str()
+
+    # again, from the same starting weights: the finished run and its evaluations are reused
+    monkeypatch.setattr(sft_train, "_fit", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(sft_stage, "evaluate_toggle", lambda *a, **k: pytest.fail("evaluated again"))
+    again, model2 = run_sft_stage(tiny(world, seed=3), world, cfg, out)
+    assert again["after"] == report["after"] and again["run_dir"] == report["run_dir"]
+    assert again["train"]["start_step"] == 4
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in model.state_dict().items())
+    # other starting weights are another run, not a resume of this one
+    monkeypatch.undo()
+    other, _ = run_sft_stage(tiny(world, seed=4), world, cfg, out)
+    assert other["run_dir"] != report["run_dir"] and other["train"]["start_step"] == 0
