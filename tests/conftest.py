@@ -16,6 +16,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests run tiny matmuls: one thread is fastest for them and immune to a busy machine
+    (two threads on two shared cores can be 20x slower). Session fixtures such as the trained
+    parent are built before this applies, with torch's default."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_world():
     from nemo_plugins.data.tiny_world import WorldConfig, build_world

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from nemo_plugins.arch import (
     ATTENTION_LINEAR,
@@ -42,13 +41,6 @@ SUPER = FIXTURES / "llama33_nemotron_super_49b_config.json"
 ULTRA = FIXTURES / "llama31_nemotron_ultra_253b_config.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls are fastest on one thread (and immune to a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def load(path: Path) -> dict:

@@ -68,13 +68,6 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> HeteroLlamaForCausalLM:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls are fastest on one thread (and immune to a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 IDS = torch.tensor([[1, 5, 9, 2, 33, 63, 0, 17], [4, 4, 8, 15, 16, 23, 42, 7]])

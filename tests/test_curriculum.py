@@ -15,7 +15,6 @@ from nemo_plugins.data.chat import EOS
 from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model.generate import SamplingConfig
 
-torch.set_num_threads(1)
 
 RATES = (0.9, 0.7, 0.5, 0.3, 0.1)  # five levels, easiest first
 

@@ -27,12 +27,6 @@ from nemo_plugins.utils.resume import latest
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny(seed, sharpen=1.0):

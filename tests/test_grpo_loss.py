@@ -22,12 +22,6 @@ from nemo_plugins.rl.grpo_loss import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def close(actual, expected, tol=1e-6):

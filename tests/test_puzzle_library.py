@@ -21,12 +21,6 @@ from nemo_plugins.puzzle.scoring import model_metrics, score_variants
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_parent(seed=0, layers=3):

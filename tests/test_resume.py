@@ -15,12 +15,6 @@ from nemo_plugins.utils import resume
 from nemo_plugins.utils.resume import latest, list_checkpoints, load_training_state, save_training_state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_model(seed=0):

@@ -27,12 +27,6 @@ from nemo_plugins.sft.train import build_rows, step_loss, step_micro_batches
 from nemo_plugins.utils.resume import latest
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
