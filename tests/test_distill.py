@@ -20,7 +20,7 @@ from nemo_plugins.distill import (
     recovery_loss,
     run_recovery,
 )
-from nemo_plugins.distill.recovery import StepSampler
+from nemo_plugins.utils.training import StepSampler
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from nemo_plugins.utils.resume import latest
 

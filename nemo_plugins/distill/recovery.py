@@ -17,9 +17,6 @@ checkpointed history, so a resumed run never duplicates rows), `recovery_summary
 
 from __future__ import annotations
 
-import csv
-import importlib.util
-import io
 import logging
 import math
 from collections.abc import Sequence
@@ -27,20 +24,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
-from ..model.train import OptimConfig, TokenDataset, collate_with_validity, make_optimizer
-from ..utils.atomic import write_json_atomic, write_text_atomic
-from ..utils.resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state
+from ..model.train import OptimConfig, TokenDataset, collate_with_validity
+from ..utils.atomic import write_json_atomic
+from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
+from ..utils.training import (
+    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, resolve_precision, tensorboard_logger,
+    write_metrics_csv,
+)  # fmt: skip
 from .losses import RecoveryLossConfig, kd_kl_loss, next_token_mask, recovery_loss
 from .plots import plot_recovery
 
 log = logging.getLogger("nemo_plugins.distill")
 
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed")
 Example = tuple[list[int], list[int]]
 # Fields that change which data each step sees or what is optimized: a resume with other values
 # would not continue the same run.
@@ -96,47 +95,6 @@ class RecoveryConfig:
         )  # fmt: skip
 
 
-def resolve_precision(precision: str) -> str:
-    """Lightning precision for `precision`; "auto" picks bf16-mixed where the GPU supports it."""
-    if precision == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return "bf16-mixed" if bf16 else "32-true"
-    return "32-true" if precision == "32" else precision
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class StepSampler(Sampler):
-    """Yields, for steps `start`..`stop`-1, the `per_step` example indices of that step.
-
-    Epoch e is a permutation of all examples drawn from SeedSequence([seed, e]); step k takes
-    the k-th slice of `per_step` (the remainder of an epoch is dropped). A step's examples thus
-    depend on (seed, k) alone, and a resumed run continues the same order.
-    """
-
-    def __init__(self, num_examples: int, per_step: int, seed: int, start: int, stop: int):
-        if num_examples < per_step:
-            raise ValueError(f"{num_examples} training examples < batch_size × grad_accum = {per_step}")
-        self.n, self.per_step, self.seed, self.start, self.stop = num_examples, per_step, seed, start, stop
-        self.steps_per_epoch = num_examples // per_step
-        self._epoch, self._perm = -1, None
-
-    def step_indices(self, step: int) -> list[int]:
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perm[j * self.per_step : (j + 1) * self.per_step].tolist()
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield self.step_indices(step)
-
-    def __len__(self):
-        return max(0, self.stop - self.start)
-
-
 def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """Consecutive chunks of `batch_size` examples, each collated to (ids, loss_mask)."""
     chunks = (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))
@@ -172,65 +130,21 @@ def evaluate_recovery(student, teacher, batches) -> dict[str, float | None]:
     return {"val_kl": kl_sum / n if teacher is not None else None, "val_lm_loss": lm_sum / n}
 
 
-def _write_metrics_csv(path: Path, train_losses: list[float], val_history: list[dict]) -> None:
-    """One row per validation: the metrics, the lr, and the mean train loss since the previous row."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["step", "train_loss", "val_kl", "val_lm_loss", "lr"])
-    prev = 0
-    for row in val_history:
-        window = train_losses[prev : row["step"]]
-        train = sum(window) / len(window) if window else None
-        prev = row["step"]
-        values = (train, row["val_kl"], row["val_lm_loss"], row["lr"])
-        writer.writerow([row["step"], *("" if v is None else f"{v:.6g}" for v in values)])
-    write_text_atomic(path, buffer.getvalue())
-
-
 # ----------------------------------------------------------------------------- Lightning module
 
 
-@dataclass
-class _Paths:
-    out_dir: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    @property
-    def metrics_csv(self) -> Path:
-        return self.out_dir / "metrics.csv"
-
-    @property
-    def plot(self) -> Path:
-        return self.out_dir / "recovery.png"
-
-    @property
-    def summary(self) -> Path:
-        return self.out_dir / "recovery_summary.json"
-
-
-class RecoveryModule(L.LightningModule):
+class RecoveryModule(StepModule):
     """Student trained against a frozen teacher; one batch = one optimizer step (a list of
     micro-batches). Validates and checkpoints itself at step boundaries."""
 
     def __init__(
-        self, student, teacher, cfg: RecoveryConfig, val_batches, paths: _Paths,
+        self, student, teacher, cfg: RecoveryConfig, val_batches, paths: RunPaths,
         resume: TrainingState | None, num_train_examples: int,
     ):  # fmt: skip
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(student, cfg, paths, resume)
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
-        self.cfg = cfg
         self.val_batches = val_batches
-        self.paths = paths
-        self.resume = resume
-        extra = resume.extra if resume is not None else {}
-        self.step_count = resume.step if resume is not None else 0
-        self.train_losses: list[float] = list(extra.get("train_losses", []))
-        self.val_history: list[dict] = list(extra.get("val_history", []))
         self.num_train_examples = num_train_examples  # recorded so a resume can check it
 
     def train(self, mode: bool = True):
@@ -239,17 +153,6 @@ class RecoveryModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.eval()
         return self
-
-    def configure_optimizers(self):
-        opt, sched = make_optimizer(self.student, self.cfg.optim(), self.cfg.steps)
-        if self.resume is not None:
-            opt.load_state_dict(self.resume.optimizer)
-            sched.load_state_dict(self.resume.scheduler)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_start(self):
-        if self.resume is not None:
-            restore_rng_state(self.resume.rng)
 
     # -- one step
 
@@ -265,26 +168,16 @@ class RecoveryModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.step_count == 0 and not self.val_history:
             self.validate()  # step-0 baseline
-        opt, sched = self.optimizers(), self.lr_schedulers()
         n_tokens = max(1, sum(int(next_token_mask(m).sum()) for _, m in batch))
         total = 0.0
         for ids, loss_mask in batch:
             loss, _ = self.micro_loss(ids, loss_mask)
             self.manual_backward(loss / n_tokens)
             total += float(loss.detach()) / n_tokens
-        if self.cfg.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        self.step_count += 1
-        self.train_losses.append(total)
-        if self.logger:
-            self.logger.log_metrics({"train/loss": total, "train/lr": sched.get_last_lr()[0]}, step=self.step_count)
-        last = self.step_count == self.cfg.steps
-        if self.step_count % self.cfg.val_every == 0 or last:
+        validate, save = self.optimizer_step_done(total)
+        if validate:
             self.validate()
-        if self.step_count % self.cfg.ckpt_every == 0 or last:
+        if save:
             self.save()
 
     # -- validation and checkpoints
@@ -294,15 +187,14 @@ class RecoveryModule(L.LightningModule):
         self.student.eval()
         metrics = evaluate_recovery(self.student, self.teacher, self.val_batches)
         self.student.train(was_training)
-        lr = self.lr_schedulers().get_last_lr()[0] if self.step_count else None
-        self.val_history.append({"step": self.step_count, **metrics, "lr": lr})
+        self.val_history.append({"step": self.step_count, **metrics, "lr": self.current_lr()})
         if self.logger:
             logged = {f"val/{k[4:]}": v for k, v in metrics.items() if v is not None}
             self.logger.log_metrics(logged, step=self.step_count)
         self.write_reports()
 
     def write_reports(self):
-        _write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history)
+        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, ("val_kl", "val_lm_loss", "lr"))
         plot_recovery(self.train_losses, self.val_history, self.paths.plot)
 
     def save(self):
@@ -320,25 +212,6 @@ class RecoveryModule(L.LightningModule):
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-def _tensorboard_logger(out_dir: Path):
-    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        return False
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return TensorBoardLogger(str(out_dir), name="tensorboard", version=0, default_hp_metric=False)
-
-
-def _check_resumable(state: TrainingState, cfg: RecoveryConfig, num_train: int) -> None:
-    """Warn when a resumed run's settings would not continue the checkpointed run."""
-    saved = state.extra.get("config", {})
-    now = asdict(cfg)
-    changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != now[k]]
-    if changed:
-        log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", state.path, changed)
-    if state.extra.get("num_train_examples", num_train) != num_train:
-        log.warning("resuming %s with a different training set: the data order changes", state.path)
 
 
 def run_recovery(
@@ -361,11 +234,11 @@ def run_recovery(
         raise ValueError(f"recovery.loss.mode={cfg.loss.mode!r} needs a teacher model (or use mode=cpt)")
     if not val_examples:
         raise ValueError("run_recovery: val_examples is empty")
-    paths = _Paths(Path(out_dir))
+    paths = RunPaths(Path(out_dir), "recovery")
     resume = None
     if (ckpt := latest(paths.checkpoints)) is not None:
         resume = load_training_state(ckpt, model=student, restore_rng=False)
-        _check_resumable(resume, cfg, len(train_examples))
+        check_resumable(resume, cfg, _RUN_DEFINING, {"num_train_examples": len(train_examples)})
         log.info("recovery: resuming from %s (step %d)", ckpt, resume.step)
     else:
         L.seed_everything(cfg.seed, verbose=False)
@@ -387,14 +260,14 @@ def _fit(module: RecoveryModule, train_examples, cfg: RecoveryConfig, start: int
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
-        max_epochs=1, logger=_tensorboard_logger(module.paths.out_dir), log_every_n_steps=1,
+        max_epochs=1, logger=tensorboard_logger(module.paths.out_dir), log_every_n_steps=1,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks),
     )  # fmt: skip
     trainer.fit(module, loader)
 
 
-def _summary(module: RecoveryModule, paths: _Paths, start: int) -> dict:
+def _summary(module: RecoveryModule, paths: RunPaths, start: int) -> dict:
     if not paths.metrics_csv.is_file() and module.val_history:
         module.write_reports()
     last = latest(paths.checkpoints)

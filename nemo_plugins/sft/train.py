@@ -21,8 +21,6 @@ checkpointed history so a resume never duplicates rows) and `sft_summary.json`.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from collections.abc import Sequence
@@ -36,11 +34,15 @@ from torch.utils.data import DataLoader
 
 from ..data.sft_data import first_fit, pack_examples, packed_attention_mask
 from ..distill.plots import plot_recovery
-from ..distill.recovery import PRECISIONS, StepSampler, evaluate_recovery, micro_batches, resolve_precision
+from ..distill.recovery import evaluate_recovery, micro_batches
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
-from ..model.train import OptimConfig, TokenDataset, collate_with_validity, make_optimizer
-from ..utils.atomic import write_json_atomic, write_text_atomic
-from ..utils.resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state
+from ..model.train import OptimConfig, TokenDataset, collate_with_validity
+from ..utils.atomic import write_json_atomic
+from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
+from ..utils.training import (
+    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, resolve_precision, tensorboard_logger,
+    write_metrics_csv,
+)  # fmt: skip
 
 log = logging.getLogger("nemo_plugins.sft")
 
@@ -182,93 +184,26 @@ def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backwa
     return total
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def write_metrics_csv(path: Path, train_losses: list[float], val_history: list[dict]) -> None:
-    """One row per validation: val LM loss, lr, and the mean train loss since the previous row."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["step", "train_loss", "val_lm_loss", "lr"])
-    prev = 0
-    for row in val_history:
-        window = train_losses[prev : row["step"]]
-        train = sum(window) / len(window) if window else None
-        prev = row["step"]
-        values = (train, row["val_lm_loss"], row["lr"])
-        writer.writerow([row["step"], *("" if v is None else f"{v:.6g}" for v in values)])
-    write_text_atomic(path, buffer.getvalue())
-
-
-@dataclass
-class SFTPaths:
-    out_dir: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    @property
-    def metrics_csv(self) -> Path:
-        return self.out_dir / "metrics.csv"
-
-    @property
-    def plot(self) -> Path:
-        return self.out_dir / "sft.png"
-
-    @property
-    def summary(self) -> Path:
-        return self.out_dir / "sft_summary.json"
-
-
 # ----------------------------------------------------------------------------- Lightning module
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(StepModule):
     """One batch = one optimizer step (a list of micro-batches); validates and checkpoints
     itself at step boundaries. `step_count` is the number of optimizer steps done."""
 
-    def __init__(self, model, cfg: SFTConfig, val_batches, paths: SFTPaths, resume: TrainingState | None, data: dict):
-        super().__init__()
-        self.automatic_optimization = False
+    def __init__(self, model, cfg: SFTConfig, val_batches, paths: RunPaths, resume: TrainingState | None, data: dict):
+        super().__init__(model, cfg, paths, resume)
         self.model = model
-        self.cfg = cfg
         self.val_batches = val_batches
-        self.paths = paths
-        self.resume = resume
-        extra = resume.extra if resume is not None else {}
-        self.step_count = resume.step if resume is not None else 0
-        self.train_losses: list[float] = list(extra.get("train_losses", []))
-        self.val_history: list[dict] = list(extra.get("val_history", []))
         self.data = data  # example / row counts, recorded so a resume can check them
-
-    def configure_optimizers(self):
-        opt, sched = make_optimizer(self.model, self.cfg.optim(), self.cfg.steps)
-        if self.resume is not None:
-            opt.load_state_dict(self.resume.optimizer)
-            sched.load_state_dict(self.resume.scheduler)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_start(self):
-        if self.resume is not None:
-            restore_rng_state(self.resume.rng)
 
     def training_step(self, batch, batch_idx):
         if self.step_count == 0 and not self.val_history:
             self.validate()  # step-0 baseline
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        total = step_loss(self.model, batch, self.manual_backward)
-        if self.cfg.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        self.step_count += 1
-        self.train_losses.append(total)
-        last = self.step_count == self.cfg.steps
-        if self.step_count % self.cfg.val_every == 0 or last:
+        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward))
+        if validate:
             self.validate()
-        if self.step_count % self.cfg.ckpt_every == 0 or last:
+        if save:
             self.save()
 
     def validate(self):
@@ -276,12 +211,11 @@ class SFTModule(L.LightningModule):
         self.model.eval()
         metrics = evaluate_recovery(self.model, None, self.val_batches)
         self.model.train(was_training)
-        lr = self.lr_schedulers().get_last_lr()[0] if self.step_count else None
-        self.val_history.append({"step": self.step_count, "val_lm_loss": metrics["val_lm_loss"], "lr": lr})
+        self.val_history.append({"step": self.step_count, "val_lm_loss": metrics["val_lm_loss"], "lr": self.current_lr()})
         self.write_reports()
 
     def write_reports(self):
-        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history)
+        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, ("val_lm_loss", "lr"))
         plot_recovery(self.train_losses, self.val_history, self.paths.plot)
 
     def save(self):
@@ -299,16 +233,6 @@ class SFTModule(L.LightningModule):
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-def _check_resumable(state: TrainingState, cfg: SFTConfig, data: dict) -> None:
-    """Warn when a resumed run's settings or data would not continue the checkpointed run."""
-    saved, now = state.extra.get("config", {}), cfg.train_fields()
-    changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != now[k]]
-    if changed:
-        log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", state.path, changed)
-    if state.extra.get("data", data) != data:
-        log.warning("resuming %s with different training data: the data order changes", state.path)
 
 
 def run_sft(
@@ -329,7 +253,7 @@ def run_sft(
         raise ValueError("run_sft: train_examples is empty")
     if not val_examples:
         raise ValueError("run_sft: val_examples is empty")
-    paths = SFTPaths(Path(out_dir))
+    paths = RunPaths(Path(out_dir), "sft")
     rows = build_rows(train_examples, cfg.max_len, cfg.pack, cfg.seed)
     data = _data_stats(train_examples, rows, cfg)
     if len(rows) < cfg.rows_per_step:
@@ -337,7 +261,7 @@ def run_sft(
     resume = None
     if (ckpt := latest(paths.checkpoints)) is not None:
         resume = load_training_state(ckpt, model=model, restore_rng=False)
-        _check_resumable(resume, cfg, data)
+        check_resumable(resume, cfg, _RUN_DEFINING, {"data": data})
         log.info("sft: resuming from %s (step %d)", ckpt, resume.step)
     else:
         L.seed_everything(cfg.seed, verbose=False)
@@ -365,14 +289,14 @@ def _fit(module: SFTModule, examples, rows, cfg: SFTConfig, start: int, pad_id, 
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        max_epochs=1, logger=tensorboard_logger(module.paths.out_dir), enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=progress, num_sanity_val_steps=0, use_distributed_sampler=False,
         callbacks=list(callbacks),
     )  # fmt: skip
     trainer.fit(module, loader)
 
 
-def _summary(module: SFTModule, paths: SFTPaths, start: int) -> dict:
+def _summary(module: SFTModule, paths: RunPaths, start: int) -> dict:
     if not paths.metrics_csv.is_file() and module.val_history:
         module.write_reports()
     last = latest(paths.checkpoints)

@@ -1,0 +1,181 @@
+"""Pieces shared by the resumable training loops (recovery KD, toggle SFT, GRPO).
+
+Each loop is a Lightning module with manual optimization in which one Lightning batch is one
+optimizer step; `StepModule` holds what they share: the step counter, the train-loss and
+validation histories restored from a checkpoint, the optimizer and schedule (restored too), and
+the RNG state restored when training starts. `StepSampler` makes step k's data depend on
+(seed, k) alone, so a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+
+from .atomic import write_text_atomic
+from .resume import TrainingState, restore_rng_state
+
+log = logging.getLogger("nemo_plugins")
+
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed")
+
+
+def resolve_precision(precision: str) -> str:
+    """Lightning precision for `precision`; "auto" picks bf16-mixed where the GPU supports it."""
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16-mixed" if bf16 else "32-true"
+    return "32-true" if precision == "32" else precision
+
+
+class StepSampler(Sampler):
+    """Yields, for steps `start`..`stop`-1, the `per_step` example indices of that step.
+
+    Epoch e is a permutation of all examples drawn from SeedSequence([seed, e]); step k takes
+    the k-th slice of `per_step` (the remainder of an epoch is dropped). A step's examples thus
+    depend on (seed, k) alone, and a resumed run continues the same order.
+    """
+
+    def __init__(self, num_examples: int, per_step: int, seed: int, start: int, stop: int):
+        if num_examples < per_step:
+            raise ValueError(f"{num_examples} training examples < batch_size × grad_accum = {per_step}")
+        self.n, self.per_step, self.seed, self.start, self.stop = num_examples, per_step, seed, start, stop
+        self.steps_per_epoch = num_examples // per_step
+        self._epoch, self._perm = -1, None
+
+    def step_indices(self, step: int) -> list[int]:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm[j * self.per_step : (j + 1) * self.per_step].tolist()
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.step_indices(step)
+
+    def __len__(self):
+        return max(0, self.stop - self.start)
+
+
+@dataclass
+class RunPaths:
+    """Where a run keeps its files: checkpoints/, metrics.csv, <name>.png, <name>_summary.json."""
+
+    out_dir: Path
+    name: str
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.out_dir / "metrics.csv"
+
+    @property
+    def plot(self) -> Path:
+        return self.out_dir / f"{self.name}.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.out_dir / f"{self.name}_summary.json"
+
+
+def write_metrics_csv(path: Path, train_losses: list[float], val_history: list[dict], columns: Sequence[str]) -> None:
+    """One row per validation: step, the mean train loss since the previous row, then `columns`
+    of the validation record (e.g. val_lm_loss, lr); written atomically from the whole history,
+    so a resumed run never duplicates rows."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["step", "train_loss", *columns])
+    prev = 0
+    for row in val_history:
+        window = train_losses[prev : row["step"]]
+        train = sum(window) / len(window) if window else None
+        prev = row["step"]
+        values = (train, *(row.get(c) for c in columns))
+        writer.writerow([row["step"], *("" if v is None else f"{v:.6g}" for v in values)])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def tensorboard_logger(out_dir: Path):
+    """A TensorBoard logger under out_dir/tensorboard when tensorboard is installed, else False."""
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        return False
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(str(out_dir), name="tensorboard", version=0, default_hp_metric=False)
+
+
+def check_resumable(state: TrainingState, cfg, run_defining: Sequence[str], recorded: dict | None = None) -> None:
+    """Warn when a resumed run's settings (`run_defining` fields of `cfg`) or data sizes
+    (`recorded`, compared with what the checkpoint's `extra` holds) differ from the
+    checkpointed run's: it will not continue the same run."""
+    saved = state.extra.get("config", {})
+    now = asdict(cfg)
+    changed = [k for k in run_defining if k in saved and saved[k] != now[k]]
+    changed += [k for k, v in (recorded or {}).items() if k in state.extra and state.extra[k] != v]
+    if changed:
+        log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", state.path, changed)
+
+
+class StepModule(L.LightningModule):
+    """Base of the loops: `trained` is the model being optimized; one Lightning batch is one
+    optimizer step. Subclasses write `training_step` (ending with `self.end_step(loss)`),
+    `validate` and what their checkpoint's `extra` holds."""
+
+    def __init__(self, trained: nn.Module, cfg, paths: RunPaths, resume: TrainingState | None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.paths = paths
+        self.resume = resume
+        self._trained = [trained]  # the subclass registers the module under its own name
+        extra = resume.extra if resume is not None else {}
+        self.step_count = resume.step if resume is not None else 0
+        self.train_losses: list[float] = list(extra.get("train_losses", []))
+        self.val_history: list[dict] = list(extra.get("val_history", []))
+
+    def configure_optimizers(self):
+        from ..model.train import make_optimizer
+
+        opt, sched = make_optimizer(self._trained[0], self.cfg.optim(), self.cfg.steps)
+        if self.resume is not None:
+            opt.load_state_dict(self.resume.optimizer)
+            sched.load_state_dict(self.resume.scheduler)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self):
+        if self.resume is not None:
+            restore_rng_state(self.resume.rng)
+
+    def optimizer_step_done(self, loss: float) -> tuple[bool, bool]:
+        """After the backward passes of a step: clip, step, schedule, count, and say whether this
+        step validates and whether it checkpoints."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if self.cfg.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.train_losses.append(loss)
+        if self.logger:
+            self.logger.log_metrics({"train/loss": loss, "train/lr": sched.get_last_lr()[0]}, step=self.step_count)
+        last = self.step_count == self.cfg.steps
+        return self.step_count % self.cfg.val_every == 0 or last, self.step_count % self.cfg.ckpt_every == 0 or last
+
+    def current_lr(self) -> float | None:
+        return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
