@@ -22,12 +22,13 @@ from .distill.stage import RecoveryStageConfig
 from .errors import CheckpointError
 from .fusion.stage import FusionConfig
 from .puzzle.stage import PuzzleConfig, run_puzzle
+from .rl.grpo_stage import GRPOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "export", "puzzle", "fusion", "recovery", "sft")
+STAGES = ("world", "parent", "evaluate", "export", "puzzle", "fusion", "recovery", "sft", "grpo")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -75,6 +76,7 @@ class PipelineConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -160,11 +162,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         start = _stage_input(out, "sft", cfg.stages, parent=ckpt)
         rep, _ = run_sft_stage(load_checkpoint(start), world, cfg.sft, out / "sft", progress=cfg.progress)
         summary["sft"] = {"start": str(start), "before": rep["before"], "after": rep["after"], "model": str(out / "sft" / "model")}
+
+    if "grpo" in cfg.stages:
+        from .rl.grpo_stage import run_grpo_stage
+
+        start = _stage_input(out, "grpo", cfg.stages, parent=ckpt)
+        rep, _ = run_grpo_stage(load_checkpoint(start), world, cfg.grpo, out / "grpo", progress=cfg.progress)
+        summary["grpo"] = {"start": str(start), **{k: rep[k] for k in ("table", "model") if k in rep}}
     return _finish(out, summary)
 
 
 # The model each stage leaves for the next, newest first.
 _STAGE_OUTPUTS = (
+    ("grpo", Path("grpo") / "model"),
     ("sft", Path("sft") / "model"),
     ("recovery", Path("recovery") / "child"),
     ("fusion", Path("fusion") / "fused"),

@@ -78,3 +78,15 @@ def test_sft_stage_starts_from_the_parent_when_there_is_no_child(tmp_path):
     report = json.loads((tmp_path / "out" / "sft" / "sft_report.json").read_text())
     assert set(report["after"]) == {"on", "off"} and report["after"]["on"]["n"] == 4
     assert read_config(tmp_path / "out" / "sft" / "model") == read_config(summary["parent"]["checkpoint"])
+
+
+def test_grpo_stage_runs_in_the_pipeline_after_sft(tmp_path):
+    grpo = ["grpo.steps=1", "grpo.train_problems=8", "grpo.pass_rate_k=2", "grpo.prompts_per_step=2",
+            "grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.eval_problems=4", "grpo.rewards.workers=0",
+            "grpo.compare_random=false", "grpo.eval_off=false", "grpo.difficulties=[1,2]", "grpo.ckpt_every=1"]  # fmt: skip
+    sft = ["sft.steps=1", "sft.world_problems=8", "sft.val_problems=2", "sft.val_batches=1", "sft.eval_problems=2",
+           "sft.max_new_tokens=4", "sft.val_every=1", "sft.ckpt_every=1"]  # fmt: skip
+    summary = run_pipeline(small(tmp_path, "stages=[world,parent,sft,grpo]", *sft, *grpo))
+    assert summary["grpo"]["start"] == str(tmp_path / "out" / "sft" / "model")  # GRPO follows SFT
+    assert [row["model"] for row in summary["grpo"]["table"]][:2] == ["before", "curriculum"]
+    assert read_config(summary["grpo"]["model"]) == read_config(summary["parent"]["checkpoint"])

@@ -6,6 +6,7 @@
     nemo-plugins fusion [--config FILE ...] [key=value ...]   # ... up to FFN Fusion of the Puzzle child
     nemo-plugins recovery [--config FILE ...] [key=value ...] # ... up to recovery distillation
     nemo-plugins sft [--config FILE ...] [key=value ...]      # ... up to reasoning-toggle SFT
+    nemo-plugins grpo [--config FILE ...] [key=value ...]     # ... up to GRPO with the curriculum
     nemo-plugins config [--config FILE] [key=value ...]   # print the resolved pipeline config
     nemo-plugins mip --library library.json --objective metrics.kl_div --max stats.memory_mib=40000 [--json]
 
@@ -33,6 +34,7 @@ STAGE_COMMANDS = {
     "fusion": ("world", "parent", "puzzle", "fusion"),
     "recovery": ("world", "parent", "puzzle", "fusion", "recovery"),
     "sft": ("world", "parent", "puzzle", "fusion", "recovery", "sft"),
+    "grpo": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo"),
 }
 
 
@@ -177,18 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     for name, func, help_ in (
-        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export -> puzzle -> fusion -> recovery -> sft)"),
+        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export -> puzzle -> fusion -> recovery -> sft -> grpo)"),
         ("puzzle", cmd_pipeline, "Puzzle NAS on the parent: library, BLD, scores, costs, MIP, child, report"),
         ("fusion", cmd_pipeline, "FFN Fusion of the Puzzle child: dependency analysis, exact fusion, report"),
         ("recovery", cmd_pipeline, "recovery of the compressed child: KD from the parent (and LM-loss training to compare)"),
         ("sft", cmd_pipeline, "reasoning-toggle SFT (detailed thinking on/off) of the recovered child, or of the parent"),
+        ("grpo", cmd_pipeline, "GRPO with pass-rate filtering and curriculum (and random order to compare) after SFT"),
         ("config", cmd_config, "print the resolved pipeline config"),
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument(
             "--config", action="append",
             help="YAML file, merged in order when given several times (default: conf/pipeline/tiny.yaml "
-            "then conf/{puzzle,fusion,recovery,sft}/tiny.yaml)",
+            "then conf/{puzzle,fusion,recovery,sft,grpo}/tiny.yaml)",
         )  # fmt: skip
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parent.steps=200")
         sp.set_defaults(func=func)

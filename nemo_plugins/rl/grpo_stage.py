@@ -1,0 +1,233 @@
+"""The `grpo` stage: reasoning RL on the tiny world, with the paper's data preparation and a
+curriculum-vs-random comparison (Llama-Nemotron, arXiv 2505.00949 §5).
+
+1. Training prompts: the first `train_problems` unique problems of the world's training split
+   (of `difficulties`); the starting model's pass rate on each from `pass_rate_k` samples
+   (thinking on, the rollout's temperature; cached next to the runs, keyed by the model's
+   fingerprint); prompts solved at rate >= `pass_rate_threshold` are dropped.
+2. Held-out accuracy of the starting model (greedy, thinking on, and off when `eval_off`).
+3. GRPO with the curriculum sampler, and with `compare_random` the same number of steps with
+   random ordering from the same start; held-out accuracy after each.
+4. `grpo_report.json` / `grpo_report.md` (table: before, curriculum, random), `reward_curves.png`,
+   and the curriculum-trained model in `model/` (checkpoint + tokenizer).
+
+Each run lives in a directory keyed by its config and the starting weights' fingerprint, so a
+rerun resumes (a finished run trains nothing) and a changed setting starts afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..data.curriculum import estimate_pass_rates, filter_by_pass_rate, problems_by_id
+from ..data.reasoning_world import Problem
+from ..data.tiny_world import World, config_hash
+from ..data.tokenizer import TOKENIZER_FILE
+from ..distill.stage import fingerprint
+from ..model.checkpoint import save_checkpoint
+from ..model.generate import SamplingConfig
+from ..utils.atomic import write_json_atomic, write_text_atomic
+from .grpo import GRPOConfig, Rewarder, _bad, _positive_int, heldout_accuracy, run_grpo
+from .plots import plot_reward_curves
+
+log = logging.getLogger("nemo_plugins.grpo")
+
+# Stage settings that do not change what a run trains (left out of its directory key).
+_REPORT_ONLY = ("compare_random", "eval_off")
+
+
+@dataclass
+class GRPOStageConfig(GRPOConfig):
+    """A GRPO run's settings (`GRPOConfig`) plus the stage's: the prompt pool
+    (`train_problems` of `difficulties`, None = all), pass-rate filtering (`pass_rate_k` samples,
+    drop at >= `pass_rate_threshold`, `pass_rate_batch_size` sequences per generate call),
+    `compare_random` and `eval_off` (also report held-out accuracy with thinking off)."""
+
+    train_problems: int = 512
+    difficulties: list[int] | None = None
+    pass_rate_k: int = 4
+    pass_rate_threshold: float = 0.75
+    pass_rate_batch_size: int = 256
+    compare_random: bool = True
+    eval_off: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("train_problems", "pass_rate_k", "pass_rate_batch_size"):
+            _positive_int(name, getattr(self, name))
+        if not (isinstance(self.pass_rate_threshold, (int, float)) and 0 < self.pass_rate_threshold <= 1):
+            _bad("pass_rate_threshold", self.pass_rate_threshold, "a number in (0, 1]")
+        if self.difficulties is not None and (not self.difficulties or any(d < 1 for d in self.difficulties)):
+            _bad("difficulties", self.difficulties, "a non-empty list of integers >= 1, or null for all")
+
+    def run_config(self, kind: str) -> GRPOConfig:
+        """The GRPO run of this stage with sampler `kind` ("curriculum" or "random")."""
+        return dataclasses.replace(self, curriculum=dataclasses.replace(self.curriculum, kind=kind))
+
+
+def training_pool(world: World, cfg: GRPOStageConfig) -> dict[str, Problem]:
+    """{problem_id: problem}: the first `train_problems` unique training problems of `difficulties`."""
+    wanted = set(cfg.difficulties) if cfg.difficulties is not None else None
+    chosen = [p for p in world.train if wanted is None or p.difficulty in wanted]
+    pool = dict(list(problems_by_id(chosen).items())[: cfg.train_problems])
+    if not pool:
+        _bad("difficulties", cfg.difficulties, "difficulties present in the training split")
+    return pool
+
+
+def _cached(path: Path, key: dict, compute):
+    """compute() once per `key`, stored as JSON at `path` (recomputed when the key differs)."""
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == json.loads(json.dumps(key)):
+                return data["value"]
+        except (OSError, ValueError):
+            pass
+    value = compute()
+    write_json_atomic(path, {"key": key, "value": value})
+    return value
+
+
+def _evaluate(model, world: World, cfg: GRPOStageConfig, thinking: bool) -> dict:
+    return heldout_accuracy(model, world.tokenizer, world.eval[: cfg.eval_problems], cfg.max_new_tokens, thinking)
+
+
+def _accuracies(model, world: World, cfg: GRPOStageConfig, on: dict | None = None) -> dict:
+    """Held-out accuracy with thinking on (given, or measured) and off (when eval_off)."""
+    on = on or _evaluate(model, world, cfg, True)
+    out = {"accuracy": on["accuracy"], "format_ok": on["format_ok"], "by_difficulty": on["by_difficulty"]}
+    if cfg.eval_off:
+        off = _evaluate(model, world, cfg, False)
+        out.update(accuracy_off=off["accuracy"], format_ok_off=off["format_ok"], by_difficulty_off=off["by_difficulty"])
+    return out
+
+
+def _pass_rate_summary(rates: dict[str, float], cfg: GRPOStageConfig, kept: list) -> dict:
+    hist = Counter(round(r, 4) for r in rates.values())
+    return {"k": cfg.pass_rate_k, "threshold": cfg.pass_rate_threshold, "problems": len(rates), "kept": len(kept),
+            "dropped": len(rates) - len(kept), "mean": sum(rates.values()) / len(rates),
+            "histogram": {str(r): n for r, n in sorted(hist.items())}}  # fmt: skip
+
+
+def _run_report(summary: dict, accuracies: dict, run_dir: Path) -> dict:
+    history = summary["history"]
+
+    def mean(key: str) -> float | None:  # over the last 5 steps
+        values = [r[key] for r in history[-5:] if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {**accuracies, "steps": summary["steps"], "train_reward_last5": mean("reward"),
+            "train_pass_rate_last5": mean("pass_rate"), "train_seconds": sum(r.get("time_s", 0.0) for r in history),
+            "groups_dropped": sum(r.get("groups_dropped", 0) for r in history),
+            "reward_failures": sum(r.get("reward_failures", 0) for r in history),
+            "run_dir": str(run_dir), "metrics_csv": summary["metrics_csv"], "plot": summary["plot"]}  # fmt: skip
+
+
+def _table(report: dict, names: list[str]) -> tuple[list[dict], str]:
+    """Rows (before and each run) and the same as a markdown table."""
+    rows = []
+    for name in ["before", *names]:
+        r = report[name]
+        row = {"model": name, "accuracy_on": r["accuracy"], **{f"d{d}": a for d, a in r["by_difficulty"].items()}}
+        if "accuracy_off" in r:
+            row["accuracy_off"] = r["accuracy_off"]
+        row["steps"] = r.get("steps", 0)
+        rows.append(row)
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return rows, "\n".join(lines) + "\n"
+
+
+def _train(model, world: World, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
+           rewarder: Rewarder, before: dict, progress: bool):  # fmt: skip
+    """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
+    run_cfg = cfg.run_config(kind)
+    key = {k: v for k, v in asdict(run_cfg).items() if k not in _REPORT_ONLY}
+    run_dir = out_dir / f"{kind}-{config_hash(key, start)}"
+    policy = copy.deepcopy(model)
+    initial = {k: before[k] for k in ("accuracy", "format_ok", "by_difficulty")}
+    summary = run_grpo(policy, world.tokenizer, pool, rates, run_cfg, run_dir, eval_problems=world.eval,
+                       rewarder=rewarder, initial_eval=initial, progress=progress)  # fmt: skip
+    return summary, policy, run_dir
+
+
+def run_grpo_stage(model, world: World, cfg: GRPOStageConfig, out_dir: str | Path, *, progress: bool = False):
+    """(report, curriculum-trained model). `model` itself is not changed: each run trains a copy."""
+    out_dir = Path(out_dir)
+    tok = world.tokenizer
+    start = fingerprint(model)
+    pool = training_pool(world, cfg)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    rates = estimate_pass_rates(
+        model, tok, list(pool.values()), cfg.pass_rate_k, sampling=sampling, batch_size=cfg.pass_rate_batch_size,
+        seed=cfg.seed, cache_path=out_dir / "pass_rates.json", model_id=start, thinking=True, progress=progress,
+    )  # fmt: skip
+    kept = filter_by_pass_rate(rates, cfg.pass_rate_threshold).kept
+    report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}
+    eval_key = {"model": start, "problems": cfg.eval_problems, "max_new_tokens": cfg.max_new_tokens,
+                "off": cfg.eval_off}  # fmt: skip
+    report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, world, cfg))
+    names = ["curriculum", "random"] if cfg.compare_random else ["curriculum"]
+    runs, trained = {}, None
+    with Rewarder(cfg.rewards) as rewarder:  # one sandbox for both runs, started only if one trains
+        for name in names:
+            summary, policy, run_dir = _train(model, world, cfg, pool, {i: rates[i] for i in kept}, name, start,
+                                              out_dir, rewarder, report["before"], progress)  # fmt: skip
+            after_key = {**eval_key, "model": fingerprint(policy)}
+            final = summary["final_eval"]
+            after = _cached(run_dir / "after.json", after_key, lambda: _accuracies(policy, world, cfg, final))
+            report[name], runs[name] = _run_report(summary, after, run_dir), summary
+            if name == "curriculum":
+                trained = policy
+    report["table"], table_md = _table(report, names)
+    report["reward_curves"] = str(plot_reward_curves(runs, out_dir / "reward_curves.png", report["before"]["accuracy"]))
+    target = out_dir / "model"
+    save_checkpoint(trained, target, extra_files={TOKENIZER_FILE: tok.to_str()})
+    report["model"] = str(target)
+    write_json_atomic(out_dir / "grpo_report.json", report)
+    write_text_atomic(out_dir / "grpo_report.md", "# GRPO: held-out accuracy (greedy)\n\n" + table_md)
+    log.info("grpo: held-out accuracy %.3f -> %s", report["before"]["accuracy"],
+             ", ".join(f"{n} {report[n]['accuracy']:.3f}" for n in names))  # fmt: skip
+    return report, trained
+
+
+# ----------------------------------------------------------------------------- standalone run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m nemo_plugins.rl.grpo_stage [out_dir=...] [grpo.key=value ...]`: the stage on the
+    cached tiny parent (trained first if missing) with conf/grpo/tiny.yaml, outside the pipeline."""
+    import sys
+    from dataclasses import field
+
+    from ..config import CONF_DIR, load_config
+    from ..data.tiny_world import WorldConfig, build_world
+    from ..model.checkpoint import load_checkpoint
+    from ..model.tiny_parent import ParentConfig, train_parent
+
+    @dataclass
+    class _Root:
+        out_dir: str = "outputs/tiny/grpo"
+        progress: bool = True
+        grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = load_config(_Root, CONF_DIR / "grpo" / "tiny.yaml", sys.argv[1:] if argv is None else argv)
+    world = build_world(WorldConfig())
+    parent = load_checkpoint(train_parent(world, ParentConfig(), progress=root.progress)).eval()
+    report, _ = run_grpo_stage(parent, world, root.grpo, Path(root.out_dir), progress=root.progress)
+    print(Path(root.out_dir, "grpo_report.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""GRPO curves: one run's training signals (`plot_grpo`) and runs side by side (`plot_reward_curves`)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..utils.atomic import write_bytes_atomic  # noqa: E402
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: per-step RL signals are noisy."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in history if r.get(key) is not None]
+    return (list(map(list, zip(*pts))) if pts else ([], []))  # type: ignore[return-value]
+
+
+def _line(ax, history, key, label, color, smooth: bool = False):
+    xs, ys = _series(history, key)
+    if not xs:
+        return
+    if smooth and len(ys) > 4:
+        ax.plot(xs, ys, color=color, alpha=0.25, lw=1)
+        ax.plot(xs, _smooth(ys, max(2, len(ys) // 10)), color=color, label=label)
+    else:
+        ax.plot(xs, ys, color=color, label=label, marker="o" if len(xs) < 30 else None, ms=3)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def _finish(ax, title: str, ylabel: str | None = None):
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if ax.lines and any(not line.get_label().startswith("_") for line in ax.lines):
+        ax.legend(fontsize=7)
+
+
+def plot_grpo(history: Sequence[dict], eval_history: Sequence[dict], path: str | Path) -> Path:
+    """Six panels: reward and its parts; pass rate (train, by mode) and held-out accuracy;
+    response length by mode; KL to the reference and to the old policy; clip fraction and
+    entropy; groups dropped. Written atomically."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    ax = axes[0, 0]
+    parts = (("reward", "black", "total"), ("reward_accuracy", "tab:green", "accuracy"),
+             ("reward_format", "tab:blue", "format"), ("reward_overlong", "tab:red", "overlong"))
+    for key, color, label in parts:
+        _line(ax, history, key, label, color, smooth=True)
+    _finish(ax, "reward (mean per completion)")
+    ax = axes[0, 1]
+    _line(ax, history, "pass_rate_on", "train, thinking on", "tab:green", smooth=True)
+    _line(ax, history, "pass_rate_off", "train, thinking off", "tab:olive", smooth=True)
+    _line(ax, eval_history, "accuracy", "held-out (greedy, on)", "tab:purple")
+    _finish(ax, "accuracy")
+    ax = axes[0, 2]
+    _line(ax, history, "len_on", "thinking on", "tab:green")
+    _line(ax, history, "len_off", "thinking off", "tab:olive")
+    _finish(ax, "response length", "tokens")
+    ax = axes[1, 0]
+    _line(ax, history, "kl_ref", "KL(π ‖ ref), k3", "tab:red")
+    _line(ax, history, "approx_kl", "KL(old ‖ π), k3", "tab:orange")
+    _finish(ax, "KL")
+    ax = axes[1, 1]
+    _line(ax, history, "clip_fraction", "clip fraction", "tab:brown")
+    _line(ax, history, "entropy", "entropy (nats/token)", "tab:cyan")
+    _finish(ax, "clipping and entropy")
+    ax = axes[1, 2]
+    _line(ax, history, "groups_dropped", "dropped (zero variance)", "tab:gray")
+    _line(ax, history, "groups", "groups", "black")
+    _finish(ax, "groups per step")
+    return _save(fig, path)
+
+
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def plot_reward_curves(runs: Mapping[str, dict], path: str | Path, baseline: float | None = None) -> Path:
+    """Runs side by side ({name: {"history": [...], "eval_history": [...]}}): reward, train pass
+    rate and held-out accuracy per step; `baseline` (held-out accuracy before) starts every
+    accuracy curve at step 0 and is drawn as a dashed line."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for (name, run), color in zip(runs.items(), COLORS):
+        evals = list(run.get("eval_history", []))
+        if baseline is not None and not (evals and evals[0]["step"] == 0):
+            evals.insert(0, {"step": 0, "accuracy": baseline})
+        _line(axes[0], run.get("history", []), "reward", name, color, smooth=True)
+        _line(axes[1], run.get("history", []), "pass_rate", name, color, smooth=True)
+        _line(axes[2], evals, "accuracy", name, color)
+    if baseline is not None:
+        axes[2].axhline(baseline, color="gray", ls="--", lw=1, label="before")
+    _finish(axes[0], "reward (mean per completion)")
+    _finish(axes[1], "train pass rate (sampled)")
+    _finish(axes[2], "held-out accuracy (greedy, thinking on)")
+    return _save(fig, path)
