@@ -24,6 +24,8 @@ from nemo_plugins.utils.training import StepSampler
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from nemo_plugins.utils.resume import latest
 
+from training_callbacks import Crash, Steps
+
 VOCAB = 50
 
 
@@ -203,23 +205,6 @@ def test_grad_accumulation_equals_one_large_batch(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wl[k], rtol=0, atol=1e-5, msg=k)
     assert not all(torch.equal(wa[k], tiny(1).state_dict()[k]) for k in wa)  # it did train
-
-
-class Crash(L.Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.step_count == self.at:
-            raise RuntimeError(f"simulated crash after step {self.at}")
-
-
-class Steps(L.Callback):
-    def __init__(self):
-        self.seen = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.append(pl_module.step_count)
 
 
 def test_crash_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ from nemo_plugins.rl import grpo_stage as S
 from nemo_plugins.rl.rewards import RewardBreakdown
 from nemo_plugins.utils.resume import latest
 
+from training_callbacks import Crash
+
 torch.set_num_threads(1)
 
 
@@ -188,15 +190,6 @@ def test_micro_batches_sum_to_the_full_batch_update(tok, start_model):
     for k in result[1]:
         torch.testing.assert_close(result[1][k], result[4][k], rtol=0, atol=1e-6, msg=k)
     assert changed(result[1], weights(start_model))
-
-
-class Crash(L.Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.step_count == self.at:
-            raise RuntimeError(f"simulated crash after step {self.at}")
 
 
 class Batches(L.Callback):

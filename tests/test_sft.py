@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -25,6 +24,8 @@ from nemo_plugins.sft import toggle_eval
 from nemo_plugins.sft import train as sft_train
 from nemo_plugins.sft.train import build_rows, step_loss, step_micro_batches
 from nemo_plugins.utils.resume import latest
+
+from training_callbacks import Crash, Steps
 
 
 
@@ -168,23 +169,6 @@ def test_grad_accumulation_equals_one_large_batch(world, data, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wl[k], rtol=0, atol=1e-5, msg=k)
     assert not all(torch.equal(wa[k], start[k]) for k in wa)  # it did train
-
-
-class Crash(L.Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.step_count == self.at:
-            raise RuntimeError(f"simulated crash after step {self.at}")
-
-
-class Steps(L.Callback):
-    def __init__(self):
-        self.seen = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.append(pl_module.step_count)
 
 
 def test_crash_then_resume_equals_uninterrupted_run(world, data, tmp_path, monkeypatch):

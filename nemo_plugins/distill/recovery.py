@@ -29,11 +29,9 @@ from torch.utils.data import DataLoader
 
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from ..model.train import OptimConfig, TokenDataset, collate_with_validity
-from ..utils.atomic import write_json_atomic
 from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
 from ..utils.training import (
-    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, resolve_precision, tensorboard_logger,
-    write_metrics_csv,
+    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, fit_steps, run_summary, write_metrics_csv,
 )  # fmt: skip
 from .losses import RecoveryLossConfig, kd_kl_loss, next_token_mask, recovery_loss
 from .plots import plot_recovery
@@ -249,7 +247,7 @@ def run_recovery(
     if start < cfg.steps:
         _fit(module, train_examples, cfg, start, pad_id, progress, callbacks)
     student.eval()
-    return _summary(module, paths, start)
+    return run_summary(module, start)
 
 
 def _fit(module: RecoveryModule, train_examples, cfg: RecoveryConfig, start: int, pad_id, progress, callbacks):
@@ -258,28 +256,4 @@ def _fit(module: RecoveryModule, train_examples, cfg: RecoveryConfig, start: int
         TokenDataset(train_examples), batch_sampler=sampler,
         collate_fn=lambda examples: micro_batches(examples, cfg.batch_size, pad_id),
     )  # fmt: skip
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
-        max_epochs=1, logger=tensorboard_logger(module.paths.out_dir), log_every_n_steps=1,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks),
-    )  # fmt: skip
-    trainer.fit(module, loader)
-
-
-def _summary(module: RecoveryModule, paths: RunPaths, start: int) -> dict:
-    if not paths.metrics_csv.is_file() and module.val_history:
-        module.write_reports()
-    last = latest(paths.checkpoints)
-    summary = {
-        "steps": module.step_count,
-        "start_step": start,
-        "final_train_loss": module.train_losses[-1] if module.train_losses else None,
-        "val_history": module.val_history,
-        "metrics_csv": str(paths.metrics_csv),
-        "plot": str(paths.plot),
-        "checkpoint_dir": str(paths.checkpoints),
-        "last_checkpoint": str(last) if last is not None else None,
-    }
-    write_json_atomic(paths.summary, summary)
-    return summary
+    fit_steps(module, loader, start, progress, callbacks)

@@ -72,7 +72,7 @@ from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
 from ..data.tokenizer import decode, encode, token_id
 from ..distill.losses import next_token_mask
-from ..distill.recovery import PRECISIONS, resolve_precision
+from ..utils.training import PRECISIONS, resolve_precision
 from ..model.generate import SamplingConfig, generate
 from ..model.train import OptimConfig, collate_with_validity, make_optimizer
 from ..utils.atomic import write_json_atomic, write_text_atomic

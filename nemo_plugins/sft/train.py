@@ -37,11 +37,9 @@ from ..distill.plots import plot_recovery
 from ..distill.recovery import evaluate_recovery, micro_batches
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from ..model.train import OptimConfig, TokenDataset, collate_with_validity
-from ..utils.atomic import write_json_atomic
 from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
 from ..utils.training import (
-    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, resolve_precision, tensorboard_logger,
-    write_metrics_csv,
+    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, fit_steps, run_summary, write_metrics_csv,
 )  # fmt: skip
 
 log = logging.getLogger("nemo_plugins.sft")
@@ -272,7 +270,7 @@ def run_sft(
     if start < cfg.steps:
         _fit(module, train_examples, rows, cfg, start, pad_id, progress, callbacks)
     model.eval()
-    return _summary(module, paths, start)
+    return run_summary(module, start, data=module.data)
 
 
 def _data_stats(examples: Sequence[Example], rows: list[list[int]], cfg: SFTConfig) -> dict:
@@ -287,32 +285,7 @@ def _fit(module: SFTModule, examples, rows, cfg: SFTConfig, start: int, pad_id, 
         TokenDataset(range(len(rows))), batch_sampler=sampler,
         collate_fn=lambda row_ids: step_micro_batches(examples, rows, row_ids, cfg, pad_id),
     )  # fmt: skip
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
-        max_epochs=1, logger=tensorboard_logger(module.paths.out_dir), enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=progress, num_sanity_val_steps=0, use_distributed_sampler=False,
-        callbacks=list(callbacks),
-    )  # fmt: skip
-    trainer.fit(module, loader)
-
-
-def _summary(module: SFTModule, paths: RunPaths, start: int) -> dict:
-    if not paths.metrics_csv.is_file() and module.val_history:
-        module.write_reports()
-    last = latest(paths.checkpoints)
-    summary = {
-        "steps": module.step_count,
-        "start_step": start,
-        "final_train_loss": module.train_losses[-1] if module.train_losses else None,
-        "val_history": module.val_history,
-        "data": module.data,
-        "metrics_csv": str(paths.metrics_csv),
-        "plot": str(paths.plot),
-        "checkpoint_dir": str(paths.checkpoints),
-        "last_checkpoint": str(last) if last is not None else None,
-    }
-    write_json_atomic(paths.summary, summary)
-    return summary
+    fit_steps(module, loader, start, progress, callbacks)
 
 
 __all__ = ["SFTConfig", "build_rows", "run_sft", "step_loss", "step_micro_batches"]

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from .atomic import write_text_atomic
-from .resume import TrainingState, restore_rng_state
+from .atomic import write_json_atomic, write_text_atomic
+from .resume import TrainingState, latest, restore_rng_state
 
 log = logging.getLogger("nemo_plugins")
 
@@ -179,3 +179,36 @@ class StepModule(L.LightningModule):
 
     def current_lr(self) -> float | None:
         return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
+
+
+def fit_steps(module: StepModule, loader, start: int, progress: bool, callbacks: Sequence[L.Callback] = ()) -> None:
+    """Run `module` over `loader` (one batch per optimizer step) from step `start` to cfg.steps."""
+    cfg = module.cfg
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
+        max_epochs=1, logger=tensorboard_logger(module.paths.out_dir), log_every_n_steps=1,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks),
+    )  # fmt: skip
+    trainer.fit(module, loader)
+
+
+def run_summary(module: StepModule, start: int, **extra) -> dict:
+    """What a finished (or resumed-and-finished) run reports; also written to the summary file."""
+    paths = module.paths
+    if not paths.metrics_csv.is_file() and module.val_history:
+        module.write_reports()
+    last = latest(paths.checkpoints)
+    summary = {
+        "steps": module.step_count,
+        "start_step": start,
+        "final_train_loss": module.train_losses[-1] if module.train_losses else None,
+        "val_history": module.val_history,
+        **extra,
+        "metrics_csv": str(paths.metrics_csv),
+        "plot": str(paths.plot),
+        "checkpoint_dir": str(paths.checkpoints),
+        "last_checkpoint": str(last) if last is not None else None,
+    }
+    write_json_atomic(paths.summary, summary)
+    return summary
