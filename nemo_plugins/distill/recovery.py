@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from ..model.train import OptimConfig, TokenDataset, collate_with_validity
-from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
+from ..utils.resume import TrainingState
 from ..utils.training import (
-    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, fit_steps, run_summary, write_metrics_csv,
+    PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
 )  # fmt: skip
 from .losses import RecoveryLossConfig, kd_kl_loss, next_token_mask, recovery_loss
 from .plots import plot_recovery
@@ -196,17 +196,7 @@ class RecoveryModule(StepModule):
         plot_recovery(self.train_losses, self.val_history, self.paths.plot)
 
     def save(self):
-        extra = {
-            "train_losses": self.train_losses,
-            "val_history": self.val_history,
-            "config": asdict(self.cfg),
-            "sampler": {"next_step": self.step_count},
-            "num_train_examples": self.num_train_examples,
-        }
-        save_training_state(
-            self.paths.checkpoints, self.step_count, self.student, self.optimizers(), self.lr_schedulers(),
-            extra, keep_last=self.cfg.keep_last,
-        )  # fmt: skip
+        self.save_state(asdict(self.cfg), num_train_examples=self.num_train_examples)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -233,13 +223,7 @@ def run_recovery(
     if not val_examples:
         raise ValueError("run_recovery: val_examples is empty")
     paths = RunPaths(Path(out_dir), "recovery")
-    resume = None
-    if (ckpt := latest(paths.checkpoints)) is not None:
-        resume = load_training_state(ckpt, model=student, restore_rng=False)
-        check_resumable(resume, cfg, _RUN_DEFINING, {"num_train_examples": len(train_examples)})
-        log.info("recovery: resuming from %s (step %d)", ckpt, resume.step)
-    else:
-        L.seed_everything(cfg.seed, verbose=False)
+    resume = resume_or_seed(paths, student, cfg, _RUN_DEFINING, {"num_train_examples": len(train_examples)})
     start = resume.step if resume is not None else 0
     n_val = cfg.val_batches * cfg.batch_size or len(val_examples)
     val_batches = micro_batches(list(val_examples)[:n_val], cfg.batch_size, pad_id)

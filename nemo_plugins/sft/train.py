@@ -37,9 +37,9 @@ from ..distill.plots import plot_recovery
 from ..distill.recovery import evaluate_recovery, micro_batches
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from ..model.train import OptimConfig, TokenDataset, collate_with_validity
-from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
+from ..utils.resume import TrainingState
 from ..utils.training import (
-    PRECISIONS, RunPaths, StepModule, StepSampler, check_resumable, fit_steps, run_summary, write_metrics_csv,
+    PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
 )  # fmt: skip
 
 log = logging.getLogger("nemo_plugins.sft")
@@ -217,17 +217,7 @@ class SFTModule(StepModule):
         plot_recovery(self.train_losses, self.val_history, self.paths.plot)
 
     def save(self):
-        extra = {
-            "train_losses": self.train_losses,
-            "val_history": self.val_history,
-            "config": self.cfg.train_fields(),
-            "sampler": {"next_step": self.step_count},
-            "data": self.data,
-        }
-        save_training_state(
-            self.paths.checkpoints, self.step_count, self.model, self.optimizers(), self.lr_schedulers(),
-            extra, keep_last=self.cfg.keep_last,
-        )  # fmt: skip
+        self.save_state(self.cfg.train_fields(), data=self.data)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -256,13 +246,7 @@ def run_sft(
     data = _data_stats(train_examples, rows, cfg)
     if len(rows) < cfg.rows_per_step:
         raise ValueError(f"{len(rows)} training rows < sft.batch_size × sft.grad_accum = {cfg.rows_per_step}")
-    resume = None
-    if (ckpt := latest(paths.checkpoints)) is not None:
-        resume = load_training_state(ckpt, model=model, restore_rng=False)
-        check_resumable(resume, cfg, _RUN_DEFINING, {"data": data})
-        log.info("sft: resuming from %s (step %d)", ckpt, resume.step)
-    else:
-        L.seed_everything(cfg.seed, verbose=False)
+    resume = resume_or_seed(paths, model, cfg, _RUN_DEFINING, {"data": data})
     start = resume.step if resume is not None else 0
     n_val = cfg.val_batches * cfg.batch_size or len(val_examples)
     val_batches = micro_batches(list(val_examples)[:n_val], cfg.batch_size, pad_id)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from .atomic import write_json_atomic, write_text_atomic
-from .resume import TrainingState, latest, restore_rng_state
+from .resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state
 
 log = logging.getLogger("nemo_plugins")
 
@@ -177,8 +177,36 @@ class StepModule(L.LightningModule):
         last = self.step_count == self.cfg.steps
         return self.step_count % self.cfg.val_every == 0 or last, self.step_count % self.cfg.ckpt_every == 0 or last
 
+    def save_state(self, config: dict, **recorded) -> None:
+        """Checkpoint the step: weights, optimizer, schedule, RNG, the histories, `config` and
+        what a resume compares (`recorded`, e.g. data sizes)."""
+        extra = {
+            "train_losses": self.train_losses,
+            "val_history": self.val_history,
+            "config": config,
+            "sampler": {"next_step": self.step_count},
+            **recorded,
+        }
+        save_training_state(
+            self.paths.checkpoints, self.step_count, self._trained[0], self.optimizers(), self.lr_schedulers(),
+            extra, keep_last=self.cfg.keep_last,
+        )  # fmt: skip
+
     def current_lr(self) -> float | None:
         return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
+
+
+def resume_or_seed(paths: RunPaths, model: nn.Module, cfg, run_defining: Sequence[str], recorded: dict) -> TrainingState | None:
+    """The newest checkpoint in paths.checkpoints loaded into `model` (settings checked against
+    it), or None after seeding everything with cfg.seed for a fresh run."""
+    ckpt = latest(paths.checkpoints)
+    if ckpt is None:
+        L.seed_everything(cfg.seed, verbose=False)
+        return None
+    resume = load_training_state(ckpt, model=model, restore_rng=False)
+    check_resumable(resume, cfg, run_defining, recorded)
+    log.info("%s: resuming from %s (step %d)", paths.name, ckpt, resume.step)
+    return resume
 
 
 def fit_steps(module: StepModule, loader, start: int, progress: bool, callbacks: Sequence[L.Callback] = ()) -> None:
