@@ -72,11 +72,11 @@ from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
 from ..data.tokenizer import decode, encode, token_id
 from ..distill.losses import next_token_mask
-from ..utils.training import PRECISIONS, resolve_precision
+from ..utils.training import PRECISIONS, StepModule, resolve_precision
 from ..model.generate import SamplingConfig, generate
-from ..model.train import OptimConfig, collate_with_validity, make_optimizer
+from ..model.train import OptimConfig, collate_with_validity
 from ..utils.atomic import write_json_atomic, write_text_atomic
-from ..utils.resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state
+from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
 from .grpo_loss import (
     GRPOLossConfig,
     entropy,
@@ -640,7 +640,7 @@ class _Paths:
     summary = property(lambda self: self.out_dir / "grpo_summary.json")
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(StepModule):
     """The policy trained by GRPO (manual optimization); one Lightning batch = one GRPO step
     (the batch is only the step index: the prompts come from the sampler inside the step, so a
     Lightning prefetch never advances the sampler past the checkpoint)."""
@@ -649,17 +649,14 @@ class GRPOModule(L.LightningModule):
         self, policy, reference, tok: Tokenizer, problems: Mapping[str, Problem], sampler, cfg: GRPOConfig,
         paths: _Paths, resume: TrainingState | None, eval_problems: Sequence[Problem], rewarder: Rewarder | None = None,
     ):  # fmt: skip
-        super().__init__()
-        self.automatic_optimization = False
+        super().__init__(policy, cfg, paths, resume)
         self.policy = policy
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
-        self.tok, self.problems, self.sampler, self.cfg, self.paths = tok, problems, sampler, cfg, paths
+        self.tok, self.problems, self.sampler = tok, problems, sampler
         self.eval_problems = list(eval_problems)
         self.rewarder = rewarder
         self.pad_id = token_id(tok, PAD)
-        self.resume = resume
         extra = resume.extra if resume is not None else {}
-        self.step_count = resume.step if resume is not None else 0
         self.history: list[dict] = list(extra.get("history", []))
         self.eval_history: list[dict] = list(extra.get("eval_history", []))
         self.last_batch: list[str] = []
@@ -670,17 +667,6 @@ class GRPOModule(L.LightningModule):
         if self.reference is not None:
             self.reference.eval()
         return self
-
-    def configure_optimizers(self):
-        opt, sched = make_optimizer(self.policy, self.cfg.optim(), self.cfg.steps)
-        if self.resume is not None:
-            opt.load_state_dict(self.resume.optimizer)
-            sched.load_state_dict(self.resume.scheduler)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_start(self):
-        if self.resume is not None:
-            restore_rng_state(self.resume.rng)
 
     # -- one step
 
