@@ -34,7 +34,7 @@ from nemo_plugins.puzzle.library import is_parent_variant
 from nemo_plugins.puzzle.realize import realize_child
 from nemo_plugins.puzzle.scoring import score_variants
 from nemo_plugins.puzzle.stage import (
-    budget_bounds, build_library_file, choice_totals, eval_examples, token_batches, trained_library,
+    budget_bounds, build_library_file, choice_totals, eval_examples, roofline_speedup, token_batches, trained_library,
 )  # fmt: skip
 
 
@@ -76,9 +76,7 @@ def main(argv=None) -> list[dict]:
             timed = measure_speedup(parent, child, costs, reps=2 * costs.measure_reps, seed=trial)
             for phase in PHASES:
                 t = timed[phase]
-                roofline = (choice_totals(lib, parent_choice)[f"{phase}_ms"] + roof[f"{phase}_ms"]) / (
-                    choice_totals(lib, choice)[f"{phase}_ms"] + roof[f"{phase}_ms"]
-                )
+                roofline = roofline_speedup(lib, parent_choice, choice, roof, phase)
                 row = {"batch": batch, "trial": trial, "phase": phase, "parent_ms": t["parent_ms"], "child_ms": t["child_ms"],
                        "measured_speedup": t["speedup"], "predicted_speedup": predicted[phase],
                        "error": predicted[phase] / t["speedup"] - 1, "roofline_speedup": roofline}  # fmt: skip

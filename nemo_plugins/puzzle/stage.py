@@ -210,6 +210,14 @@ def choice_totals(library: dict, choices: dict[str, str]) -> dict[str, float]:
     return totals
 
 
+def roofline_speedup(library: dict, parent_choice: dict, choices: dict, non_block: dict, phase: str) -> float:
+    """Parent/child time ratio of `phase` under the library's roofline costs (blocks plus what
+    lies outside them)."""
+    key = f"{phase}_ms"
+    parent = choice_totals(library, parent_choice)[key] + non_block[key]
+    return parent / (choice_totals(library, choices)[key] + non_block[key])
+
+
 def _runtime_check(parent, child, library, parent_choice, choices, non_block, measured, cfg) -> dict:
     """Measured child/parent speed-up next to the cost model's predictions.
 
@@ -221,9 +229,7 @@ def _runtime_check(parent, child, library, parent_choice, choices, non_block, me
     predicted = predicted_speedup(measured, parent_choice, choices)
     out = {}
     for phase in PHASES:
-        roof = (choice_totals(library, parent_choice)[f"{phase}_ms"] + non_block[f"{phase}_ms"]) / (
-            choice_totals(library, choices)[f"{phase}_ms"] + non_block[f"{phase}_ms"]
-        )
+        roof = roofline_speedup(library, parent_choice, choices, non_block, phase)
         out[phase] = {
             "parent_ms": timed[phase]["parent_ms"], "child_ms": timed[phase]["child_ms"],
             "measured_speedup": timed[phase]["speedup"],
