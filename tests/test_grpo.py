@@ -3,7 +3,9 @@ an update, micro-batching, crash + resume, and the stage's report and resume."""
 
 import copy
 import csv
+import dataclasses
 import json
+import re
 
 import lightning as L
 import pytest
@@ -261,6 +263,10 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
         assert run_dir.name.startswith(name + "-") and (run_dir / "metrics.csv").is_file()
     saved = load_checkpoint(tmp_path / "model")
     assert not changed(weights(saved), weights(model)) and (tmp_path / "model" / T.TOKENIZER_FILE).is_file()
+    assert S.heldout_set(world, cfg) == world.eval
+    extra = S.heldout_set(world, dataclasses.replace(cfg, eval_difficulties=[2]))
+    assert len(extra) == 6 and {p.difficulty for p in extra} == {2}
+    assert not {p.question for p in extra} & {p.question for p in world.train + world.eval}
     assert changed(original, weights(model))
 
     # again: nothing is trained, sampled or evaluated; the same report
@@ -285,6 +291,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
         ("grpo.overlong.max_len=500", "grpo.overlong.max_len=500"),
         ("grpo.off_fraction=2", "grpo.off_fraction=2"),
         ("grpo.pass_rate_threshold=0", "grpo.pass_rate_threshold=0"),
+        ("grpo.eval_difficulties=[0]", "grpo.eval_difficulties=[0]"),
     ],
 )
 def test_config_errors_name_the_field(override, message):
@@ -294,7 +301,7 @@ def test_config_errors_name_the_field(override, message):
     class Root:
         grpo: S.GRPOStageConfig = field(default_factory=S.GRPOStageConfig)
 
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(Root, CONF_DIR / "grpo" / "tiny.yaml", [override])
 
 

@@ -122,6 +122,23 @@ def test_split_raises_when_level_exhausted():
         rw.split_problems(seed=0, n_train=10, n_eval=200, difficulties=(1,))
 
 
+def test_extra_heldout_is_new_unique_balanced_and_reproducible():
+    from nemo_plugins.data.tiny_world import World, WorldConfig
+
+    cfg = WorldConfig(n_train=3000, n_eval=50)
+    train, ev = rw.split_problems(cfg.seed, cfg.n_train, cfg.n_eval)
+    world = World(cfg, train, ev, tokenizer=None)
+    extra = world.extra_heldout(301, [2, 3, 4])
+    questions = [p.question for p in extra]
+    assert len(set(questions)) == 301
+    assert not set(questions) & ({p.question for p in train} | {p.question for p in ev})
+    assert sorted(Counter(p.difficulty for p in extra).values()) == [100, 100, 101]
+    assert [p.question for p in world.extra_heldout(301, [2, 3, 4])] == questions
+    assert [p.question for p in world.extra_heldout(301, [2, 3, 4], tag="other")] != questions
+    with pytest.raises(ValueError, match="difficulty 1"):  # only 162 distinct questions, many in train
+        world.extra_heldout(200, [1])
+
+
 P = rw.Problem(question="What is (7 + 5) * 3?", steps=("7 + 5 = 12", "12 * 3 = 36"), answer=36, difficulty=2)
 
 

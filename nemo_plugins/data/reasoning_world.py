@@ -83,6 +83,31 @@ def generate_problems(n: int, seed: int, difficulties: Iterable[int] = DIFFICULT
     return [generate_problem(rng, rng.choice(difficulties)) for _ in range(n)]
 
 
+def draw_unique(rng: random.Random, n: int, difficulties: Iterable[int], seen: set[str]) -> list[Problem]:
+    """`n` problems with questions not in `seen` and distinct from each other, split evenly across
+    `difficulties` (earlier levels take the remainder), shuffled; their questions are added to `seen`.
+
+    Raises ValueError if a level cannot supply enough new questions.
+    """
+    difficulties = _check_difficulties(difficulties)
+    k = len(difficulties)
+    out: list[Problem] = []
+    for i, d in enumerate(difficulties):
+        need = n // k + (i < n % k)
+        got, tries = 0, 0
+        while got < need:
+            tries += 1
+            if tries > 100 * need + 1000:
+                raise ValueError(f"cannot draw {need} new unique problems of difficulty {d}")
+            p = generate_problem(rng, d)
+            if p.question not in seen:
+                seen.add(p.question)
+                out.append(p)
+                got += 1
+    rng.shuffle(out)
+    return out
+
+
 def split_problems(
     seed: int, n_train: int, n_eval: int, difficulties: Iterable[int] = DIFFICULTIES
 ) -> tuple[list[Problem], list[Problem]]:
@@ -94,24 +119,8 @@ def split_problems(
     Raises ValueError if a level cannot supply enough unique eval questions.
     """
     difficulties = _check_difficulties(difficulties)
-    k = len(difficulties)
-
-    rng = random.Random(f"{seed}/eval")
-    eval_set: list[Problem] = []
     seen: set[str] = set()
-    for i, d in enumerate(difficulties):
-        need = n_eval // k + (i < n_eval % k)
-        got, tries = 0, 0
-        while got < need:
-            tries += 1
-            if tries > 100 * need + 1000:
-                raise ValueError(f"cannot draw {need} unique eval problems of difficulty {d}")
-            p = generate_problem(rng, d)
-            if p.question not in seen:
-                seen.add(p.question)
-                eval_set.append(p)
-                got += 1
-    rng.shuffle(eval_set)
+    eval_set = draw_unique(random.Random(f"{seed}/eval"), n_eval, difficulties, seen)
 
     rng = random.Random(f"{seed}/train")
     train_set: list[Problem] = []

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ..utils.atomic import write_json_atomic
 from .chat import render_example
-from .reasoning_world import DIFFICULTIES, Problem, response_for, split_problems
+from .reasoning_world import DIFFICULTIES, Problem, draw_unique, response_for, split_problems
 from .tokenizer import encode_example, load_tokenizer, save_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when generation changes, so stale caches are not reused
@@ -68,6 +68,14 @@ class World:
             prompt, response = render_example(p.question, response_for(p, thinking), thinking)
             out.append(encode_example(self.tokenizer, prompt, response))
         return out
+
+    def extra_heldout(self, n: int, difficulties: list[int] | None = None, tag: str = "heldout") -> list[Problem]:
+        """`n` more held-out problems of `difficulties` (default: the world's), unique, evenly split
+        across levels, and in neither `train` nor `eval`. Deterministic in (world seed, `tag`), so
+        runs that compare models can measure them on a larger set than `eval` without touching it."""
+        seen = {p.question for p in self.train} | {p.question for p in self.eval}
+        levels = difficulties if difficulties is not None else self.config.difficulties
+        return draw_unique(random.Random(f"{self.config.seed}/{tag}"), n, levels, seen)
 
 
 def build_world(cfg: WorldConfig | None = None, root: Path | None = None) -> World:

@@ -47,7 +47,12 @@ class GRPOStageConfig(GRPOConfig):
     """A GRPO run's settings (`GRPOConfig`) plus the stage's: the prompt pool
     (`train_problems` of `difficulties`, None = all), pass-rate filtering (`pass_rate_k` samples,
     drop at >= `pass_rate_threshold`, `pass_rate_batch_size` sequences per generate call),
-    `compare_random` and `eval_off` (also report held-out accuracy with thinking off)."""
+    `compare_random` and `eval_off` (also report held-out accuracy with thinking off).
+
+    Held-out set: with `eval_difficulties` null, the first `eval_problems` of the world's eval
+    split (every difficulty); with a list, `eval_problems` problems of those difficulties drawn
+    apart from both splits (`World.extra_heldout`), so runs can be compared on more problems of
+    the levels RL trains on."""
 
     train_problems: int = 512
     difficulties: list[int] | None = None
@@ -56,6 +61,7 @@ class GRPOStageConfig(GRPOConfig):
     pass_rate_batch_size: int = 256
     compare_random: bool = True
     eval_off: bool = True
+    eval_difficulties: list[int] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,6 +71,10 @@ class GRPOStageConfig(GRPOConfig):
             _bad("pass_rate_threshold", self.pass_rate_threshold, "a number in (0, 1]")
         if self.difficulties is not None and (not self.difficulties or any(d < 1 for d in self.difficulties)):
             _bad("difficulties", self.difficulties, "a non-empty list of integers >= 1, or null for all")
+        if self.eval_difficulties is not None and (
+            not self.eval_difficulties or any(d < 1 for d in self.eval_difficulties)
+        ):
+            _bad("eval_difficulties", self.eval_difficulties, "a non-empty list of integers >= 1, or null")
 
     def run_config(self, kind: str) -> GRPOConfig:
         """The GRPO run of this stage with sampler `kind` ("curriculum" or "random")."""
@@ -95,8 +105,15 @@ def _cached(path: Path, key: dict, compute):
     return value
 
 
+def heldout_set(world: World, cfg: GRPOStageConfig) -> list[Problem]:
+    """The stage's held-out problems (see `GRPOStageConfig`)."""
+    if cfg.eval_difficulties is None:
+        return world.eval[: cfg.eval_problems]
+    return world.extra_heldout(cfg.eval_problems, cfg.eval_difficulties, tag="grpo-heldout")
+
+
 def _evaluate(model, world: World, cfg: GRPOStageConfig, thinking: bool) -> dict:
-    return heldout_accuracy(model, world.tokenizer, world.eval[: cfg.eval_problems], cfg.max_new_tokens, thinking)
+    return heldout_accuracy(model, world.tokenizer, heldout_set(world, cfg), cfg.max_new_tokens, thinking)
 
 
 def _accuracies(model, world: World, cfg: GRPOStageConfig, on: dict | None = None) -> dict:
@@ -155,7 +172,7 @@ def _train(model, world: World, cfg: GRPOStageConfig, pool, rates, kind: str, st
     run_dir = out_dir / f"{kind}-{config_hash(key, start)}"
     policy = copy.deepcopy(model)
     initial = {k: before[k] for k in ("accuracy", "format_ok", "by_difficulty")}
-    summary = run_grpo(policy, world.tokenizer, pool, rates, run_cfg, run_dir, eval_problems=world.eval,
+    summary = run_grpo(policy, world.tokenizer, pool, rates, run_cfg, run_dir, eval_problems=heldout_set(world, cfg),
                        rewarder=rewarder, initial_eval=initial, progress=progress)  # fmt: skip
     return summary, policy, run_dir
 
@@ -173,8 +190,8 @@ def run_grpo_stage(model, world: World, cfg: GRPOStageConfig, out_dir: str | Pat
     )  # fmt: skip
     kept = filter_by_pass_rate(rates, cfg.pass_rate_threshold).kept
     report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}
-    eval_key = {"model": start, "problems": cfg.eval_problems, "max_new_tokens": cfg.max_new_tokens,
-                "off": cfg.eval_off}  # fmt: skip
+    eval_key = {"model": start, "problems": cfg.eval_problems, "difficulties": cfg.eval_difficulties,
+                "max_new_tokens": cfg.max_new_tokens, "off": cfg.eval_off}  # fmt: skip
     report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, world, cfg))
     names = ["curriculum", "random"] if cfg.compare_random else ["curriculum"]
     runs, trained = {}, None
