@@ -5,13 +5,26 @@ import pytest
 import torch
 
 
+def _nemo_installed() -> bool:
+    """The `nemo` extra's packages are installed (checked without importing NeMo, which takes ~20 s)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("nemo", "nemo_run", "megatron"))
+
+
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("-m") or ""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_slow = pytest.mark.skip(reason="slow tier: run with -m slow")
+    skip_nemo = pytest.mark.skip(reason='needs the `nemo` extra: pip install -c constraints.txt -e ".[nemo]"')
+    has_nemo = None
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "nemo" in item.keywords:
+            has_nemo = _nemo_installed() if has_nemo is None else has_nemo
+            if not has_nemo:
+                item.add_marker(skip_nemo)
         if "slow" in item.keywords and "slow" not in markexpr:
             item.add_marker(skip_slow)
 

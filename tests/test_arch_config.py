@@ -262,15 +262,24 @@ def test_mcore_json_rejects_inconsistent_ffn_mult():
 # ----------------------------------------------------------------------------- export refusals
 
 
-def test_parallel_ffn_export_refused_in_both_formats():
+def test_parallel_ffn_export_refused_for_hf_carried_by_mcore_json():
     cfg = tiny([BlockConfig(gqa(2), swiglu(256)), BlockConfig(gqa(2), parallel(swiglu(256), swiglu(512)))])
     for arch in ("nemotron-nas", "auto"):
         with pytest.raises(ArchConfigError) as e:
             to_hf_config(cfg, arch)
         assert "layers[1]" in str(e.value) and "parallel" in str(e.value)
-    with pytest.raises(ArchConfigError) as e:
-        to_mcore_json(cfg)
-    assert "layers[1]" in str(e.value) and "parallel" in str(e.value)
+    # megatron-core JSON carries the group: megatron sees one wide FFN, `members` keeps the group.
+    mlp = to_mcore_json(cfg)["block_configs"][1]["mlp"]
+    assert mlp["ffn_hidden_size"] == 768 and mlp["no_op"] is False and mlp["replace_with_linear"] is False
+    assert [m["ffn_hidden_size"] for m in mlp["members"]] == [256, 512]
+    assert mcore_round_trip(cfg) == cfg
+    with_linear = tiny([BlockConfig(ATTENTION_NO_OP, parallel(FFN_LINEAR, swiglu(64), swiglu(32)))])
+    assert mcore_round_trip(with_linear) == with_linear
+    assert mcore_round_trip(tiny()) == tiny()  # ALL_KINDS has a parallel group too
+    bad = json.loads(json.dumps(to_mcore_json(cfg)))
+    bad["block_configs"][1]["mlp"]["ffn_hidden_size"] = 512
+    with pytest.raises(ArchConfigError, match=r"block_configs\[1\]\.mlp\.ffn_hidden_size=512"):
+        from_mcore_json(bad)
 
 
 def test_swiglu_width_not_multiple_of_256_refused_for_nemotron_nas():

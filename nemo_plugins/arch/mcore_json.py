@@ -6,7 +6,12 @@ megatron-core's `HeterogeneousTransformerConfig` reads `block_configs` from this
 replace_with_linear, ffn_hidden_size}}`, and ignores every other key. We write that native
 form plus the global sizes under their TransformerConfig names, and keep `ffn_mult` inside
 `mlp` (megatron-core drops unknown block keys) so an HF config survives the trip unchanged.
-Parallel FFN groups have no megatron-core layer spec: exporting one is an error.
+
+A parallel FFN group (FFN Fusion) is written as the one wide FFN megatron-core sees, with the
+exact group under an extra `members` key that only `nemo_plugins.nemo.spec` reads:
+`ffn_hidden_size` is the summed width of the swiglu members (a fused FFN is one wide FFN), and
+each member is `{no_op, replace_with_linear, ffn_hidden_size[, ffn_mult]}`. Stock megatron-core
+builds only the wide FFN from it, without a linear member; our layer spec adds that.
 """
 
 from __future__ import annotations
@@ -31,24 +36,68 @@ _GLOBAL_KEYS = {
 }  # fmt: skip
 
 
+def _mlp_to_json(f: FFNConfig) -> dict:
+    """One FFN as a megatron-core `mlp` entry; a parallel group also lists its `members`."""
+    if f.kind == "parallel":
+        widths = [m.intermediate_size for m in f.members if m.kind == "swiglu"]
+        return {
+            "no_op": False,
+            "replace_with_linear": not widths,
+            "ffn_hidden_size": sum(widths) if widths else None,
+            "members": [_mlp_to_json(m) for m in f.members],
+        }
+    mlp = {
+        "no_op": f.kind == "no_op",
+        "replace_with_linear": f.kind == "linear",
+        "ffn_hidden_size": f.intermediate_size,
+    }
+    if f.ffn_mult is not None:
+        mlp["ffn_mult"] = f.ffn_mult
+    return mlp
+
+
+def _mlp_from_json(where: str, m: dict, hidden: int) -> FFNConfig:
+    """Inverse of `_mlp_to_json`; checks that a group's wide-FFN view matches its members."""
+    if not isinstance(m, dict):
+        raise ArchConfigError(f"{where}: expected a mapping, got {m!r}")
+    extra = sorted(set(m) - {"no_op", "replace_with_linear", "ffn_hidden_size", "ffn_mult", "members"})
+    if extra:
+        raise ArchConfigError(f"{where}: unknown key(s) {extra}")
+    if m.get("no_op") and m.get("replace_with_linear"):
+        raise ArchConfigError(f"{where}: no_op and replace_with_linear are both true")
+    if "members" in m:
+        members = m["members"]
+        if not isinstance(members, list):
+            raise ArchConfigError(f"{where}.members={members!r}: expected a list of FFN entries")
+        group = FFNConfig(
+            "parallel",
+            members=tuple(_mlp_from_json(f"{where}.members[{j}]", x, hidden) for j, x in enumerate(members)),
+        )
+        widths = [x.intermediate_size for x in group.members if x.kind == "swiglu"]
+        want = {"no_op": False, "replace_with_linear": not widths, "ffn_hidden_size": sum(widths) if widths else None}
+        for key, value in want.items():
+            if m.get(key, False if key != "ffn_hidden_size" else None) != value:
+                raise ArchConfigError(
+                    f"{where}.{key}={m.get(key)!r} does not match its members (expected {value!r}: the "
+                    "summed width of the swiglu members, replace_with_linear only without any)"
+                )
+        return group
+    if m.get("no_op") or m.get("replace_with_linear"):
+        return FFNConfig("no_op" if m.get("no_op") else "linear")
+    size, mult = m.get("ffn_hidden_size"), m.get("ffn_mult")
+    if mult is not None and ffn_mult_to_intermediate_size(mult, hidden) != size:
+        raise ArchConfigError(
+            f"{where}: ffn_mult={mult} gives {ffn_mult_to_intermediate_size(mult, hidden)} but ffn_hidden_size={size}"
+        )
+    return FFNConfig("swiglu", size, ffn_mult=mult)
+
+
 def to_mcore_json(cfg: ModelConfig) -> dict:
     """Export as megatron-core heterogeneous JSON data."""
     validate(cfg)
     blocks = []
-    for i, b in enumerate(cfg.blocks):
+    for b in cfg.blocks:
         a, f = b.attention, b.ffn
-        if f.kind == "parallel":
-            raise ArchConfigError(
-                f"layers[{i}].ffn is a parallel group of {len(f.members)} FFNs: megatron-core heterogeneous "
-                "layer specs have no parallel FFN; merge the group into one FFN (FFN fusion) first"
-            )
-        mlp = {
-            "no_op": f.kind == "no_op",
-            "replace_with_linear": f.kind == "linear",
-            "ffn_hidden_size": f.intermediate_size,
-        }
-        if f.ffn_mult is not None:
-            mlp["ffn_mult"] = f.ffn_mult
         blocks.append(
             {
                 "attention": {
@@ -56,7 +105,7 @@ def to_mcore_json(cfg: ModelConfig) -> dict:
                     "replace_with_linear": a.kind == "linear",
                     "num_query_groups": a.num_kv_heads,
                 },
-                "mlp": mlp,
+                "mlp": _mlp_to_json(f),
             }
         )
     rs = cfg.rope_scaling
@@ -119,29 +168,14 @@ def from_mcore_json(d: dict) -> ModelConfig:
         extra = sorted(set(a) - {"no_op", "replace_with_linear", "num_query_groups"})
         if extra:
             raise ArchConfigError(f"{where}.attention: unknown key(s) {extra}")
-        extra = sorted(set(m) - {"no_op", "replace_with_linear", "ffn_hidden_size", "ffn_mult"})
-        if extra:
-            raise ArchConfigError(f"{where}.mlp: unknown key(s) {extra}")
         if a.get("no_op") and a.get("replace_with_linear"):
             raise ArchConfigError(f"{where}.attention: no_op and replace_with_linear are both true")
-        if m.get("no_op") and m.get("replace_with_linear"):
-            raise ArchConfigError(f"{where}.mlp: no_op and replace_with_linear are both true")
         attn = (
             AttentionConfig("no_op") if a.get("no_op")
             else AttentionConfig("linear") if a.get("replace_with_linear")
             else AttentionConfig("gqa", a.get("num_query_groups"))
         )  # fmt: skip
-        if m.get("no_op") or m.get("replace_with_linear"):
-            ffn = FFNConfig("no_op" if m.get("no_op") else "linear")
-        else:
-            size, mult = m.get("ffn_hidden_size"), m.get("ffn_mult")
-            if mult is not None and ffn_mult_to_intermediate_size(mult, hidden) != size:
-                raise ArchConfigError(
-                    f"{where}.mlp: ffn_mult={mult} gives {ffn_mult_to_intermediate_size(mult, hidden)} "
-                    f"but ffn_hidden_size={size}"
-                )
-            ffn = FFNConfig("swiglu", size, ffn_mult=mult)
-        blocks.append(BlockConfig(attn, ffn))
+        blocks.append(BlockConfig(attn, _mlp_from_json(f"{where}.mlp", m, hidden)))
     rs = d.get("rope_scaling")
     heads = d["num_attention_heads"]
     kv_channels = d.get("kv_channels")
