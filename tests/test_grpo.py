@@ -267,6 +267,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     extra = S.heldout_set(world, dataclasses.replace(cfg, eval_difficulties=[2]))
     assert len(extra) == 6 and {p.difficulty for p in extra} == {2}
     assert not {p.question for p in extra} & {p.question for p in world.train + world.eval}
+
     assert changed(original, weights(model))
 
     # again: nothing is trained, sampled or evaluated; the same report
@@ -275,6 +276,20 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     monkeypatch.setattr("nemo_plugins.data.curriculum.generate", lambda *a, **k: pytest.fail("pass rates re-estimated"))
     again, model2 = S.run_grpo_stage(start_model, world, cfg, tmp_path)
     assert again["table"] == report["table"] and not changed(weights(model2), weights(model))
+
+
+def test_fresh_prompts_are_in_no_split_and_apart_from_the_held_out_set(tok):
+    world = tiny_world(tok)
+    cfg = S.GRPOStageConfig(train_problems=12, difficulties=[2], eval_problems=6, eval_difficulties=[2],
+                            prompt_source="fresh")  # fmt: skip
+    pool = S.training_pool(world, cfg)
+    questions = {p.question for p in pool.values()}
+    assert len(pool) == 12 and {p.difficulty for p in pool.values()} == {2}
+    used = world.train + world.eval + S.heldout_set(world, cfg)
+    assert not questions & {p.question for p in used}
+    assert S.training_pool(world, cfg) == pool  # deterministic
+    train_pool = S.training_pool(world, dataclasses.replace(cfg, prompt_source="train"))
+    assert {p.question for p in train_pool.values()} <= {p.question for p in world.train}
 
 
 # ----------------------------------------------------------------------------- config
@@ -292,6 +307,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
         ("grpo.off_fraction=2", "grpo.off_fraction=2"),
         ("grpo.pass_rate_threshold=0", "grpo.pass_rate_threshold=0"),
         ("grpo.eval_difficulties=[0]", "grpo.eval_difficulties=[0]"),
+        ("grpo.prompt_source=eval", "grpo.prompt_source='eval'"),
     ],
 )
 def test_config_errors_name_the_field(override, message):

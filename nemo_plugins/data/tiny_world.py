@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,11 +70,13 @@ class World:
             out.append(encode_example(self.tokenizer, prompt, response))
         return out
 
-    def extra_heldout(self, n: int, difficulties: list[int] | None = None, tag: str = "heldout") -> list[Problem]:
-        """`n` more held-out problems of `difficulties` (default: the world's), unique, evenly split
-        across levels, and in neither `train` nor `eval`. Deterministic in (world seed, `tag`), so
-        runs that compare models can measure them on a larger set than `eval` without touching it."""
-        seen = {p.question for p in self.train} | {p.question for p in self.eval}
+    def extra_heldout(
+        self, n: int, difficulties: list[int] | None = None, tag: str = "heldout", exclude: Iterable[Problem] = ()
+    ) -> list[Problem]:
+        """`n` more problems of `difficulties` (default: the world's), unique, evenly split across
+        levels, and in none of `train`, `eval` and `exclude`. Deterministic in (world seed, `tag`,
+        `exclude`): a larger held-out set than `eval`, or prompts no model has been trained on."""
+        seen = {p.question for p in self.train} | {p.question for p in self.eval} | {p.question for p in exclude}
         levels = difficulties if difficulties is not None else self.config.difficulties
         return draw_unique(random.Random(f"{self.config.seed}/{tag}"), n, levels, seen)
 

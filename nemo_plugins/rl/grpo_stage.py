@@ -62,6 +62,7 @@ class GRPOStageConfig(GRPOConfig):
     compare_random: bool = True
     eval_off: bool = True
     eval_difficulties: list[int] | None = None
+    prompt_source: str = "train"
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +72,8 @@ class GRPOStageConfig(GRPOConfig):
             _bad("pass_rate_threshold", self.pass_rate_threshold, "a number in (0, 1]")
         if self.difficulties is not None and (not self.difficulties or any(d < 1 for d in self.difficulties)):
             _bad("difficulties", self.difficulties, "a non-empty list of integers >= 1, or null for all")
+        if self.prompt_source not in ("train", "fresh"):
+            _bad("prompt_source", self.prompt_source, "train (the world's training split) or fresh (problems no stage trained on)")
         if self.eval_difficulties is not None and (
             not self.eval_difficulties or any(d < 1 for d in self.eval_difficulties)
         ):
@@ -82,7 +85,12 @@ class GRPOStageConfig(GRPOConfig):
 
 
 def training_pool(world: World, cfg: GRPOStageConfig) -> dict[str, Problem]:
-    """{problem_id: problem}: the first `train_problems` unique training problems of `difficulties`."""
+    """{problem_id: problem}: the first `train_problems` unique training problems of `difficulties`,
+    or with prompt_source "fresh" that many new problems (in no split and not held out)."""
+    if cfg.prompt_source == "fresh":
+        levels = cfg.difficulties or world.config.difficulties
+        fresh = world.extra_heldout(cfg.train_problems, levels, tag="grpo-prompts", exclude=heldout_set(world, cfg))
+        return problems_by_id(fresh)
     wanted = set(cfg.difficulties) if cfg.difficulties is not None else None
     chosen = [p for p in world.train if wanted is None or p.difficulty in wanted]
     pool = dict(list(problems_by_id(chosen).items())[: cfg.train_problems])
