@@ -371,3 +371,31 @@ def test_export_never_overwrites_without_overwrite_and_is_atomic(nm, roundtrips,
     assert nm.llm.export_ckpt(roundtrip.nemo, "hf", output_path=existing, overwrite=True) == existing
     assert "keep.txt" not in os.listdir(existing)
     assert read_config(existing) == roundtrip.arch
+
+
+def test_converting_leaves_plain_lightning_trainers_working(roundtrips, tmp_path):
+    """NeMo's MegatronStrategy patches Lightning's loop modules process-wide; the connectors undo
+    it, so the project's own Lightning loops still train after an import and export."""
+    import lightning as L
+    from lightning.pytorch.loops import evaluation_loop, fit_loop, prediction_loop, utilities
+
+    roundtrips("llama")
+    for module in (fit_loop, evaluation_loop, prediction_loop):
+        assert module._select_data_fetcher is utilities._select_data_fetcher
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w * batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Tiny()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=2))
+    assert trainer.global_step == 2 and not torch.equal(model.w.detach(), torch.ones(2))

@@ -22,6 +22,7 @@ from nemo_plugins.arch.config import (
     FFN_LINEAR,
     ArchConfigError,
     BlockConfig,
+    ModelConfig,
     RopeScaling,
     gqa,
     parallel,
@@ -262,13 +263,14 @@ def test_nemo_config_errors(nm):
         nm.model.nemo_config(arch, tensor_parallel_size=2)
     with pytest.raises(ArchConfigError, match=r"'hidden_size' is set by the architecture"):
         nm.model.nemo_config(arch, hidden_size=64)
-    # KV heads 2 (layer 0), 1 (layer 3), 4 (layer 4): TP=2 fails at layer 3
-    with pytest.raises(ArchConfigError, match=r"layers\[3\]\.attention: num_kv_heads=1 is not divisible by tensor_model_parallel_size=2"):
-        nm.model.nemo_config(arch, tensor_model_parallel_size=2)
+    # KV heads 2 (layer 0), 1 (layer 3), 4 (layer 4): TP=2 splits 2 and 4 and replicates the single head
+    assert nm.model.nemo_config(arch, tensor_model_parallel_size=2).tensor_model_parallel_size == 2
     ok = arch.replace_blocks([BlockConfig(gqa(4), swiglu(64)), BlockConfig(gqa(2), swiglu(32))])
-    assert nm.model.nemo_config(ok, tensor_model_parallel_size=2).tensor_model_parallel_size == 2
-    with pytest.raises(ArchConfigError, match=r"layers\[1\]\.attention: num_kv_heads=2 is not divisible by tensor_model_parallel_size=4"):
-        nm.model.nemo_config(ok, tensor_model_parallel_size=4)
+    assert nm.model.nemo_config(ok, tensor_model_parallel_size=4).tensor_model_parallel_size == 4
+    three = ModelConfig(vocab_size=96, hidden_size=96, num_attention_heads=12, head_dim=8,
+                        blocks=(BlockConfig(gqa(6), swiglu(48)), BlockConfig(gqa(4), swiglu(48))))  # fmt: skip
+    with pytest.raises(ArchConfigError, match=r"layers\[1\]\.attention: num_kv_heads=4 and tensor_model_parallel_size=3"):
+        nm.model.nemo_config(three, tensor_model_parallel_size=3)
     two_linear = arch.replace_blocks([BlockConfig(ATTENTION_NO_OP, parallel(swiglu(8), FFN_LINEAR, FFN_LINEAR))])
     with pytest.raises(ArchConfigError, match=r"layers\[0\]\.ffn: .*1 swiglu and 2 linear"):
         nm.model.nemo_config(two_linear)
@@ -280,13 +282,15 @@ def test_nemo_config_errors(nm):
 
 
 def tp_arch():
-    """KV heads 2 and 4, a linear attention/FFN, a group with a linear member and a swiglu-only
-    group: everything TP=2 must split (a group's wide SwiGLU is split like any FFN)."""
+    """KV heads 2 and 4 (split) and 1 (replicated on both ranks), a linear attention/FFN, a group
+    with a linear member and a swiglu-only group: everything TP=2 must split (a group's wide
+    SwiGLU is split like any FFN)."""
     return mixed_arch().replace_blocks([
         BlockConfig(gqa(2), swiglu(48)),
         BlockConfig(ATTENTION_LINEAR, FFN_LINEAR),
         BlockConfig(gqa(4), parallel(swiglu(16), FFN_LINEAR, swiglu(24))),
         BlockConfig(ATTENTION_NO_OP, parallel(swiglu(8), swiglu(40))),
+        BlockConfig(gqa(1), swiglu(32)),
     ])  # fmt: skip
 
 

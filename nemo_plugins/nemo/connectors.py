@@ -24,6 +24,7 @@ TESTING state (a load does not need DDP, whose setup opens a CUDA stream).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -103,6 +104,26 @@ def _finish(trainer, model) -> None:
     _owned_process_group = False
 
 
+@contextlib.contextmanager
+def _lightning_loops_restored():
+    """Undo NeMo's process-wide patch of Lightning's loops when the conversion ends.
+
+    `MegatronStrategy.setup` (NeMo 2.7.3) replaces `_select_data_fetcher` in Lightning's
+    fit/evaluation/prediction loop modules with a wrapper that returns None for any other
+    strategy, so every plain `lightning.Trainer` fitted later in the same process fails
+    (`'NoneType' object has no attribute 'setup'`), the project's own training loops included.
+    Each setup wraps again, and `llm.export_ckpt` sets up a trainer before calling the exporter,
+    so the modules get Lightning's own function back (not the one found on entry).
+    """
+    from lightning.pytorch.loops import evaluation_loop, fit_loop, prediction_loop, utilities
+
+    try:
+        yield
+    finally:
+        for module in (fit_loop, evaluation_loop, prediction_loop):
+            module._select_data_fetcher = utilities._select_data_fetcher
+
+
 def _atomic_call(connector, output_path, overwrite: bool, kwargs, reuse: bool) -> Path:
     """`Connector.__call__` with an atomic write: `apply` fills a temporary sibling that then
     replaces `output_path`, so a failed run leaves no partial output and keeps an old one.
@@ -121,7 +142,7 @@ def _atomic_call(connector, output_path, overwrite: bool, kwargs, reuse: bool) -
                     raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
                 logging.info(f"{out} exists: reusing it (pass overwrite=True to replace it)")
                 return out
-            with atomic_directory(out) as tmp:
+            with atomic_directory(out) as tmp, _lightning_loops_restored():
                 connector.apply(tmp, **kwargs)
     finally:
         if lock_path.exists():

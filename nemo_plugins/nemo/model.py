@@ -13,6 +13,7 @@ ordinary overrides.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import difflib
 import json
 from collections import Counter
@@ -222,4 +223,4 @@ def arch_of(cfg) -> ModelConfig:
 
 # Registers the HF importer/exporter on PuzzleChildModel: a NeMo checkpoint names this module,
 # so loading one (e.g. in llm.export_ckpt) must make the connectors known too.
-from . import connectors  # noqa: E402,F401
+importlib.import_module(f"{__package__}.connectors")

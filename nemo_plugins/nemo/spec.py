@@ -82,7 +82,7 @@ def ffn_width(f) -> int | None:
 def check_parallelism(arch: ModelConfig, tensor_model_parallel_size: int = 1) -> None:
     """Raise `ArchConfigError` naming the layer and sizes that tensor parallelism cannot split.
 
-    Every GQA layer's KV heads, every FFN width (a parallel group's summed swiglu width), the
+    Every GQA layer's KV heads must divide the TP size or be divisible by it; every FFN width (a parallel group's summed swiglu width), the
     attention heads and the vocabulary must be divisible by the TP size; so must the hidden size
     when a linear replacement (column-parallel, then gathered) is present. Parallel groups need
     at least one swiglu member and at most one linear member.
@@ -97,10 +97,12 @@ def check_parallelism(arch: ModelConfig, tensor_model_parallel_size: int = 1) ->
             )
     for i, b in enumerate(arch.blocks):
         a, f = b.attention, b.ffn
-        if a.kind == "gqa" and a.num_kv_heads % tp:
+        # megatron-core splits KV heads over TP ranks, or replicates them when there are fewer
+        # KV heads than ranks (Puzzle's 1- and 2-head layers under TP 8): either must divide.
+        if a.kind == "gqa" and a.num_kv_heads % tp and tp % a.num_kv_heads:
             raise ArchConfigError(
-                f"layers[{i}].attention: num_kv_heads={a.num_kv_heads} is not divisible by "
-                f"tensor_model_parallel_size={tp}"
+                f"layers[{i}].attention: num_kv_heads={a.num_kv_heads} and tensor_model_parallel_size={tp}: "
+                "one must divide the other"
             )
         if f.kind == "parallel":
             kinds = Counter(m.kind for m in f.members)
