@@ -45,5 +45,9 @@ setup(
     packages=find_packages(include=["nemo_plugins", "nemo_plugins.*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["nemo-plugins=nemo_plugins.cli.main:main"]},
+    entry_points={
+        "console_scripts": ["nemo-plugins=nemo_plugins.cli.main:main"],
+        # NeMo-Run imports this module for `nemo llm finetune --factory <name>` and `nemo nemo_plugins ...`
+        "nemo_run.cli": ["nemo_plugins = nemo_plugins.nemo.recipes"],
+    },
 )

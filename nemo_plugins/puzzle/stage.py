@@ -101,6 +101,19 @@ def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_on
     return out
 
 
+def library_dir(cfg: PuzzleConfig, parent_id: str, world_dir: Path) -> Path:
+    """The directory of the trained block library under the world's directory: keyed by the
+    parent and the library, init and BLD configs (what the trained variants depend on)."""
+    return Path(world_dir) / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
+
+
+def scores_file(cfg: PuzzleConfig, lib_dir: Path, n_held_out: int) -> Path:
+    """The file of the variants' scores in `lib_dir`: keyed by the scoring config (response
+    tokens of `cfg.score_batches` x `cfg.score_batch_size` of the `n_held_out` eval examples)."""
+    key = config_hash("response-tokens", cfg.score_batches, cfg.score_batch_size, n_held_out)
+    return Path(lib_dir) / f"scores-{key}.json"
+
+
 def _cached_json(path: Path, compute):
     if path.is_file():
         return json.loads(path.read_text())
@@ -131,9 +144,9 @@ def run_puzzle(
     parent_choice = {v.group: v.name for v in exact}
 
     score_batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, pad, response_only=True)
-    score_key = config_hash("response-tokens", cfg.score_batches, cfg.score_batch_size, len(held_out))
     scores = _cached_json(
-        lib_dir / f"scores-{score_key}.json", lambda: score_variants(parent, students, score_batches, progress=progress)
+        scores_file(cfg, lib_dir, len(held_out)),
+        lambda: score_variants(parent, students, score_batches, progress=progress),
     )
     measured = {"variants": {}, "non_block": {}}
     if cfg.costs.measure:
@@ -177,7 +190,7 @@ def trained_library(parent: HeteroLlamaForCausalLM, parent_id: str, world: World
     every variant initialized from the parent, then trained by BLD unless already on disk."""
     variants = build_variants(parent.config, cfg.library)
     examples = world.training_examples()
-    lib_dir = world.directory / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
+    lib_dir = library_dir(cfg, parent_id, world.directory)
     processes = bld_processes(cfg.bld.processes)
     if processes > 1 and not all(variant_path(lib_dir, v).is_file() for v in variants):
         run_bld_processes(parent, variants, examples, lib_dir, cfg, processes)

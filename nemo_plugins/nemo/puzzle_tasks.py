@@ -1,0 +1,279 @@
+"""The project's Puzzle steps as NeMo-Run tasks (`nemo nemo_plugins <task> ...`, recipes/nemo_puzzle.py).
+
+    puzzle_prepare  world, parent and its HF export: what every shard reads (once, before them)
+    puzzle_bld      blockwise local distillation of this process's share of the block library
+    puzzle_score    scoring of this process's share of the trained library
+    puzzle_search   MIP, child and report on the shards' results (FFN Fusion with fusion=True)
+    import_hf       a HF checkpoint (parent or Puzzle child) into a NeMo 2 checkpoint
+    h100_preset     factory of puzzle_bld / puzzle_score / puzzle_search with conf/puzzle/h100.yaml
+
+Each runs the project's own Puzzle code (nemo_plugins.puzzle) from the project's config
+(conf/*.yaml, `preset` 'tiny' or 'h100', then `configs`, then `overrides` as key=value). BLD and
+scoring split the block library over processes: `rank`/`world_size` when given, else the
+launcher's (torchrun RANK/WORLD_SIZE, Slurm SLURM_PROCID/SLURM_NTASKS); each process takes one
+GPU. Shards write where the Puzzle stage looks (its `library_dir`, its `scores_file`), so
+`puzzle_search` then only solves the MIP and builds the child. All processes must see one
+shared file system (set cache_dir= and output_dir= there).
+
+The entrypoints and factories register when this module is imported; `nemo_plugins.nemo.recipes`
+(the `nemo_run.cli` entry point) imports it.
+"""
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import require_nemo
+
+llm = require_nemo("nemo.collections.llm")
+
+import nemo_run as run  # noqa: E402
+
+log = logging.getLogger("nemo_plugins.nemo")
+
+STAGES_BEFORE_PUZZLE = ("world", "parent", "export")
+
+
+def _project_config(preset: str, configs: Optional[list[str]], overrides: Optional[list[str]], stages=None):
+    from ..config import CONF_DIR, DEFAULT_CONFIGS, ConfigError, load_config
+    from ..pipeline import PipelineConfig
+
+    presets = {"tiny": list(DEFAULT_CONFIGS), "h100": [*DEFAULT_CONFIGS, CONF_DIR / "puzzle" / "h100.yaml"]}
+    if preset not in presets:
+        raise ConfigError(f"preset={preset!r}: expected one of {sorted(presets)}")
+    extra = [p if Path(p).is_file() else CONF_DIR / p for p in (configs or [])]  # conf-relative names work too
+    stage_override = [f"stages=[{','.join(stages)}]"] if stages else []
+    cfg = load_config(PipelineConfig, [*presets[preset], *extra], [*stage_override, *(overrides or [])])
+    if (cfg.puzzle.bld.rank, cfg.puzzle.bld.world_size) != (0, 1):
+        raise ConfigError(
+            f"puzzle.bld.rank={cfg.puzzle.bld.rank}, puzzle.bld.world_size={cfg.puzzle.bld.world_size}: the "
+            "shard comes from the task's rank/world_size (or the launcher) here; drop these overrides"
+        )
+    return cfg
+
+
+def launcher_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank): the arguments, else torchrun's, else Slurm's, else (0, 1, 0)."""
+    env = os.environ
+    if rank is not None or world_size is not None:
+        rank, world_size = rank or 0, world_size or 1
+        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world_size, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world_size, local = 0, 1, 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+    return rank, world_size, local
+
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                  "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_PROCID", "SLURM_LOCALID",
+                  "SLURM_STEP_NUM_TASKS")  # fmt: skip
+
+
+def _own_gpu(local_rank: int) -> None:
+    """Leave this process one GPU and no launcher variables, so Lightning trains on one device
+    alone (as one of the project's BLD workers does). Must run before CUDA starts."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i for i in visible.split(",") if i.strip()] if visible else None
+    if ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank] if local_rank < len(ids) else ids[0]
+    elif visible is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank)
+    for var in _LAUNCHER_VARS:
+        os.environ.pop(var, None)
+
+
+def _parent_and_library(cfg):
+    """(parent model, world, library directory, variants) exactly as the Puzzle stage has them."""
+    from ..data.tiny_world import build_world
+    from ..model.checkpoint import load_checkpoint
+    from ..model.tiny_parent import train_parent
+    from ..puzzle.library import build_variants
+    from ..puzzle.stage import library_dir
+
+    world = build_world(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    ckpt = train_parent(world, cfg.parent, progress=False)
+    parent = load_checkpoint(ckpt)
+    lib_dir = library_dir(cfg.puzzle, ckpt.name, world.directory)  # parent id as the pipeline passes it
+    return parent, world, lib_dir, build_variants(parent.config, cfg.puzzle.library)
+
+
+def _students(parent, variants, world, cfg):
+    from ..puzzle.build import build_students
+    from ..puzzle.stage import token_batches
+
+    calib = token_batches(world.training_examples(), cfg.puzzle.bld.batch_size, cfg.puzzle.init.calibration_batches, 0)
+    return build_students(parent, variants, calib, cfg.puzzle.init)
+
+
+@run.cli.entrypoint(namespace="nemo_plugins")
+def puzzle_prepare(
+    preset: str = "tiny", configs: Optional[list[str]] = None, overrides: Optional[list[str]] = None
+) -> dict:
+    """World, parent and its HF export: what every Puzzle shard reads (run once, before them)."""
+    from ..pipeline import run_pipeline
+
+    summary = run_pipeline(_project_config(preset, configs, overrides, STAGES_BEFORE_PUZZLE))
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
+@run.cli.entrypoint(namespace="nemo_plugins")
+def puzzle_bld(
+    preset: str = "tiny",
+    configs: Optional[list[str]] = None,
+    overrides: Optional[list[str]] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> dict:
+    """Blockwise local distillation of this process's share of the block library."""
+    import dataclasses as dc
+
+    from ..puzzle.bld import run_bld, shard
+    from ..puzzle.library import is_parent_variant
+
+    rank, world_size, local = launcher_rank(rank, world_size)
+    _own_gpu(local)
+    cfg = _project_config(preset, configs, overrides)
+    parent, world, lib_dir, variants = _parent_and_library(cfg)
+    mine = shard(variants, rank, world_size)
+    students = _students(parent, mine, world, cfg)
+    exact = {v for v in mine if is_parent_variant(parent.config, v)}
+    single = dc.replace(cfg.puzzle.bld, rank=0, world_size=1, processes=1)
+    losses = run_bld(parent, students, world.training_examples(), lib_dir, single, exact=exact, progress=False)
+    log.info("BLD shard %d/%d: %d variants (%d trained now) in %s", rank, world_size, len(mine), len(losses), lib_dir)
+    return {"rank": rank, "world_size": world_size, "variants": [v.key for v in mine], "trained": len(losses),
+            "library_dir": str(lib_dir)}  # fmt: skip
+
+
+@run.cli.entrypoint(namespace="nemo_plugins")
+def puzzle_score(
+    preset: str = "tiny",
+    configs: Optional[list[str]] = None,
+    overrides: Optional[list[str]] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> dict:
+    """Score this process's share of the trained library (each variant in the otherwise-parent
+    model: KL, LM loss, cosine); writes a part file that `puzzle_search` merges."""
+    from ..puzzle.bld import load_variant_state, shard, variant_path
+    from ..puzzle.scoring import score_variants
+    from ..puzzle.stage import eval_examples, scores_file, token_batches
+    from ..utils.atomic import write_json_atomic
+
+    rank, world_size, local = launcher_rank(rank, world_size)
+    _own_gpu(local)
+    cfg = _project_config(preset, configs, overrides)
+    parent, world, lib_dir, variants = _parent_and_library(cfg)
+    mine = shard(variants, rank, world_size)
+    missing = [v.key for v in mine if not variant_path(lib_dir, v).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"puzzle_score shard {rank}/{world_size}: {len(missing)} variants are not trained in {lib_dir} (first: "
+            f"{missing[0]}); run puzzle_bld with the same preset/configs/overrides first"
+        )
+    students = _students(parent, mine, world, cfg)
+    for v, block in students.items():
+        block.load_state_dict(load_variant_state(lib_dir, v))
+    held_out = eval_examples(world)
+    batches = token_batches(held_out, cfg.puzzle.score_batch_size, cfg.puzzle.score_batches, 0, response_only=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parent.to(device).eval()
+    for block in students.values():
+        block.to(device).eval()
+    scores = score_variants(parent, students, [(ids.to(device), valid.to(device)) for ids, valid in batches])
+    final = scores_file(cfg.puzzle, lib_dir, len(held_out))
+    part = final.with_name(f"{final.stem}.part-{rank}-of-{world_size}.json")
+    write_json_atomic(part, scores)
+    return {"rank": rank, "world_size": world_size, "scored": len(scores), "part": str(part)}
+
+
+def merge_score_parts(final: Path) -> bool:
+    """Merge a complete set of `<final>.part-R-of-W.json` into `final` (if absent). True when
+    `final` exists afterwards."""
+    if final.is_file():
+        return True
+    from ..utils.atomic import write_json_atomic
+
+    parts: dict[int, dict[int, Path]] = {}
+    for f in final.parent.glob(f"{final.stem}.part-*-of-*.json"):
+        r, w = f.name[len(final.stem) + len(".part-") : -len(".json")].split("-of-")
+        parts.setdefault(int(w), {})[int(r)] = f
+    for w, got in sorted(parts.items()):
+        if sorted(got) == list(range(w)):
+            merged: dict = {}
+            for r in range(w):
+                merged.update(json.loads(got[r].read_text()))
+            write_json_atomic(final, merged)
+            return True
+    return False
+
+
+@run.cli.entrypoint(namespace="nemo_plugins")
+def puzzle_search(
+    preset: str = "tiny",
+    configs: Optional[list[str]] = None,
+    overrides: Optional[list[str]] = None,
+    fusion: bool = False,
+) -> dict:
+    """The Puzzle stage on the shards' results (MIP, child, report; FFN Fusion with fusion=True).
+    Variants or scores missing on disk are computed here, so it is also correct alone."""
+    from ..pipeline import run_pipeline
+    from ..puzzle.bld import variant_path
+    from ..puzzle.stage import eval_examples, scores_file
+
+    stages = [*STAGES_BEFORE_PUZZLE, "puzzle", *(["fusion"] if fusion else [])]
+    cfg = _project_config(preset, configs, overrides, stages)
+    parent, world, lib_dir, variants = _parent_and_library(cfg)
+    untrained = sum(not variant_path(lib_dir, v).is_file() for v in variants)
+    if untrained:
+        log.warning("puzzle_search: %d of %d variants not in %s; BLD trains them here",
+                    untrained, len(variants), lib_dir)  # fmt: skip
+    if not merge_score_parts(scores_file(cfg.puzzle, lib_dir, len(eval_examples(world)))):
+        log.warning("puzzle_search: no complete set of score shards in %s; scoring here", lib_dir)
+    summary = run_pipeline(cfg)
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
+@run.cli.entrypoint(namespace="nemo_plugins")
+def import_hf(hf_dir: str, output: str, overwrite: bool = False) -> str:
+    """Convert a HF checkpoint (plain Llama or nemotron-nas, e.g. a Puzzle child) into a NeMo 2
+    checkpoint of PuzzleChildModel at `output`; returns its path."""
+    from ..model.checkpoint import read_config
+    from .model import PuzzleChildModel, nemo_config
+
+    importlib.import_module(f"{__package__}.connectors")  # registers the HF importer
+    source = Path(hf_dir).resolve()
+    model = PuzzleChildModel(nemo_config(read_config(source)))  # the importer reads the arch from the directory
+    return str(llm.import_ckpt(model, f"hf://{source}", output_path=Path(output), overwrite=overwrite))
+
+
+# `nemo nemo_plugins puzzle_bld --factory h100_preset executor=... "overrides=[...]"` (not named
+# "h100": NeMo-Run reads a string value equal to a factory name back as that factory's output): the paper's library,
+# BLD settings and H100 costs (conf/puzzle/h100.yaml) on top of the defaults.
+
+
+@run.cli.factory(target=puzzle_bld, name="h100_preset")
+def puzzle_bld_h100(overrides: Optional[list[str]] = None) -> run.Partial:
+    """BLD shards with conf/puzzle/h100.yaml."""
+    return run.Partial(puzzle_bld, preset="h100", overrides=list(overrides or []))
+
+
+@run.cli.factory(target=puzzle_score, name="h100_preset")
+def puzzle_score_h100(overrides: Optional[list[str]] = None) -> run.Partial:
+    """Scoring shards with conf/puzzle/h100.yaml."""
+    return run.Partial(puzzle_score, preset="h100", overrides=list(overrides or []))
+
+
+@run.cli.factory(target=puzzle_search, name="h100_preset")
+def puzzle_search_h100(overrides: Optional[list[str]] = None, fusion: bool = False) -> run.Partial:
+    """MIP and child with conf/puzzle/h100.yaml (the 79 GiB single-H100 memory budget)."""
+    return run.Partial(puzzle_search, preset="h100", overrides=list(overrides or []), fusion=fusion)
