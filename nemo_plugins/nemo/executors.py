@@ -3,7 +3,7 @@ defaults per parent size.
 
 Every value a user may need to change on a cluster (account, partition, nodes, GPUs per node,
 time, container image and mounts) is a plain argument, so it is also an override on the CLI
-(`executor=slurm_h100 executor.account=abc executor.nodes=4`). Arguments are checked when the
+(`run.executor=slurm_h100 run.executor.account=abc run.executor.nodes=4`). Arguments are checked when the
 executor is built and a bad one is named with its value and what was expected.
 """
 
@@ -191,7 +191,7 @@ def _check_slurm(account, partition, nodes, gpus_per_node, time, image, mounts, 
         if not isinstance(value, str) or not value.strip():
             raise ExecutorConfigError(f"slurm executor: {name}={value!r}: expected a non-empty string ({hint})")
 
-    need("account", account, "your Slurm account, e.g. executor.account=my_account")
+    need("account", account, "your Slurm account, e.g. run.executor.account=my_account")
     need("partition", partition, "an H100 partition, e.g. executor.partition=batch")
     need("container_image", image, "a NeMo 2.7 container with nemo_plugins installed, e.g. nvcr.io/nvidia/nemo:<tag>")
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
@@ -215,7 +215,7 @@ def _check_slurm(account, partition, nodes, gpus_per_node, time, image, mounts, 
         raise ExecutorConfigError(f"slurm executor: packager={packager!r}: expected 'none' or 'git'")
 
 
-# CLI factories: `executor=slurm_h100 executor.account=... executor.nodes=2` (any argument of
+# CLI factories: `run.executor=slurm_h100 run.executor.account=... run.executor.nodes=2` (any argument of
 # slurm_executor), `executor=local_gpus executor.gpus=2`. They return configs of the functions
 # above, so overrides are checked against their signatures and values when the executor is built.
 

@@ -144,7 +144,7 @@ def pipeline(
 ):
     """The whole pipeline as one NeMo-Run experiment (see `pipeline_stages`); `--dryrun` prints
     every job's script instead of launching. The executor comes from `executor=...` on the
-    command line (e.g. executor=slurm_h100 executor.account=...), else local torchrun."""
+    command line (e.g. run.executor=slurm_h100 run.executor.account=...), else local torchrun."""
     executor = ctx.executor or local_executor(gpus_per_node)
     stages = pipeline_stages(
         executor, work_dir=work_dir, parent_size=parent_size, preset=preset, puzzle_overrides=puzzle_overrides,
