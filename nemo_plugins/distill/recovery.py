@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
-from ..model.train import OptimConfig, TokenDataset, collate_with_validity
+from ..model.train import TokenDataset, collate_with_validity
 from ..utils.resume import TrainingState
 from ..utils.training import (
     PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
@@ -85,12 +85,6 @@ class RecoveryConfig:
     @property
     def examples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig(
-            lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-        )  # fmt: skip
 
 
 def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int = 0) -> list[tuple[torch.Tensor, ...]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import lightning as L
 import torch
@@ -57,6 +57,12 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
+
+    @classmethod
+    def of(cls, settings) -> "OptimConfig":
+        """The optimizer fields a stage config carries under the same names (lr, min_lr_ratio,
+        warmup_steps, weight_decay, grad_clip, ...); absent ones keep their defaults."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
 
 
 def cosine_schedule(step: int, total: int, cfg: OptimConfig) -> float:

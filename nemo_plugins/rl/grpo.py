@@ -74,7 +74,7 @@ from ..data.tokenizer import decode, encode, token_id
 from ..distill.losses import next_token_mask
 from ..utils.training import PRECISIONS, StepModule, resolve_precision
 from ..model.generate import SamplingConfig, generate
-from ..model.train import OptimConfig, collate_with_validity
+from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic, write_text_atomic
 from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
 from .grpo_loss import (
@@ -292,10 +292,6 @@ class GRPOConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig(lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
-                           weight_decay=self.weight_decay, grad_clip=self.grad_clip)  # fmt: skip
 
     @property
     def needs_reference(self) -> bool:

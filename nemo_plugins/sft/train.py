@@ -36,7 +36,7 @@ from ..data.sft_data import first_fit, pack_examples, packed_attention_mask
 from ..distill.plots import plot_recovery
 from ..distill.recovery import evaluate_recovery, micro_batches
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
-from ..model.train import OptimConfig, TokenDataset, collate_with_validity
+from ..model.train import TokenDataset, collate_with_validity
 from ..utils.resume import TrainingState
 from ..utils.training import (
     PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
@@ -98,12 +98,6 @@ class SFTConfig:
     @property
     def rows_per_step(self) -> int:
         return self.batch_size * self.grad_accum
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig(
-            lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-        )  # fmt: skip
 
     def train_fields(self) -> dict:
         """The SFTConfig fields only (a subclass's extra settings left out): what defines the run."""

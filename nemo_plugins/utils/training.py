@@ -149,9 +149,9 @@ class StepModule(L.LightningModule):
         self.val_history: list[dict] = list(extra.get("val_history", []))
 
     def configure_optimizers(self):
-        from ..model.train import make_optimizer
+        from ..model.train import OptimConfig, make_optimizer
 
-        opt, sched = make_optimizer(self._trained[0], self.cfg.optim(), self.cfg.steps)
+        opt, sched = make_optimizer(self._trained[0], OptimConfig.of(self.cfg), self.cfg.steps)
         if self.resume is not None:
             opt.load_state_dict(self.resume.optimizer)
             sched.load_state_dict(self.resume.scheduler)
