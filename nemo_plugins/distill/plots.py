@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..utils.atomic import write_bytes_atomic  # noqa: E402
+from ..utils.atomic import save_figure_atomic  # noqa: E402
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -47,8 +46,6 @@ def plot_recovery(train_losses: list[float], val_history: list[dict], path: str 
     if ax_v.lines:
         ax_v.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -3,9 +3,7 @@ of the same run is skipped (see `fusion.analysis`); low values mark fusable wind
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ..utils.atomic import save_figure_atomic  # noqa: E402
 
 
 def _heatmap(ax, run: dict, vmax: float):
@@ -33,19 +33,6 @@ def _heatmap(ax, run: dict, vmax: float):
     return im
 
 
-def _savefig_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def plot_dependency(analysis: dict, path: str | os.PathLike) -> Path:
     """Heatmaps of every run's dependency matrix (shared color scale), written atomically;
     a model without runs gets a figure saying so."""
@@ -63,7 +50,7 @@ def plot_dependency(analysis: dict, path: str | os.PathLike) -> Path:
                 im = _heatmap(ax, run, vmax)
             fig.colorbar(im, ax=list(axes[0]), label="1 - cos(h_j, h_j without i)", shrink=0.8)
         fig.suptitle("FFN Fusion: dependency between FFNs of each run")
-        _savefig_atomic(fig, path)
+        save_figure_atomic(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..arch.config import ModelConfig  # noqa: E402
+from ..utils.atomic import save_figure_atomic  # noqa: E402
 
 
 def _attention_height(cfg: ModelConfig, b) -> float:
@@ -45,8 +46,7 @@ def plot_architecture(parent: ModelConfig, child: ModelConfig, path: Path) -> Pa
     ax_f.set_xticks(list(layers))
     fig.suptitle("Puzzle child architecture (gray: parent)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -66,7 +66,6 @@ def plot_pareto(frontier, budgets, chosen, path: Path, budget_key: str, objectiv
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..utils.atomic import write_bytes_atomic  # noqa: E402
+from ..utils.atomic import save_figure_atomic  # noqa: E402
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:
@@ -42,10 +41,8 @@ def _line(ax, history, key, label, color, smooth: bool = False):
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

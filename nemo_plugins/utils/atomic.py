@@ -31,6 +31,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Render a matplotlib figure (format from the suffix, PNG by default) and write it atomically."""
+    import io
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
