@@ -277,6 +277,13 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     again, model2 = S.run_grpo_stage(start_model, world, cfg, tmp_path)
     assert again["table"] == report["table"] and not changed(weights(model2), weights(model))
 
+    # curriculum.kind=random: the stage keeps the random-order run (found on disk, not retrained)
+    by_random = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, kind="random"))
+    alone, model3 = S.run_grpo_stage(start_model, world, by_random, tmp_path)
+    assert [r["model"] for r in alone["table"]] == ["before", "random"] and "curriculum" not in alone
+    assert alone["random"] == report["random"] and changed(weights(model3), weights(model))
+    assert not changed(weights(load_checkpoint(tmp_path / "model")), weights(model3))
+
 
 def test_fresh_prompts_are_in_no_split_and_apart_from_the_held_out_set(tok):
     world = tiny_world(tok)

@@ -6,10 +6,10 @@ curriculum-vs-random comparison (Llama-Nemotron, arXiv 2505.00949 §5).
    (thinking on, the rollout's temperature; cached next to the runs, keyed by the model's
    fingerprint); prompts solved at rate >= `pass_rate_threshold` are dropped.
 2. Held-out accuracy of the starting model (greedy, thinking on, and off when `eval_off`).
-3. GRPO with the curriculum sampler, and with `compare_random` the same number of steps with
-   random ordering from the same start; held-out accuracy after each.
+3. GRPO with the sampler `curriculum.kind` (default: the curriculum), and with `compare_random`
+   the same number of steps with random ordering from the same start; held-out accuracy after each.
 4. `grpo_report.json` / `grpo_report.md` (table: before, curriculum, random), `reward_curves.png`,
-   and the curriculum-trained model in `model/` (checkpoint + tokenizer).
+   and the model trained with `curriculum.kind` in `model/` (checkpoint + tokenizer).
 
 Each run lives in a directory keyed by its config and the starting weights' fingerprint, so a
 rerun resumes (a finished run trains nothing) and a changed setting starts afresh.
@@ -172,6 +172,13 @@ def _table(report: dict, names: list[str]) -> tuple[list[dict], str]:
     return rows, "\n".join(lines) + "\n"
 
 
+def _run_names(cfg: GRPOStageConfig) -> list[str]:
+    """Sampler kinds this stage trains, the kept model's first: `curriculum.kind`, then random
+    order for comparison when `compare_random` (nothing to add when the kind is random already)."""
+    kind = cfg.curriculum.kind
+    return [kind, "random"] if cfg.compare_random and kind != "random" else [kind]
+
+
 def _train(model, world: World, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
            rewarder: Rewarder, before: dict, progress: bool):  # fmt: skip
     """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
@@ -201,7 +208,7 @@ def run_grpo_stage(model, world: World, cfg: GRPOStageConfig, out_dir: str | Pat
     eval_key = {"model": start, "problems": cfg.eval_problems, "difficulties": cfg.eval_difficulties,
                 "max_new_tokens": cfg.max_new_tokens, "off": cfg.eval_off}  # fmt: skip
     report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, world, cfg))
-    names = ["curriculum", "random"] if cfg.compare_random else ["curriculum"]
+    names = _run_names(cfg)
     runs, trained = {}, None
     with Rewarder(cfg.rewards) as rewarder:  # one sandbox for both runs, started only if one trains
         for name in names:
@@ -211,7 +218,7 @@ def run_grpo_stage(model, world: World, cfg: GRPOStageConfig, out_dir: str | Pat
             final = summary["final_eval"]
             after = _cached(run_dir / "after.json", after_key, lambda: _accuracies(policy, world, cfg, final))
             report[name], runs[name] = _run_report(summary, after, run_dir), summary
-            if name == "curriculum":
+            if name == names[0]:
                 trained = policy
     report["table"], table_md = _table(report, names)
     report["reward_curves"] = str(plot_reward_curves(runs, out_dir / "reward_curves.png", report["before"]["accuracy"]))
