@@ -287,7 +287,7 @@ def fusion_report(original: HeteroLlamaForCausalLM, fused: HeteroLlamaForCausalL
         if dh.numel():
             max_h, max_l = max(max_h, float(dh.max())), max(max_l, float(dl.max()))
         sum_h, sum_l = sum_h + float(dh.mean(-1).sum()), sum_l + float(dl.mean(-1).sum())
-        lp, lq = F.log_softmax(lo[valid].float(), -1), F.log_softmax(lf[valid].float(), -1)
+        lp, lq = F.log_softmax(lo[valid].double(), -1), F.log_softmax(lf[valid].double(), -1)
         kl += float((lp.exp() * (lp - lq)).sum())
         n += int(valid.sum())
     d = max(n, 1)
