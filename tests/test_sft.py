@@ -166,8 +166,11 @@ def test_grad_accumulation_equals_one_large_batch(world, data, tmp_path):
     (wa, sa), (wl, sl) = results["accum"], results["large"]
     assert sa["final_train_loss"] == pytest.approx(sl["final_train_loss"], rel=1e-5)
     start = tiny(world, seed=1).state_dict()
+    # 3 Adam steps at lr 5e-3 move weights by ~1e-2; fp32 summation order differs between the
+    # two runs and Adam amplifies it on near-zero gradients (1.02e-5 measured on one CPU), so 5e-5
+    # is noise; dropping the second micro-batch moves them by 2.5e-2 (measured).
     for k in wa:
-        torch.testing.assert_close(wa[k], wl[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(wa[k], wl[k], rtol=0, atol=5e-5, msg=k)
     assert not all(torch.equal(wa[k], start[k]) for k in wa)  # it did train
 
 
