@@ -230,6 +230,10 @@ def test_crash_then_resume_gives_the_same_batches_and_weights(tok, start_model, 
     assert G.run_grpo(again, tok, problems, rates, cfg, tmp_path / "crashed")["start_step"] == 4
     assert not changed(weights(again), final)
 
+    fewer = dict(list(rates.items())[:-1])  # another set of prompts: the sampler state refuses it
+    with pytest.raises(ValueError, match="set of prompts"):
+        G.run_grpo(copy.deepcopy(start_model), tok, problems, fewer, cfg, tmp_path / "crashed")
+
 
 # ----------------------------------------------------------------------------- the stage
 

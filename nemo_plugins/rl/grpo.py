@@ -726,7 +726,6 @@ class GRPOModule(StepModule):
             "eval_history": self.eval_history,
             "config": asdict(self.cfg),
             "sampler": self.sampler.state_dict(),
-            "num_problems": len(self.problems),
         }
         save_training_state(
             self.paths.checkpoints, self.step_count, self.policy, self.optimizers(), self.lr_schedulers(),
@@ -737,14 +736,12 @@ class GRPOModule(StepModule):
 # ----------------------------------------------------------------------------- entry point
 
 
-def _check_resumable(state: TrainingState, cfg: GRPOConfig, num_problems: int) -> None:
+def _check_resumable(state: TrainingState, cfg: GRPOConfig) -> None:
     """Warn when a resumed run's settings would not continue the checkpointed run."""
     saved, now = state.extra.get("config", {}), json.loads(json.dumps(asdict(cfg)))
     changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != now[k]]
     if changed:
         log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", state.path, changed)
-    if state.extra.get("num_problems", num_problems) != num_problems:
-        log.warning("resuming %s with a different prompt pool", state.path)
 
 
 def run_grpo(
@@ -792,7 +789,7 @@ def run_grpo(
     resume = None
     if (ckpt := latest(paths.checkpoints)) is not None:
         resume = load_training_state(ckpt, model=policy, restore_rng=False)
-        _check_resumable(resume, cfg, len(pass_rates))
+        _check_resumable(resume, cfg)
         sampler.load_state_dict(resume.extra["sampler"])
         log.info("grpo: resuming from %s (step %d)", ckpt, resume.step)
     else:
