@@ -5,6 +5,8 @@ LLM judge survives a stub server's bad replies."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,6 +20,9 @@ from nemo_plugins.rl.judge import JudgeConfig, LLMJudge, parse_verdict
 from nemo_plugins.rl.sandbox import RewardPool, direct_map
 
 TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"  # parses in ms, then sympy's comparison never ends
+DEEP = "(" * 30 + "1" + ")" * 30  # parsing this as a reference takes far longer than a sample's time limit
+BARS = "|" * 50 + "1" + "|" * 50  # within the answer limits (bars are not nesting), but seconds to parse
+LONG_RUN = 20_000  # spaces/tabs in the backtracking tests (the old regexes took minutes on 4,000)
 
 
 # --------------------------------------------------------------------------- test-only reward fns
@@ -93,6 +98,43 @@ def test_extract_final_answer(text, expected):
     assert R.extract_final_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Dividing, the answer is 1/2.", "1/2"),
+        ("THE ANSWER IS: 1/2", "1/2"),
+        ("The answer is 5. Hmm, no: the answer is 7.", "7"),  # the last phrase decides, whatever its case
+        ("the answer is 5. Check: 5 = 5", "5"),  # "N." right after the phrase, as in the tiny world
+        ("the answer is 3.5", "3.5"),
+    ],
+)
+def test_answer_phrase_is_case_insensitive(text, expected):
+    assert R.extract_final_answer(text) == expected
+    assert R.math_accuracy(text, expected) == 1.0
+    assert R.extract_choice(text.replace(expected, "B")) == "B"  # the choice extractor reads the same phrases
+
+
+@pytest.mark.parametrize("ws", [" ", "\t", " \t"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "Let me think. The answer is not obvious{ws}at first.\nThe answer is 1/2.",
+        "The answer is{ws}1/2{ws}.{ws}",
+        "the answer is:{ws}",
+        "The answer{ws}is{ws}:{ws}(B{ws}",
+        "Answer{ws}!",
+        "Answer{ws}" * 3,
+    ],
+)
+def test_extraction_is_fast_on_long_whitespace_runs(template, ws):
+    """Extractors read model output in linear time: a long run of spaces cannot stall them."""
+    text = template.format(ws=ws * (LONG_RUN // len(ws)))
+    start = time.monotonic()
+    R.extract_final_answer(text)
+    R.extract_choice(text)
+    assert time.monotonic() - start < 2.0
+
+
 # --------------------------------------------------------------------------- math accuracy
 
 
@@ -145,6 +187,48 @@ def test_unsafe_answers_are_rejected_before_parsing(completion):
 def test_bad_reference_names_itself():
     with pytest.raises(ValueError, match="reference"):
         R.math_accuracy("\\boxed{1}", "")
+
+
+# --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize(
+    "reference, task, why",
+    [
+        (DEEP, "math", "nests brackets 30 deep"),
+        ("1+" * 300 + "1", "math", "chars > MAX_ANSWER_CHARS"),
+        ("__import__('os')", "math", "forbidden text"),
+        ("", "math", "does not parse"),
+        ("\\frac{1}{", "math", "does not parse"),  # math-verify only echoes it back as a string
+        ("AB", "choice", "one letter"),
+        (None, "choice", "one letter"),
+        ("1/2", "world", "not an integer"),
+        (True, "world", "not an integer"),
+    ],
+)
+def test_check_reference_names_the_prompt_and_the_problem(reference, task, why):
+    with pytest.raises(R.BadReference, match=f"^prompt p17: .*{why}"):
+        R.check_reference(reference, task, "prompt p17")
+
+
+@pytest.mark.parametrize(
+    "reference, task",
+    [("1/2", "math"), (5, "math"), ("\\frac{\\sqrt{2}}{2}", "math"), ("b", "choice"), ("-3", "world"), (7, "world")],
+)
+def test_check_reference_accepts_good_references(reference, task):
+    R.check_reference(reference, task, "prompt p1")
+
+
+def test_check_references_times_the_math_parse_in_the_sandbox():
+    refs = {"p1": "1/2", "p2": BARS, "p3": DEEP, "p4": 5}
+    start = time.monotonic()
+    with pytest.raises(R.BadReference, match=r"^prompt p2: .*timeout.*\(and 1 more"):
+        R.check_references(refs, "math", timeout_s=1.0)
+    assert time.monotonic() - start < 30.0
+    R.check_references({"p1": "1/2", "p4": 5}, "math")
+    with pytest.raises(R.BadReference, match="^prompt b: reference 'x' is not an integer$"):
+        R.check_references({"a": 1, "b": "x"}, "world")  # no pool needed
+    R.check_references({"a": "A", "b": "C"}, "choice")
 
 
 def test_parser_does_not_execute_code(tmp_path):
@@ -306,6 +390,19 @@ def test_pool_kills_a_pathological_expression(math_pool):
     assert math_pool.map(GOOD_ITEMS[:1]) == ([1.0], Counter())
 
 
+def test_pool_scores_an_answer_after_a_long_space_run(math_pool):
+    """The reviewed case: a line with "The answer is" and 1,500 spaces used to time out (0)."""
+    text = "Let me think. The answer is not obvious" + " " * 1500 + "at first.\nThe answer is 1/2."
+    assert bounded_map(math_pool, [(text, "0.5")], math_pool.timeout_s + 3.0) == ([1.0], Counter())
+
+
+def test_pool_fails_a_bad_reference_fast(math_pool):
+    start = time.monotonic()
+    values, failures = math_pool.map([("\\boxed{1}", DEEP), ("\\boxed{1}", "1")])
+    assert time.monotonic() - start < 1.5  # refused before parsing, not timed out
+    assert values == [0.0, 1.0] and failures == Counter({"error:BadReference": 1})
+
+
 def test_pool_counts_unsafe_and_nested_answers(math_pool, tmp_path):
     sentinel = tmp_path / "pwned"
     evil = f"\\boxed{{__import__('os').system('touch {sentinel}')}}"
@@ -351,6 +448,26 @@ def test_combined_reward_pool_scores_breakdowns():
         values, failures = bounded_map(pool, items, pool.timeout_s + 3.0)
     assert values == [R.RewardBreakdown(1.5, 1.0, 1.0), R.ZERO_REWARD, R.ZERO_REWARD]
     assert failures == Counter(timeout=1, too_long=1)
+
+
+STDIN_SCRIPT = """
+import math
+from nemo_plugins.rl.sandbox import RewardPool
+if __name__ == "__main__":
+    with RewardPool(math.sqrt, workers=1, timeout_s=10.0) as pool:
+        print(pool.map([4.0])[0])
+"""
+
+
+def test_pool_explains_a_script_read_from_stdin():
+    """Workers re-run the main script, which stdin is not: say so instead of blaming fn or memory."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kw = dict(capture_output=True, text=True, timeout=120, cwd=repo)
+    from_stdin = subprocess.run([sys.executable, "-"], input=STDIN_SCRIPT, **kw)
+    assert from_stdin.returncode != 0
+    assert "'<stdin>' is not a file" in from_stdin.stderr and "python -c" in from_stdin.stderr
+    from_c = subprocess.run([sys.executable, "-c", STDIN_SCRIPT], **kw)  # the advice works
+    assert (from_c.returncode, from_c.stdout.strip()) == (0, "[2.0]"), from_c.stderr
 
 
 @pytest.mark.parametrize(

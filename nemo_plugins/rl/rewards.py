@@ -16,6 +16,14 @@ Code execution: math-verify turns LaTeX into sympy through an ANTLR grammar (no 
 its plain-expression path (sympy `parse_expr`, which does `eval`) only ever sees digits,
 operators and parentheses (its regex admits nothing else). As defense in depth,
 `check_answer` rejects Python-looking, over-long or deeply nested answers before parsing.
+
+References get the same limits (`check_reference`, `check_references`): a bad reference is a data
+error, raised once per prompt before training, not a timeout on every sample.
+
+Every pattern that reads model output runs in linear time: phrases are found with plain-text
+regexes and the text around them is cut with string operations, since patterns with adjacent
+overlapping quantifiers (`is[ \t]*(.+?)[ \t]*$`) backtrack in polynomial time on a long run of
+spaces, which a model can write.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -37,12 +46,17 @@ MAX_ANSWER_DEPTH = 10  # deeper ( [ { nesting is rejected: ANTLR parse time grow
 FORBIDDEN_IN_ANSWER = ("__", "import", "lambda", "`")  # Python-looking text never reaches a parser
 
 _BOXED = "\\boxed"
-_ANSWER_TEXT_RE = re.compile(r"The answer is:?[ \t]*([^\n]+?)[ \t]*\.?[ \t]*$", re.MULTILINE)
+_ANSWER_PHRASE_RE = re.compile("the answer is", re.IGNORECASE)  # plain text: a linear-time search
+_WORLD_FORM_RE = re.compile(r"(-?[0-9]+)\.(?![0-9])")  # "N." as in the tiny world's "The answer is N."
 _MATH_EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
 
 class RejectedAnswer(ValueError):
     """A final answer refused before parsing (too long, too deeply nested, or Python-looking)."""
+
+
+class BadReference(ValueError):
+    """A reference that cannot be scored against (see `check_reference`): a data error."""
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -101,22 +115,40 @@ def last_boxed(text: str) -> tuple[bool, str | None]:
     return False, None
 
 
+def _answer_after_phrase(region: str) -> str | None:
+    """The answer stated by the last "the answer is" (any case) in `region`, or None.
+
+    Right after the phrase (and an optional ":"), an integer followed by "." is the answer, as
+    in the tiny world ("The answer is 5. Check: ..." -> "5"); otherwise the rest of the line,
+    without one final "." ("The answer is 1/2." -> "1/2"). String operations, not one regex over
+    the line: see the module docstring.
+    """
+    last = None
+    for last in _ANSWER_PHRASE_RE.finditer(region):
+        pass
+    if last is None:
+        return None
+    line_end = region.find("\n", last.end())
+    rest = region[last.end() : line_end if line_end >= 0 else len(region)].strip()
+    rest = rest.removeprefix(":").lstrip()
+    world = _WORLD_FORM_RE.match(rest)
+    if world:
+        return world.group(1)
+    return rest.removesuffix(".").rstrip() or None
+
+
 def extract_final_answer(text: str) -> str | None:
     """The final answer in the answer region, or None.
 
-    The last `\\boxed{...}` (balanced braces, nested allowed) wins; without a box, the tiny
-    world's "The answer is N." (`reasoning_world.extract_answer`), then the same phrase with any
-    answer up to the end of its line ("The answer is 1/2."). Empty answers count as none.
+    The last `\\boxed{...}` (balanced braces, nested allowed) wins; without a box, the last
+    "the answer is" (case-insensitive) with its answer (`_answer_after_phrase`: "The answer is
+    55." -> "55", "so the answer is 1/2." -> "1/2"). Empty answers count as none.
     """
     region = answer_region(text)
     found, boxed = last_boxed(region)
     if found:
         return (boxed or "").strip() or None
-    world = reasoning_world.extract_answer(region)
-    if world is not None:
-        return str(world)
-    matches = _ANSWER_TEXT_RE.findall(region)
-    return (matches[-1].strip() or None) if matches else None
+    return _answer_after_phrase(region)
 
 
 def nesting_depth(text: str) -> int:
@@ -131,16 +163,22 @@ def nesting_depth(text: str) -> int:
     return best
 
 
+def _limit_problem(text: str) -> str | None:
+    """Which parse limit `text` breaks (length, nesting depth, forbidden text), or None."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return f"has {len(text)} chars > MAX_ANSWER_CHARS={MAX_ANSWER_CHARS}"
+    depth = nesting_depth(text)
+    if depth > MAX_ANSWER_DEPTH:
+        return f"nests brackets {depth} deep > MAX_ANSWER_DEPTH={MAX_ANSWER_DEPTH}"
+    bad = [s for s in FORBIDDEN_IN_ANSWER if s in text]
+    return f"contains forbidden text {bad}" if bad else None
+
+
 def check_answer(answer: str) -> str:
     """`answer` unchanged if it is safe to hand to a parser; else raise RejectedAnswer saying why."""
-    if len(answer) > MAX_ANSWER_CHARS:
-        raise RejectedAnswer(f"answer has {len(answer)} chars > MAX_ANSWER_CHARS={MAX_ANSWER_CHARS}")
-    depth = nesting_depth(answer)
-    if depth > MAX_ANSWER_DEPTH:
-        raise RejectedAnswer(f"answer nests brackets {depth} deep > MAX_ANSWER_DEPTH={MAX_ANSWER_DEPTH}")
-    bad = [s for s in FORBIDDEN_IN_ANSWER if s in answer]
-    if bad:
-        raise RejectedAnswer(f"answer contains forbidden text {bad}")
+    problem = _limit_problem(answer)
+    if problem:
+        raise RejectedAnswer(f"answer {problem}")
     return answer
 
 
@@ -159,20 +197,21 @@ def _parse_math(answer: str) -> list:
 def math_accuracy(completion: str, reference: str | int | float) -> float:
     """1.0 if the final answer is symbolically equal to `reference` (1/2 == 0.5 == \\frac{1}{2}), else 0.0.
 
-    Raises RejectedAnswer for an unsafe final answer and ValueError for a reference that does
-    not parse (a data bug, not a model failure); the sandbox counts both as failures.
+    Raises RejectedAnswer for an unsafe final answer and BadReference for a reference that
+    breaks the same limits or does not parse (a data bug, not a model failure; see
+    `check_references`); the sandbox counts both as failures.
     """
     answer = extract_final_answer(completion)
     if answer is None:
         return 0.0
-    gold = _parse_math(str(reference))
-    if not gold:
-        raise ValueError(f"reference {reference!r} does not parse as math")
+    gold = _math_reference(reference)
     pred = _parse_math(check_answer(answer))
     return 1.0 if pred and verify(gold, pred, timeout_seconds=None) else 0.0
 
 
-_LETTER_PHRASE_RE = re.compile(r"(?i:answer)(?:\s+is)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z0-9])")
+_ANSWER_WORD_RE = re.compile("answer", re.IGNORECASE)
+_SPACES_RE = re.compile(r"\s*")
+_LETTER_AT_RE = re.compile(r"\(?([A-Z])\)?(?![A-Za-z0-9])")
 _LETTER_PAREN_RE = re.compile(r"\(([A-Z])\)")
 _LETTER_BARE_RE = re.compile(r"\(?([A-Z])\)?\.?")
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
@@ -184,20 +223,46 @@ def _boxed_letter(content: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _skip_spaces(text: str, i: int) -> int:
+    return _SPACES_RE.match(text, i).end()
+
+
+def _letter_after_answer(region: str, i: int) -> str | None:
+    """The letter of "answer is (B)" / "Answer: B" / "answer B" whose "answer" ends at `i`, or None.
+
+    Parsed step by step (spaces, optional "is", optional colon, spaces, letter): each run of
+    spaces is read once, where one regex with `\\s*` on both sides of optional parts backtracks
+    in quadratic time on a long run of spaces.
+    """
+    j = _skip_spaces(region, i)
+    if j > i and region[j : j + 2].lower() == "is":
+        j = _skip_spaces(region, j + 2)
+    if region[j : j + 1] in (":", "："):
+        j = _skip_spaces(region, j + 1)
+    m = _LETTER_AT_RE.match(region, j)
+    return m.group(1) if m else None
+
+
+def _phrase_letters(region: str) -> list[str]:
+    """The letters of all "answer is B" phrases in `region`, in order."""
+    letters = (_letter_after_answer(region, m.end()) for m in _ANSWER_WORD_RE.finditer(region))
+    return [x for x in letters if x]
+
+
 def extract_choice(completion: str) -> str | None:
     """The chosen letter A-Z in the answer region, or None.
 
     Accepted forms, first that applies wins: the last `\\boxed{B}` (also `\\boxed{(B)}`,
     `\\boxed{\\text{B}}`; a box holding anything else means no choice); the last "Answer: B" /
-    "answer is B" / "The answer is (B)." (case-insensitive "answer", upper-case letter); a region
-    that is only the letter ("B", "(B)", "B."); the last "(B)" anywhere in the region.
+    "answer is B" / "The answer is (B)." (case-insensitive "answer is", upper-case letter); a
+    region that is only the letter ("B", "(B)", "B."); the last "(B)" anywhere in the region.
     """
     region = answer_region(completion)
     found, boxed = last_boxed(region)
     if found:
         return _boxed_letter(boxed) if boxed is not None else None
     for finder in (
-        lambda: _LETTER_PHRASE_RE.findall(region),
+        lambda: _phrase_letters(region),
         lambda: [m.group(1)] if (m := _LETTER_BARE_RE.fullmatch(region.strip())) else [],
         lambda: _LETTER_PAREN_RE.findall(region),
     ):
@@ -222,6 +287,99 @@ def choice_accuracy(completion: str, reference_letter: str) -> float:
 def world_accuracy(completion: str, reference: int | str) -> float:
     """Tiny-world exact match: "The answer is N." after thinking equals the integer `reference`."""
     return 1.0 if reasoning_world.extract_answer(completion) == int(reference) else 0.0
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _math_reference(reference: str | int | float) -> list:
+    """math-verify parse of a math reference; BadReference if it breaks the answer limits (they
+    bound parse time) or math-verify cannot parse it (a bare string back is its fallback, not a parse)."""
+    text = str(reference)
+    problem = _limit_problem(text)
+    if problem is None:
+        gold = _parse_math(text)
+        if gold and not isinstance(gold[0], str):
+            return gold
+        problem = "does not parse as math"
+    raise BadReference(f"reference {_short(text)} {problem}")
+
+
+def _is_integer(value) -> bool:
+    """True for an int or a string `int()` takes (world_accuracy's `int(reference)`), not a bool or float."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return False
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _reference_problem(reference, task: str) -> str | None:
+    """Why `reference` cannot be scored for `task` (see `check_reference`), or None."""
+    if task == "world":
+        return None if _is_integer(reference) else f"reference {reference!r} is not an integer"
+    try:
+        if task == "math":
+            _math_reference(reference)
+        else:
+            _check_letter(reference)
+    except ValueError as exc:  # BadReference, or _check_letter's ValueError
+        return str(exc)
+    return None
+
+
+def check_reference(reference, task: str, where: str) -> None:
+    """Raise BadReference "<where>: <what is wrong>" if `reference` cannot be scored for `task`.
+
+    math: the limits of `check_answer` (length, nesting depth, forbidden text) and a math-verify
+    parse to an expression; choice: one letter A-Z; world: an integer. `where` names the data
+    (e.g. "prompt p17"), so one bad reference fails once, up front, instead of every sample
+    failing (or timing out) in the reward pool. In-process, without a time limit:
+    `check_references` runs it in the sandbox with one.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    problem = _reference_problem(reference, task)
+    if problem:
+        raise BadReference(f"{where}: {problem}")
+
+
+def check_references(references: Mapping, task: str, timeout_s: float = 1.0, workers: int = 2) -> None:
+    """`check_reference` on every `{prompt_id: reference}`; raise BadReference naming the first
+    bad prompt (and how many are bad). Call once per prompt pool, before training.
+
+    Math references are checked in a `sandbox.RewardPool`, so each must also parse within
+    `timeout_s` (keep it below the reward pool's: every sample parses its reference again); the
+    limits do not bound everything (`|` bars are not nesting, and 50 of them on each side of a
+    number take seconds to parse). Not caught: a reference that parses fast but compares slowly
+    with some answers (`9^{9^{9^{9}}}`, `\\prod_{k=0}^{2022}(x-k)` against 0); those samples time
+    out one by one. Other tasks need no parser, so no pool is started.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    keys, refs = list(references), list(references.values())
+    if task == "math" and refs:
+        from nemo_plugins.rl.sandbox import RewardPool
+
+        with RewardPool(_reference_problem, workers=workers, timeout_s=timeout_s, max_chars=None) as pool:
+            outcomes = pool.map_outcomes([(r, task) for r in refs])
+        problems = [
+            o.value if not o.failure else f"reference {_short(str(r))} failed to parse in the sandbox: "
+            f"{o.failure} (timeout_s={timeout_s}, memory_mb={pool.memory_mb})"
+            for r, o in zip(refs, outcomes)
+        ]
+    else:
+        problems = [_reference_problem(r, task) for r in refs]
+    bad = [(k, p) for k, p in zip(keys, problems) if p]
+    if bad:
+        more = f" (and {len(bad) - 1} more prompts with bad references)" if len(bad) > 1 else ""
+        raise BadReference(f"prompt {bad[0][0]}: {bad[0][1]}{more}")
 
 
 # --------------------------------------------------------------------------- format

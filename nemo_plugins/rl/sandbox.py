@@ -17,6 +17,8 @@ worker processes (not a ProcessPoolExecutor, whose stuck workers cannot be kille
 Workers start with the "forkserver" method where available (not "fork": the trainer process
 holds threads and torch state), with the reward function's module preloaded, and announce
 readiness before they get work, so start-up time never counts against a sample's deadline.
+Those start methods re-run the parent's `__main__` script in every worker, so a pool cannot be
+started from a script read from stdin (`python - <<EOF`); `RewardPool` says so up front.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -144,6 +147,24 @@ def _default_start_method() -> str:
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
+def _missing_main_script() -> str | None:
+    """The `__main__` script that spawn/forkserver workers would re-run but cannot find, or None.
+
+    Workers import the parent's main module by name when it has one (`python -m`), else run its
+    `__file__` again; `python -c` and interactive sessions have no `__file__` (nothing to re-run),
+    but a script read from stdin has `__file__` "<stdin>", which is no file, so every worker dies.
+    Mirrors `multiprocessing.spawn.get_preparation_data`.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) is not None:
+        return None
+    script = getattr(main, "__file__", None)
+    if script is None:
+        return None
+    path = os.path.join(getattr(mp.process, "ORIGINAL_DIR", None) or os.getcwd(), script)  # as multiprocessing does
+    return None if os.path.isfile(path) else script
+
+
 def _module_of(fn: Callable) -> str | None:
     target = getattr(fn, "func", fn)  # functools.partial
     return getattr(target, "__module__", None)
@@ -182,6 +203,13 @@ class RewardPool:
         self.start_timeout_s = float(start_timeout_s)
         self.failures: Counter = Counter()  # over the pool's lifetime
         self._ctx = mp.get_context(start_method or _default_start_method())
+        if self._ctx.get_start_method() != "fork" and (missing := _missing_main_script()) is not None:
+            raise RuntimeError(
+                f"RewardPool workers (start method {self._ctx.get_start_method()!r}) re-run the main script, "
+                f"but {missing!r} is not a file (was the script read from stdin, `python - <<EOF`?). "
+                "Save it to a file and run `python script.py` (pool code under `if __name__ == '__main__':`), "
+                "or pass it as `python -c \"...\"`, or run a module with `python -m`."
+            )
         if self._ctx.get_start_method() == "forkserver" and _module_of(fn):
             self._ctx.set_forkserver_preload([_module_of(fn)])  # no effect once the server runs
         self._lock = threading.Lock()
