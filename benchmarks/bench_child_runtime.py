@@ -33,8 +33,9 @@ from nemo_plugins.puzzle.costs import PHASES, measure_in_model, measure_speedup,
 from nemo_plugins.puzzle.library import is_parent_variant
 from nemo_plugins.puzzle.realize import realize_child
 from nemo_plugins.puzzle.scoring import score_variants
+from nemo_plugins.distill.stage import fingerprint
 from nemo_plugins.puzzle.stage import (
-    budget_bounds, build_library_file, choice_totals, eval_examples, roofline_speedup, token_batches, trained_library,
+    budget_bounds, build_library_file, choice_totals, roofline_speedup, token_batches, trained_library,
 )  # fmt: skip
 
 
@@ -51,10 +52,10 @@ def main(argv=None) -> list[dict]:
     world = build_world(cfg.world)
     ckpt = train_parent(world, cfg.parent, progress=False)
     parent = load_checkpoint(ckpt)
-    variants, students, _, _ = trained_library(parent, ckpt.name, world, pz, progress=False)
+    variants, students, _, _ = trained_library(parent, fingerprint(parent), world, pz, progress=False)
     pc = parent.config
 
-    batches = token_batches(eval_examples(world), pz.score_batch_size, pz.score_batches, 0, response_only=True)
+    batches = token_batches(world.eval_examples(), pz.score_batch_size, pz.score_batches, 0, response_only=True)
     library = build_library_file(pc, variants, score_variants(parent, students, batches, progress=False), {}, pz.costs)
     parent_choice = {v.group: v.name for v in variants if is_parent_variant(pc, v)}
     bounds = budget_bounds(pz.budget, choice_totals(library, parent_choice), non_block_stats(pc, pz.costs), pz.costs)

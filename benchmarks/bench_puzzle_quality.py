@@ -36,7 +36,8 @@ from nemo_plugins.puzzle.costs import non_block_stats
 from nemo_plugins.puzzle.library import build_variants, child_config, is_parent_variant
 from nemo_plugins.puzzle.realize import realize_child
 from nemo_plugins.puzzle.scoring import model_metrics, score_variants
-from nemo_plugins.puzzle.stage import BudgetConfig, budget_bounds, build_library_file, choice_totals, eval_examples, token_batches
+from nemo_plugins.distill.stage import fingerprint
+from nemo_plugins.puzzle.stage import BudgetConfig, budget_bounds, build_library_file, choice_totals, library_dir, token_batches
 
 
 def block_params(cfg) -> int:
@@ -61,14 +62,14 @@ def main(argv=None) -> dict:
     parent = load_checkpoint(ckpt)
     pz = cfg.puzzle
     variants = build_variants(parent.config, pz.library)
-    lib_dir = world.directory / f"puzzle-{config_hash(ckpt.name, asdict(pz.library), asdict(pz.init), asdict(pz.bld))}"
+    lib_dir = library_dir(pz, fingerprint(parent), world.directory)  # the puzzle stage's library
     examples = world.training_examples()
     students = build_students(parent, variants, token_batches(examples, pz.bld.batch_size, pz.init.calibration_batches, 0), pz.init)
     exact = {v for v in variants if is_parent_variant(parent.config, v)}
     run_bld(parent, students, examples, lib_dir, pz.bld, exact=exact, progress=False)  # no-op once the stage ran
     for v, block in students.items():
         block.load_state_dict(load_variant_state(lib_dir, v))
-    held_out = eval_examples(world)
+    held_out = world.eval_examples()
     batches = token_batches(held_out, pz.score_batch_size, pz.score_batches, 0, response_only=True)
     scores = score_variants(parent, students, batches)
     library = build_library_file(parent.config, variants, scores, {}, pz.costs)

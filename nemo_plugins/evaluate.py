@@ -5,19 +5,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from .data.chat import EOS, PAD, render_prompt
+from .data.chat_tokenizer import ChatTokenizer, as_chat
 from .data.reasoning_world import Problem, is_correct, is_well_formatted
-from .data.tokenizer import decode, encode, token_id
 from .model.generate import SamplingConfig, generate
 from .model.llama import HeteroLlamaForCausalLM
 
 
 def task_accuracy(
     model: HeteroLlamaForCausalLM,
-    tok: Tokenizer,
+    tok: ChatTokenizer,
     problems: Sequence[Problem],
     *,
     thinking: bool | None = True,
@@ -31,17 +29,17 @@ def task_accuracy(
     """
     if not problems:
         raise ValueError("task_accuracy: no problems given")
-    eos, pad = token_id(tok, EOS), token_id(tok, PAD)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=(eos,))
+    tok = as_chat(tok)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=tok.stop_ids)
     correct: dict[int, list[bool]] = defaultdict(list)
     formatted = 0
     batches = range(0, len(problems), batch_size)
     for start in tqdm(batches, desc="evaluate", disable=not progress):
         chunk = problems[start : start + batch_size]
-        prompts = [encode(tok, render_prompt(p.question, thinking)) for p in chunk]
-        outputs = generate(model, prompts, sampling, pad_id=pad)
+        prompts = [tok.prompt_ids(p.question, thinking) for p in chunk]
+        outputs = generate(model, prompts, sampling, pad_id=tok.pad_id)
         for p, out in zip(chunk, outputs):
-            text = decode(tok, [t for t in out if t != eos])
+            text = tok.decode_response(out)
             correct[p.difficulty].append(is_correct(text, p))
             formatted += bool(thinking is not None and is_well_formatted(text, bool(thinking)))
     every = [c for cs in correct.values() for c in cs]

@@ -1,37 +1,51 @@
-"""The main job: tiny world -> parent -> evaluation -> export -> Puzzle child -> FFN Fusion ->
-recovery distillation, each stage resumable.
+"""The main job: a loop over a registry of stages that hand models over on disk.
 
-Stages keep their outputs on disk keyed by their config (world and parent live in the cache,
-see `data.tiny_world.cache_root`), so a rerun restores finished work instead of redoing it.
-Later stages (SFT, GRPO) join this list.
+The stage contract: a stage reads its input model from a directory (Hugging Face layout:
+`config.json`, safetensors, `tokenizer.json` and `tokenizer_config.json` with the chat
+template), its data and its config section, and writes `<output_dir>/<stage>/report.json`, plus
+`<output_dir>/<stage>/model/` when it makes a model. So any stage can start from a directory that
+another stage, another tool or another machine wrote: `model=DIR` is the input of the first stage
+of the run that reads a model, `teacher=DIR` the parent that recovery distils from.
+
+Without `model=`, a stage starts from the output of the nearest earlier stage of this run (its
+`starts_from`, nearest first), else from the newest such output already in `output_dir`. The
+parent is `parent.path` (any local HF Llama directory) or the tiny parent, trained once and
+cached (see `model.tiny_parent`). Every stage keeps its heavy work on disk keyed by its inputs
+and config, so a rerun restores finished work instead of redoing it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .arch.accounting import report
+import torch
+
+from .arch.accounting import report as arch_report
+from .data.chat_tokenizer import ChatTokenizer
+from .data.sources import Corpus, DataConfig
 from .data.tiny_world import World, WorldConfig, build_world
-from .data.tokenizer import TOKENIZER_FILE
-from .evaluate import task_accuracy
-from .model.checkpoint import load_checkpoint, save_checkpoint
-from .model.tiny_parent import ParentConfig, read_train_log, train_parent
-from .distill.stage import RecoveryStageConfig
+from .distill.stage import RecoveryStageConfig, fingerprint
 from .errors import CheckpointError
+from .evaluate import task_accuracy
 from .fusion.stage import FusionConfig
-from .puzzle.stage import PuzzleConfig, run_puzzle
+from .model.checkpoint import load_checkpoint, read_config, save_checkpoint
+from .model.tiny_parent import ParentConfig, read_train_log, train_parent
+from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "export", "puzzle", "fusion", "recovery", "sft", "grpo")
+STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
+REPORT = "report.json"
+MODEL = "model"
 
 
 @dataclass
@@ -51,27 +65,17 @@ class EvalConfig:
 
 
 @dataclass
-class ExportConfig:
-    architecture: str = "auto"  # auto | llama | nemotron-nas | nemo_plugins
-    max_shard_bytes: int = 0  # 0: one safetensors file
-
-    def __post_init__(self):
-        if self.architecture not in ("auto", "llama", "nemotron-nas", "nemo_plugins"):
-            raise ValueError(
-                f"export.architecture={self.architecture!r}: expected auto, llama, nemotron-nas or nemo_plugins"
-            )
-
-
-@dataclass
 class PipelineConfig:
     output_dir: str = "outputs/tiny"
     cache_dir: str | None = None  # default: $NEMO_PLUGINS_CACHE or ~/.cache/nemo_plugins
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     progress: bool = True
+    model: str | None = None  # input model directory of the run's first stage that reads one
+    teacher: str | None = None  # the parent recovery distils from (default: the parent stage's)
+    data: DataConfig = field(default_factory=DataConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     parent: ParentConfig = field(default_factory=ParentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
     puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
@@ -84,125 +88,261 @@ class PipelineConfig:
             raise ValueError(f"stages: unknown stage {bad[0]!r} (expected some of {list(STAGES)})")
 
 
-def evaluate_model(model, world: World, cfg: EvalConfig, progress: bool = False) -> dict:
-    problems = world.eval[: cfg.n_problems]
-    return {
-        mode: task_accuracy(
-            model, world.tokenizer, problems, thinking=MODES[mode], batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens, progress=progress,
-        )  # fmt: skip
+# ----------------------------------------------------------------------------- stage context
+
+
+@dataclass
+class StageContext:
+    """What a stage runner gets: the config, the data, its output directory and input models."""
+
+    cfg: PipelineConfig
+    world: World
+    corpus: Corpus  # the text calibration, BLD, scoring and distillation use (`data.text`)
+    out_dir: Path  # <output_dir>/<stage>
+    model_dir: Path | None = None
+    teacher_dir: Path | None = None
+
+    @property
+    def progress(self) -> bool:
+        return self.cfg.progress
+
+    def load_model(self, path: Path | None = None):
+        """The input model (or `path`) in float32 for CPU training and evaluation."""
+        return load_model(path or self.model_dir)
+
+    def chat(self, path: Path | None = None) -> ChatTokenizer:
+        """The input model's (or `path`'s) tokenizer and chat template."""
+        return ChatTokenizer.from_dir(path or self.model_dir)
+
+
+def load_model(path: Path):
+    """A model directory loaded in float32 (bf16/fp16 checkpoints are upcast)."""
+    return load_checkpoint(path, dtype=torch.float32)
+
+
+def write_report(ctx: StageContext, report: dict) -> None:
+    write_json_atomic(ctx.out_dir / REPORT, report, default=str)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_world_stage(ctx: StageContext) -> dict:
+    world = ctx.world
+    summary = {"directory": str(world.directory), "vocab_size": world.tokenizer.get_vocab_size(),
+               "n_train": len(world.train), "n_eval": len(world.eval)}  # fmt: skip
+    write_report(ctx, summary)
+    return summary
+
+
+def parent_source(cfg: PipelineConfig, world: World, progress: bool = False) -> Path:
+    """The parent's directory: `parent.path`, else the tiny parent's cache (trained if missing)."""
+    if cfg.parent.path:
+        return _checked_dir(cfg.parent.path, "parent.path").resolve()
+    return train_parent(world, cfg.parent, progress=progress)
+
+
+def run_parent_stage(ctx: StageContext) -> dict:
+    """`parent.path` as it is (checked: config and tokenizer load), or the tiny parent (trained
+    once into the cache) written to <stage>/model."""
+    source = parent_source(ctx.cfg, ctx.world, ctx.progress)
+    if ctx.cfg.parent.path:
+        config, chat = read_config(source), ChatTokenizer.from_dir(source)
+        summary = {"model": str(source), "source": "path", "vocab_size": chat.vocab_size}
+    else:
+        cache = source
+        model = load_checkpoint(cache)
+        target = ctx.out_dir / MODEL
+        save_checkpoint(model, target, extra_files=ctx.world.chat.files())
+        losses = read_train_log(cache)["losses"]
+        config = model.config
+        summary = {"model": str(target), "source": "tiny", "cache": str(cache), "first_loss": losses[0],
+                   "final_loss": losses[-1]}  # fmt: skip
+    rep = arch_report(config)
+    summary.update(params=rep.params, kv_cache_bytes_per_token=rep.kv_cache_bytes_per_token, num_layers=config.num_layers)
+    write_report(ctx, summary)
+    return summary
+
+
+def run_evaluate_stage(ctx: StageContext) -> dict:
+    """Greedy task accuracy of the input model on the world's held-out problems, per mode."""
+    model, chat, cfg = ctx.load_model(), ctx.chat(), ctx.cfg.eval
+    problems = ctx.world.eval[: cfg.n_problems]
+    summary = {
+        mode: task_accuracy(model, chat, problems, thinking=MODES[mode], batch_size=cfg.batch_size,
+                            max_new_tokens=cfg.max_new_tokens, progress=ctx.progress)  # fmt: skip
         for mode in cfg.modes
     }
+    for mode, res in summary.items():
+        log.info("accuracy (thinking %s): %.3f by difficulty %s", mode, res["accuracy"], res["by_difficulty"])
+    write_report(ctx, {"model_in": str(ctx.model_dir), **summary})
+    return summary
+
+
+def run_puzzle_stage(ctx: StageContext) -> dict:
+    from .puzzle.stage import run_puzzle
+
+    parent = ctx.load_model()
+    rep = run_puzzle(parent, fingerprint(parent), ctx.world, ctx.cfg.puzzle, ctx.out_dir, progress=ctx.progress,
+                     chat=ctx.chat(), corpus=ctx.corpus)  # fmt: skip
+    keys = ("status", "objective", "model", "quality", "task_accuracy_easy", "child_params", "parent_params",
+            "child_kv_cache_bytes_per_token", "parent_kv_cache_bytes_per_token")  # fmt: skip
+    return {k: rep[k] for k in keys}
+
+
+def run_fusion_stage(ctx: StageContext) -> dict:
+    from .fusion.stage import run_fusion_stage as fuse
+
+    rep, _ = fuse(ctx.load_model(), ctx.world, ctx.cfg.fusion, ctx.out_dir, chat=ctx.chat(), corpus=ctx.corpus)
+    keys = ("message", "windows", "layers_saved", "kl_div", "max_abs_diff_logits", "depth_before", "depth_after", "model")
+    return {k: rep[k] for k in keys}
+
+
+def run_recovery_stage(ctx: StageContext) -> dict:
+    from .distill.stage import run_recovery_stage as recover
+
+    chat = ctx.chat()
+    if ctx.chat(ctx.teacher_dir).vocab_size != chat.vocab_size:
+        raise CheckpointError(
+            f"teacher {ctx.teacher_dir} and model {ctx.model_dir} have different vocabularies "
+            f"({ctx.chat(ctx.teacher_dir).vocab_size} vs {chat.vocab_size}); distillation needs the same tokenizer"
+        )
+    rep, _ = recover(ctx.load_model(ctx.teacher_dir), ctx.load_model(), ctx.world, ctx.cfg.recovery, ctx.out_dir,
+                     progress=ctx.progress, chat=chat, corpus=ctx.corpus)  # fmt: skip
+    summary = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "model") if k in rep}
+    for run in ("kd", "cpt"):  # the curves are in recovery/<run>/metrics.csv; keep the summary short
+        if run in summary:
+            summary[run] = {k: v for k, v in summary[run].items() if k != "val_history"}
+    return summary
+
+
+def run_sft_stage(ctx: StageContext) -> dict:
+    from .sft.stage import run_sft_stage as sft
+
+    rep, _ = sft(ctx.load_model(), ctx.world, ctx.cfg.sft, ctx.out_dir, progress=ctx.progress, chat=ctx.chat())
+    return {"start": str(ctx.model_dir), "before": rep["before"], "after": rep["after"], "model": rep["model"]}
+
+
+def run_grpo_stage(ctx: StageContext) -> dict:
+    from .rl.grpo_stage import run_grpo_stage as grpo
+
+    rep, _ = grpo(ctx.load_model(), ctx.world, ctx.cfg.grpo, ctx.out_dir, progress=ctx.progress, chat=ctx.chat())
+    return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("table", "model") if k in rep}}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registry entry: `run(ctx) -> summary` reads `ctx.model_dir` when `starts_from` is not
+    empty (the stages whose model it continues, nearest first) and `ctx.teacher_dir` when
+    `teacher`; it writes <stage>/report.json and, when it makes a model, <stage>/model."""
+
+    name: str
+    run: Callable[[StageContext], dict]
+    starts_from: tuple[str, ...] = ()
+    teacher: bool = False
+
+
+REGISTRY: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("world", run_world_stage),
+        Stage("parent", run_parent_stage),
+        Stage("evaluate", run_evaluate_stage, starts_from=("parent",)),
+        Stage("puzzle", run_puzzle_stage, starts_from=("parent",)),
+        Stage("fusion", run_fusion_stage, starts_from=("puzzle",)),
+        Stage("recovery", run_recovery_stage, starts_from=("fusion", "puzzle"), teacher=True),
+        Stage("sft", run_sft_stage, starts_from=("recovery", "fusion", "puzzle", "parent")),
+        Stage("grpo", run_grpo_stage, starts_from=("sft", "recovery", "fusion", "puzzle", "parent")),
+    )
+}
+assert tuple(REGISTRY) == STAGES
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def finished_model(out: Path, stage: str) -> Path | None:
+    """The model directory a finished `stage` left in `out` (its report.json names it), or None."""
+    import json
+
+    report = out / stage / REPORT
+    if not report.is_file():
+        return None
+    try:
+        path = json.loads(report.read_text()).get(MODEL)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def _checked_dir(path: str, key: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{key}={path}: not a directory (expected a model directory with config.json)")
+    return p
+
+
+class _Run:
+    """One pipeline run: which model each stage starts from, and the parent on demand."""
+
+    def __init__(self, cfg: PipelineConfig, world: World):
+        self.cfg, self.world, self.out = cfg, world, Path(cfg.output_dir)
+        self.corpus = Corpus(world, cfg.data.text)
+        self.made: dict[str, Path] = {}  # model directories written by this run's stages
+        self.summary: dict = {"config": asdict(cfg)}
+        self.model_taken = False  # `model=` goes to the first stage that reads a model
+
+    def context(self, stage: Stage, with_model: bool = True) -> StageContext:
+        ctx = StageContext(self.cfg, self.world, self.corpus, self.out / stage.name)
+        if stage.starts_from and with_model:
+            ctx.model_dir = self.input_of(stage)
+        if stage.teacher:
+            ctx.teacher_dir = _checked_dir(self.cfg.teacher, "teacher") if self.cfg.teacher else self.parent()
+        return ctx
+
+    def input_of(self, stage: Stage) -> Path:
+        if self.cfg.model and not self.model_taken:
+            self.model_taken = True
+            return _checked_dir(self.cfg.model, "model")
+        for name in stage.starts_from:
+            if name in self.made:
+                return self.made[name]
+        for name in stage.starts_from:
+            found = self.parent() if name == "parent" else finished_model(self.out, name)
+            if found is not None:
+                log.info("%s: starting from %s", stage.name, found)
+                return found
+        wanted = [str(self.out / n / MODEL) for n in stage.starts_from]
+        raise CheckpointError(
+            f"stage {stage.name!r} needs a model: none of {wanted} exists; give model=DIR, or run the "
+            f"puzzle stage first (e.g. stages=[world,parent,puzzle,{stage.name}])"
+        )
+
+    def parent(self) -> Path:
+        """The parent's directory: this run's, else `parent.path`, else the parent stage run now."""
+        if "parent" not in self.made:
+            self.run(REGISTRY["parent"])
+        return self.made["parent"]
+
+    def run(self, stage: Stage) -> dict:
+        ctx = self.context(stage)
+        log.info("stage %s%s", stage.name, f" (model {ctx.model_dir})" if ctx.model_dir else "")
+        summary = stage.run(ctx)
+        if MODEL in summary:
+            self.made[stage.name] = Path(summary[MODEL])
+        self.summary[stage.name] = summary
+        self.summary["data"] = {"text": self.corpus.report}
+        write_json_atomic(self.out / REPORT, self.summary, default=str)
+        return summary
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Run the selected stages; returns (and writes to output_dir/report.json) a summary."""
-    out = Path(cfg.output_dir)
-    root = Path(cfg.cache_dir) if cfg.cache_dir else None
-    summary: dict = {"config": asdict(cfg)}
-
-    world = build_world(cfg.world, root)
-    summary["world"] = {
-        "directory": str(world.directory), "vocab_size": world.tokenizer.get_vocab_size(),
-        "n_train": len(world.train), "n_eval": len(world.eval),
-    }  # fmt: skip
-    log.info("world: %s", summary["world"])
-    if cfg.stages == ["world"]:
-        return _finish(out, summary)
-
-    ckpt = train_parent(world, cfg.parent, progress=cfg.progress)
-    losses = read_train_log(ckpt)["losses"]
-    summary["parent"] = {"checkpoint": str(ckpt), "first_loss": losses[0], "final_loss": losses[-1]}
-    log.info("parent: %s", summary["parent"])
-    model = load_checkpoint(ckpt)
-
-    if "evaluate" in cfg.stages:
-        summary["evaluate"] = evaluate_model(model, world, cfg.eval, cfg.progress)
-        for mode, res in summary["evaluate"].items():
-            log.info("parent accuracy (thinking %s): %.3f by difficulty %s", mode, res["accuracy"], res["by_difficulty"])
-
-    if "export" in cfg.stages:
-        target = out / "parent"
-        save_checkpoint(
-            model, target, architecture=cfg.export.architecture, max_shard_bytes=cfg.export.max_shard_bytes or None,
-            extra_files={TOKENIZER_FILE: world.tokenizer.to_str()},
-        )  # fmt: skip
-        rep = report(model.config)
-        summary["export"] = {"checkpoint": str(target), "params": rep.params,
-                             "kv_cache_bytes_per_token": rep.kv_cache_bytes_per_token}  # fmt: skip
-        log.info("exported parent to %s", target)
-
-    if "puzzle" in cfg.stages:
-        rep = run_puzzle(model, ckpt.name, world, cfg.puzzle, out / "puzzle", progress=cfg.progress)
-        summary["puzzle"] = {k: rep[k] for k in ("status", "objective", "child", "quality", "task_accuracy_easy",
-                                                 "child_params", "parent_params", "child_kv_cache_bytes_per_token",
-                                                 "parent_kv_cache_bytes_per_token")}  # fmt: skip
-        log.info("puzzle child: %s", summary["puzzle"])
-
-    if "fusion" in cfg.stages:
-        from .fusion.stage import run_fusion_stage
-
-        child = load_checkpoint(_stage_input(out, "fusion", cfg.stages))
-        rep, _ = run_fusion_stage(child, world, cfg.fusion, out / "fusion")
-        summary["fusion"] = {k: rep[k] for k in ("message", "windows", "layers_saved", "kl_div", "max_abs_diff_logits",
-                                                 "depth_before", "depth_after", "checkpoint")}  # fmt: skip
-
-    if "recovery" in cfg.stages:
-        from .distill.stage import run_recovery_stage
-
-        child = load_checkpoint(_stage_input(out, "recovery", cfg.stages))
-        rep, _ = run_recovery_stage(model, child, world, cfg.recovery, out / "recovery", progress=cfg.progress)
-        summary["recovery"] = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "child") if k in rep}
-        for run in ("kd", "cpt"):  # the curves are in recovery/<run>/metrics.csv; keep the summary short
-            summary["recovery"].get(run, {}).pop("val_history", None)
-
-    if "sft" in cfg.stages:
-        from .sft.stage import run_sft_stage
-
-        start = _stage_input(out, "sft", cfg.stages, parent=ckpt)
-        rep, _ = run_sft_stage(load_checkpoint(start), world, cfg.sft, out / "sft", progress=cfg.progress)
-        summary["sft"] = {"start": str(start), "before": rep["before"], "after": rep["after"], "model": str(out / "sft" / "model")}
-
-    if "grpo" in cfg.stages:
-        from .rl.grpo_stage import run_grpo_stage
-
-        start = _stage_input(out, "grpo", cfg.stages, parent=ckpt)
-        rep, _ = run_grpo_stage(load_checkpoint(start), world, cfg.grpo, out / "grpo", progress=cfg.progress)
-        summary["grpo"] = {"start": str(start), **{k: rep[k] for k in ("table", "model") if k in rep}}
-    return _finish(out, summary)
-
-
-# The model each stage leaves for the next, newest first.
-_STAGE_OUTPUTS = (
-    ("grpo", Path("grpo") / "model"),
-    ("sft", Path("sft") / "model"),
-    ("recovery", Path("recovery") / "child"),
-    ("fusion", Path("fusion") / "fused"),
-    ("puzzle", Path("puzzle") / "child"),
-)
-
-
-def _stage_input(out: Path, stage: str, stages: list[str], parent: Path | None = None) -> Path:
-    """The model a stage starts from: the output of the latest earlier stage that ran in this
-    job, else the newest such output already on disk, else (for stages that do not need a
-    compressed child, like SFT) the parent."""
-    earlier = [(name, path) for name, path in _STAGE_OUTPUTS if STAGES.index(name) < STAGES.index(stage)]
-    for name, path in earlier:
-        if name in stages:
-            return out / path
-    for name, path in earlier:
-        if (out / path).is_dir():
-            log.info("%s: starting from %s (from an earlier run)", stage, out / path)
-            return out / path
-    if parent is not None:
-        log.info("%s: no compressed child in %s, starting from the parent", stage, out)
-        return parent
-    raise CheckpointError(
-        f"stage {stage!r} needs a compressed child: none of {[str(out / p) for _, p in earlier]} exists; "
-        f"run the puzzle stage first (e.g. stages=[world,parent,puzzle,{stage}])"
-    )
-
-
-def _finish(out: Path, summary: dict) -> dict:
-    write_json_atomic(out / "report.json", summary, default=str)
-    return summary
+    """Run the selected stages in registry order; returns (and writes to output_dir/report.json)
+    a summary with each stage's."""
+    world = build_world(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    run = _Run(cfg, world)
+    for name in STAGES:
+        if name in cfg.stages and name not in run.summary:
+            run.run(REGISTRY[name])
+    write_json_atomic(run.out / REPORT, run.summary, default=str)
+    return run.summary

@@ -90,18 +90,20 @@ def test_pipeline_plumbing_on_a_small_world(tmp_path):
     """Every stage runs, writes its outputs, and a rerun restores the cached parent."""
     overrides = [
         f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "progress=false",
-        "stages=[world,parent,evaluate,export]", "world.n_train=64", "world.n_eval=10", "parent.steps=3", "parent.batch_size=8",
+        "stages=[world,parent,evaluate]", "world.n_train=64", "world.n_eval=10", "parent.steps=3", "parent.batch_size=8",
         "parent.hidden_size=64", "parent.intermediate_size=256", "parent.num_layers=2",
         "eval.n_problems=10", "eval.max_new_tokens=8",
     ]  # fmt: skip
     cfg = load_config(PipelineConfig, DEFAULT_CONFIGS, overrides)
     summary = run_pipeline(cfg)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["parent"]["checkpoint"] == summary["parent"]["checkpoint"]
+    assert report["parent"]["model"] == summary["parent"]["model"] == str(tmp_path / "out" / "parent" / "model")
     assert set(report["evaluate"]) == {"on", "off"} and report["evaluate"]["on"]["n"] == 10
-    exported = tmp_path / "out" / "parent"
-    assert (exported / "config.json").is_file() and (exported / "tokenizer.json").is_file()
-    ckpt = Path(summary["parent"]["checkpoint"])
+    exported = tmp_path / "out" / "parent" / "model"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (exported / name).is_file()
+    assert json.loads((tmp_path / "out" / "evaluate" / "report.json").read_text())["model_in"] == str(exported)
+    ckpt = Path(summary["parent"]["cache"])
     stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
     run_pipeline(cfg)  # resumes: the parent is not retrained
     assert (ckpt / "model.safetensors").stat().st_mtime_ns == stamp

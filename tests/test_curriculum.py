@@ -11,7 +11,7 @@ from nemo_plugins.arch import homogeneous
 from nemo_plugins.data import curriculum as C
 from nemo_plugins.data import reasoning_world as rw
 from nemo_plugins.data import tokenizer as T
-from nemo_plugins.data.chat import EOS
+from nemo_plugins.data.chat import EOS, render_prompt
 from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model.generate import SamplingConfig
 
@@ -230,7 +230,7 @@ def test_problem_id():
 def test_pass_rate_counting(tok, problems, monkeypatch):
     """A fake generator answers correctly on the first of every k consecutive samples: rate 1/k."""
     eos = T.token_id(tok, EOS)
-    by_prompt = {tuple(T.encode(tok, C.render_prompt(p.question, True))): p for p in problems}
+    by_prompt = {tuple(T.encode(tok, render_prompt(p.question, True))): p for p in problems}
     calls = []
 
     def fake_generate(model, prompts, cfg, *, pad_id, generator):

@@ -406,6 +406,6 @@ def test_run_fusion_end_to_end(tmp_path):
     rep = run_fusion(model, batches(), tmp_path, target_layers_saved=1)
     assert len(rep["windows"]) == 1 and len(rep["windows"][0]) == 2 and rep["layers_saved"] == 1
     assert rep["checkpoint"]["format"] == "nemotron-nas"
-    for name in ("fusion_analysis.json", "fusion_report.json", "dependency.png", "fused/config.json"):
+    for name in ("fusion_analysis.json", "report.json", "dependency.png", "model/config.json"):
         assert (tmp_path / name).is_file()
-    assert load_checkpoint(tmp_path / "fused").config.blocks[rep["windows"][0][0]].ffn == swiglu(512)
+    assert load_checkpoint(tmp_path / "model").config.blocks[rep["windows"][0][0]].ffn == swiglu(512)

@@ -34,21 +34,21 @@ def small(tmp_path, *extra):
 def test_fusion_and_recovery_stages_run_report_and_resume(tmp_path, monkeypatch):
     summary = run_pipeline(small(tmp_path))
     out = tmp_path / "out"
-    child = read_config(out / "puzzle" / "child")
+    child = read_config(out / "puzzle" / "model")
     assert sum(b.attention.kind == "gqa" for b in child.blocks) <= 1  # the budget removed attention
 
-    fusion = json.loads((out / "fusion" / "fusion_report.json").read_text())
+    fusion = json.loads((out / "fusion" / "report.json").read_text())
     fused = read_config(fusion["checkpoint"]["path"])
     assert fused.num_layers == child.num_layers
     assert fusion["layers_saved"] == fusion["depth_before"] - fusion["depth_after"] == summary["fusion"]["layers_saved"]
     assert fusion["layers_saved"] >= 1  # two attention no-ops leave a run of FFNs
     assert (out / "fusion" / "dependency.png").stat().st_size > 1000
 
-    rec = json.loads((out / "recovery" / "recovery_report.json").read_text())
-    assert set(rec) >= {"parent", "before", "kd", "cpt", "kd_gap_closed", "child"}
+    rec = json.loads((out / "recovery" / "report.json").read_text())
+    assert set(rec) >= {"parent", "before", "kd", "cpt", "kd_gap_closed", "model"}
     assert rec["kd"]["steps"] == rec["cpt"]["steps"] == 4 and rec["kd"]["examples_seen"] == rec["cpt"]["examples_seen"]
     assert rec["parent"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
-    assert read_config(out / "recovery" / "child") == fused  # recovery started from the fused model
+    assert read_config(out / "recovery" / "model") == fused  # recovery started from the fused model
     for run in ("kd", "cpt"):
         run_dir = Path(rec[run]["metrics_csv"]).parent
         assert run_dir.parent == out / "recovery" and run_dir.name.startswith(run + "-")
@@ -74,10 +74,10 @@ def test_sft_stage_starts_from_the_parent_when_there_is_no_child(tmp_path):
     sft = ["sft.steps=2", "sft.val_every=1", "sft.ckpt_every=1", "sft.world_problems=16", "sft.val_problems=4",
            "sft.val_batches=1", "sft.eval_problems=4", "sft.eval_batch_size=4", "sft.max_new_tokens=8"]  # fmt: skip
     summary = run_pipeline(small(tmp_path, "stages=[world,parent,sft]", *sft))
-    assert summary["sft"]["start"] == summary["parent"]["checkpoint"]
-    report = json.loads((tmp_path / "out" / "sft" / "sft_report.json").read_text())
+    assert summary["sft"]["start"] == summary["parent"]["model"]
+    report = json.loads((tmp_path / "out" / "sft" / "report.json").read_text())
     assert set(report["after"]) == {"on", "off"} and report["after"]["on"]["n"] == 4
-    assert read_config(tmp_path / "out" / "sft" / "model") == read_config(summary["parent"]["checkpoint"])
+    assert read_config(tmp_path / "out" / "sft" / "model") == read_config(summary["parent"]["model"])
 
 
 def test_grpo_stage_runs_in_the_pipeline_after_sft(tmp_path):
@@ -89,4 +89,4 @@ def test_grpo_stage_runs_in_the_pipeline_after_sft(tmp_path):
     summary = run_pipeline(small(tmp_path, "stages=[world,parent,sft,grpo]", *sft, *grpo))
     assert summary["grpo"]["start"] == str(tmp_path / "out" / "sft" / "model")  # GRPO follows SFT
     assert [row["model"] for row in summary["grpo"]["table"]][:2] == ["before", "curriculum"]
-    assert read_config(summary["grpo"]["model"]) == read_config(summary["parent"]["checkpoint"])
+    assert read_config(summary["grpo"]["model"]) == read_config(summary["parent"]["model"])

@@ -254,7 +254,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     original = weights(start_model)
     report, model = S.run_grpo_stage(start_model, world, cfg, tmp_path)
     assert not changed(original, weights(start_model))  # the stage trains copies
-    on_disk = json.loads((tmp_path / "grpo_report.json").read_text())
+    on_disk = json.loads((tmp_path / "report.json").read_text())
     assert [r["model"] for r in on_disk["table"]] == ["before", "curriculum", "random"]
     assert on_disk["curriculum"]["steps"] == on_disk["random"]["steps"] == 2
     rates = on_disk["pass_rates"]

@@ -351,7 +351,8 @@ def test_pipeline_experiment_dry_runs_with_its_dependencies(nr, tmp_path, stdin)
     assert by["recovery"].task.__fn_or_cls__ is nr.llm.distill
     assert by["recovery"].task.student_model_path.path == "/results/p/nemo/child"
     assert by["sft"].task.model.path == "/results/p/logs/recovery"  # newest checkpoint of recovery
-    assert by["import_child"].task.hf_dir == "/results/p/outputs/puzzle/child"
+    assert by["import_child"].task.hf_dir == "/results/p/outputs/puzzle/model"
+    assert by["import_parent"].task.hf_dir == "/results/p/outputs/parent/model"
     assert "cache_dir=/results/p/cache" in by["bld"].task.overrides
     with run.Experiment("dag", executor=slurm(nr), base_dir=str(tmp_path), log_level="WARN") as exp:
         P.add_stages(exp, stages)
@@ -693,7 +694,7 @@ def test_puzzle_shards_feed_the_search(nr, tmp_path, monkeypatch, parent_checkpo
     assert sum(p["scored"] for p in parts) == len(a | b)
 
     summary = T.puzzle_search(overrides=overrides)
-    report = json.loads((tmp_path / "out" / "puzzle" / "puzzle_report.json").read_text())
+    report = json.loads((tmp_path / "out" / "puzzle" / "report.json").read_text())
     assert report["bld_trained"] == 0  # every variant came from the shards
     merged = [p for p in lib.glob("scores-*.json") if ".part-" not in p.name]
     assert len(merged) == 1  # the stage read the merged file instead of writing its own
@@ -701,9 +702,9 @@ def test_puzzle_shards_feed_the_search(nr, tmp_path, monkeypatch, parent_checkpo
     for p in parts:
         union.update(json.loads(Path(p["part"]).read_text()))
     assert json.loads(merged[0].read_text()) == union
-    assert summary["puzzle"]["child"] == str(tmp_path / "out" / "puzzle" / "child")
-    assert (tmp_path / "out" / "puzzle" / "child" / "config.json").is_file()
-    assert (tmp_path / "out" / "parent" / "config.json").is_file()  # export, for import_parent
+    assert summary["puzzle"]["model"] == str(tmp_path / "out" / "puzzle" / "model")
+    assert (tmp_path / "out" / "puzzle" / "model" / "config.json").is_file()
+    assert (tmp_path / "out" / "parent" / "model" / "config.json").is_file()  # for import_parent
 
 
 def test_puzzle_task_config_errors(nr):

@@ -297,7 +297,7 @@ def test_stage_writes_report_and_model_and_resumes_without_retraining(world, tmp
     out = tmp_path / "sft"
     start = tiny(world, seed=3)
     report, model = run_sft_stage(start, world, cfg, out)
-    saved = json.loads((out / "sft_report.json").read_text())
+    saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert set(report["before"]) == set(report["after"]) == {"on", "off"} and report["after"]["on"]["n"] == 4
     d = report["data"]

@@ -1,12 +1,14 @@
 """`nemo-plugins` command line.
 
     nemo-plugins inspect PATH [--json] [--dtype bf16] [--batch-size 1] [--seq-len 4096]
+    nemo-plugins import-gguf FILE.gguf OUT_DIR [--dtype float32] [--overwrite]   # GGUF Llama -> HF directory
     nemo-plugins pipeline [--config FILE ...] [key=value ...]
     nemo-plugins puzzle [--config FILE ...] [key=value ...]   # = pipeline stages=[world,parent,puzzle]
     nemo-plugins fusion [--config FILE ...] [key=value ...]   # ... up to FFN Fusion of the Puzzle child
     nemo-plugins recovery [--config FILE ...] [key=value ...] # ... up to recovery distillation
     nemo-plugins sft [--config FILE ...] [key=value ...]      # ... up to reasoning-toggle SFT
     nemo-plugins grpo [--config FILE ...] [key=value ...]     # ... up to GRPO with the curriculum
+    nemo-plugins recovery model=DIR teacher=DIR [key=value ...]  # a stage alone, from model directories
     nemo-plugins config [--config FILE] [key=value ...]   # print the resolved pipeline config
     nemo-plugins mip --library library.json --objective metrics.kl_div --max stats.memory_mib=40000 [--json]
 
@@ -25,10 +27,14 @@ import sys
 from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
 from ..config import DEFAULT_CONFIGS, ConfigError, load_config, to_yaml
+from ..data.chat_tokenizer import ChatTemplateError
+from ..data.sft_data import RecordError
+from ..data.sources import DataError
 from ..errors import CheckpointError
 from ..puzzle.library_file import MipError, resolve_key
 
-USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, MipError)
+USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, ChatTemplateError, DataError, RecordError, MipError,
+               FileNotFoundError)
 STAGE_COMMANDS = {
     "puzzle": ("world", "parent", "puzzle"),
     "fusion": ("world", "parent", "puzzle", "fusion"),
@@ -80,6 +86,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_import_gguf(args) -> int:
+    from ..model.checkpoint import read_config
+    from ..model.gguf_import import import_gguf
+
+    out = import_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    cfg = report(read_config(out))
+    print(f"wrote {out}: {cfg.params:,} parameters; use it as parent.path={out}")
+    return 0
+
+
 def _pipeline_config(args, extra_overrides: tuple[str, ...] = ()):
     from ..pipeline import PipelineConfig
 
@@ -90,8 +106,12 @@ def _pipeline_config(args, extra_overrides: tuple[str, ...] = ()):
 def cmd_pipeline(args) -> int:
     from ..pipeline import run_pipeline
 
-    # `nemo-plugins puzzle|fusion|recovery` is the pipeline up to that stage (still overridable: stages=[...])
-    extra = (f"stages=[{','.join(STAGE_COMMANDS[args.command])}]",) if args.command in STAGE_COMMANDS else ()
+    # `nemo-plugins puzzle|fusion|...` is the pipeline up to that stage, or with model=DIR that stage
+    # alone (still overridable: stages=[...])
+    extra: tuple[str, ...] = ()
+    if args.command in STAGE_COMMANDS:
+        alone = any(o.startswith("model=") for o in args.overrides)
+        extra = (f"stages=[{args.command if alone else ','.join(STAGE_COMMANDS[args.command])}]",)
     cfg = _pipeline_config(args, extra)
     summary = run_pipeline(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
@@ -178,8 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--seq-len", type=int, default=4096)
     ins.set_defaults(func=cmd_inspect)
 
+    gg = sub.add_parser("import-gguf", help="a GGUF Llama (llama.cpp format, any quantization) to a Hugging Face directory")
+    gg.add_argument("file", help="the .gguf file")
+    gg.add_argument("out", help="the output directory (config.json, model.safetensors, tokenizer with chat template)")
+    gg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    gg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    gg.set_defaults(func=cmd_import_gguf)
+
     for name, func, help_ in (
-        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> export -> puzzle -> fusion -> recovery -> sft -> grpo)"),
+        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> puzzle -> fusion -> recovery -> sft -> grpo)"),
         ("puzzle", cmd_pipeline, "Puzzle NAS on the parent: library, BLD, scores, costs, MIP, child, report"),
         ("fusion", cmd_pipeline, "FFN Fusion of the Puzzle child: dependency analysis, exact fusion, report"),
         ("recovery", cmd_pipeline, "recovery of the compressed child: KD from the parent (and LM-loss training to compare)"),

@@ -30,14 +30,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ..model.generate import SamplingConfig, generate
 from ..utils.atomic import write_json_atomic
-from .chat import EOS, PAD, render_prompt
+from .chat_tokenizer import ChatTokenizer, as_chat
 from .reasoning_world import Problem, is_correct
-from .tokenizer import decode, encode, token_id
 
 log = logging.getLogger("nemo_plugins.curriculum")
 
@@ -68,15 +66,16 @@ def problems_by_id(problems: Sequence[Problem]) -> dict[str, Problem]:
 # pass-rate estimation
 
 
-def _pass_rate_sampling(sampling: SamplingConfig | None, eos: int) -> SamplingConfig:
+def _pass_rate_sampling(sampling: SamplingConfig | None, stops: Sequence[int]) -> SamplingConfig:
     """The sampling config for pass rates: temperature 1 by default, always stopping at EOS."""
     sampling = sampling or SamplingConfig(max_new_tokens=64, temperature=1.0)
     if sampling.temperature <= 0:
         raise ValueError(
             f"sampling.temperature={sampling.temperature}: expected > 0 (k greedy samples would be identical)"
         )
-    if eos not in sampling.stop_token_ids:
-        sampling = replace(sampling, stop_token_ids=(*sampling.stop_token_ids, eos))
+    missing = tuple(t for t in stops if t not in sampling.stop_token_ids)
+    if missing:
+        sampling = replace(sampling, stop_token_ids=(*sampling.stop_token_ids, *missing))
     return sampling
 
 
@@ -112,14 +111,13 @@ def _read_cache(path: Path, key: dict) -> dict[str, float] | None:
 
 
 def _sample_pass_rates(
-    model, tok: Tokenizer, problems: Mapping[str, Problem], k: int, sampling: SamplingConfig,
+    model, tok: ChatTokenizer, problems: Mapping[str, Problem], k: int, sampling: SamplingConfig,
     batch_size: int, seed: int, thinking, progress: bool,
 ) -> dict[str, float]:  # fmt: skip
     """k sampled completions per problem, scored by the final answer; batches of `batch_size` sequences."""
-    eos, pad = token_id(tok, EOS), token_id(tok, PAD)
     device = model.lm_head.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = {i: encode(tok, render_prompt(p.question, thinking)) for i, p in problems.items()}
+    prompts = {i: tok.prompt_ids(p.question, thinking) for i, p in problems.items()}
     jobs = [i for i in problems for _ in range(k)]  # each id k times, consecutive
     correct = dict.fromkeys(problems, 0)
     was_training = model.training
@@ -127,9 +125,9 @@ def _sample_pass_rates(
     try:
         for start in tqdm(range(0, len(jobs), batch_size), desc="pass rates", disable=not progress):
             chunk = jobs[start : start + batch_size]
-            outputs = generate(model, [prompts[i] for i in chunk], sampling, pad_id=pad, generator=gen)
+            outputs = generate(model, [prompts[i] for i in chunk], sampling, pad_id=tok.pad_id, generator=gen)
             for i, out in zip(chunk, outputs):
-                correct[i] += is_correct(decode(tok, [t for t in out if t != eos]), problems[i])
+                correct[i] += is_correct(tok.decode_response(out), problems[i])
     finally:
         model.train(was_training)
     return {i: c / k for i, c in correct.items()}
@@ -137,7 +135,7 @@ def _sample_pass_rates(
 
 def estimate_pass_rates(
     model,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     problems: Sequence[Problem],
     k: int,
     *,
@@ -167,7 +165,8 @@ def estimate_pass_rates(
     if cache_path is not None and not model_id:
         raise ValueError(f"model_id={model_id!r}: expected a non-empty model identity when cache_path is set")
     by_id = problems_by_id(problems)
-    sampling = _pass_rate_sampling(sampling, token_id(tokenizer, EOS))
+    tokenizer = as_chat(tokenizer)
+    sampling = _pass_rate_sampling(sampling, tokenizer.stop_ids)
     key = _cache_key(model_id or "", k, seed, sampling, thinking, list(by_id))
     if cache_path is not None:
         cached = _read_cache(Path(cache_path), key)

@@ -82,7 +82,7 @@ from .chat import (
     system_prompt,
 )
 from .reasoning_world import Problem, direct_response, has_think_block, reasoning_response
-from .tokenizer import encode_example
+from .chat_tokenizer import ChatTokenizer, as_chat
 
 log = logging.getLogger(__name__)
 
@@ -495,14 +495,16 @@ class TokenizeReport:
     reasons: Counter = field(default_factory=Counter)
 
 
-def tokenize_example(tok: Tokenizer, ex: ChatExample) -> TokenizedExample:
-    """(ids, loss_mask) via render_chat + encode_example: mask 1 on response tokens incl. EOS."""
-    prompt, response = render_chat(ex)
-    return encode_example(tok, prompt, response)
+def tokenize_example(tok: Tokenizer | ChatTokenizer, ex: ChatExample) -> TokenizedExample:
+    """(ids, loss_mask) in the tokenizer's chat template (for the tiny template the strings of
+    `render_chat`): mask 1 on response tokens, the end of turn included."""
+    turns = [(t.role, t.content) for t in ex.messages]
+    return as_chat(tok).example_ids(turns, ex.response, ex.thinking)
 
 
 def tokenize_examples(
-    tok: Tokenizer, examples: Iterable[ChatExample], max_len: int | None = None, overflow: Overflow = "drop"
+    tok: Tokenizer | ChatTokenizer, examples: Iterable[ChatExample], max_len: int | None = None,
+    overflow: Overflow = "drop",
 ) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize all examples; those longer than `max_len` are dropped or truncated (counted).
 
@@ -513,7 +515,7 @@ def tokenize_examples(
         raise ValueError(f"overflow={overflow!r}: expected 'drop' or 'truncate'")
     if max_len is not None and max_len < 2:
         raise ValueError(f"max_len={max_len}: expected >= 2 (a prompt token and a response token)")
-    out, rep = [], TokenizeReport()
+    out, rep, tok = [], TokenizeReport(), as_chat(tok)
     for ex in examples:
         rep.examples += 1
         ids, mask = tokenize_example(tok, ex)

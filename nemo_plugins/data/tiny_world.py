@@ -17,9 +17,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ..utils.atomic import write_json_atomic
-from .chat import render_example
-from .reasoning_world import DIFFICULTIES, Problem, draw_unique, response_for, split_problems
-from .tokenizer import encode_example, load_tokenizer, save_tokenizer, train_tokenizer
+from .chat_tokenizer import ChatTokenizer
+from .reasoning_world import DIFFICULTIES, Problem, draw_unique, reasoning_response, response_for, split_problems
+from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when generation changes, so stale caches are not reused
 
@@ -60,15 +60,27 @@ class World:
     tokenizer: Tokenizer
     directory: Path = field(default=Path("."))
 
-    def training_examples(self) -> list[tuple[list[int], list[int]]]:
-        """Tokenized (ids, loss_mask) examples; each problem in one reasoning mode."""
+    @property
+    def chat(self) -> ChatTokenizer:
+        """The world's own tokenizer with the tiny chat template."""
+        return ChatTokenizer.tiny(self.tokenizer)
+
+    def training_examples(self, chat: ChatTokenizer | None = None) -> list[tuple[list[int], list[int]]]:
+        """(ids, loss_mask) examples, each problem in one reasoning mode, in `chat`'s template
+        (default: the world's own tokenizer and template)."""
+        chat = chat or self.chat
         rng = random.Random(f"{self.config.seed}/modes")
         out = []
         for p in self.train:
             thinking = rng.random() < self.config.thinking_fraction
-            prompt, response = render_example(p.question, response_for(p, thinking), thinking)
-            out.append(encode_example(self.tokenizer, prompt, response))
+            out.append(chat.example_ids(p.question, response_for(p, thinking), thinking))
         return out
+
+    def eval_examples(self, chat: ChatTokenizer | None = None) -> list[tuple[list[int], list[int]]]:
+        """The held-out problems with their reasoning responses (thinking on), as (ids, loss_mask):
+        what Puzzle scores and recovery validates on."""
+        chat = chat or self.chat
+        return [chat.example_ids(p.question, reasoning_response(p), True) for p in self.eval]
 
     def extra_heldout(
         self, n: int, difficulties: list[int] | None = None, tag: str = "heldout", exclude: Iterable[Problem] = ()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..arch.config import to_dict
 from ..data.tiny_world import World, config_hash
-from ..data.tokenizer import TOKENIZER_FILE
+from ..data.chat_tokenizer import ChatTokenizer
+from ..data.sources import Corpus
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils.atomic import write_json_atomic
@@ -39,31 +40,37 @@ def fingerprint(model) -> str:
     return config_hash(to_dict(model.config), sums)
 
 
-def quality(parent, model, world: World, cfg: RecoveryStageConfig) -> dict:
-    """KL(parent || model) and LM loss on held-out response tokens; greedy accuracy (thinking on)."""
+def quality(
+    parent, model, world: World, cfg: RecoveryStageConfig, chat: ChatTokenizer | None = None, held_out=None
+) -> dict:
+    """KL(parent || model) and LM loss on held-out tokens (`held_out`, default: the world's response
+    tokens); greedy accuracy on the world's problems (thinking on)."""
     from ..evaluate import task_accuracy
     from ..puzzle.scoring import model_metrics
-    from ..puzzle.stage import eval_examples, token_batches
+    from ..puzzle.stage import token_batches
 
-    batches = token_batches(eval_examples(world), cfg.batch_size, cfg.eval_batches, 0, response_only=True)
+    chat = chat or world.chat
+    held_out = held_out if held_out is not None else world.eval_examples(chat)
+    batches = token_batches(held_out, cfg.batch_size, cfg.eval_batches, 0, response_only=True)
     metrics = model_metrics(parent, model, batches)
-    acc = task_accuracy(model, world.tokenizer, world.eval[: cfg.eval_problems], thinking=True)
+    acc = task_accuracy(model, chat, world.eval[: cfg.eval_problems], thinking=True)
     return {"kl_div": metrics["kl_div"], "lm_loss": metrics["lm_loss"], "accuracy": acc["accuracy"],
             "accuracy_by_difficulty": acc["by_difficulty"]}  # fmt: skip
 
 
 def run_recovery_stage(
     parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, world: World, cfg: RecoveryStageConfig, out_dir: Path,
-    *, progress: bool = False,
+    *, progress: bool = False, chat: ChatTokenizer | None = None, corpus: Corpus | None = None,
 ) -> tuple[dict, HeteroLlamaForCausalLM]:  # fmt: skip
     """(report, KD-recovered child). Resumable: each run continues from its checkpoints, which
     live in a directory keyed by the run's config and the child's weights, so a changed setting
-    or a different child starts afresh instead of resuming someone else's run."""
-    from ..puzzle.stage import eval_examples
-
+    or a different child starts afresh instead of resuming someone else's run. `chat`: the
+    child's tokenizer and template, shared with the parent (default: the world's)."""
+    chat, corpus = chat or world.chat, corpus or Corpus(world)
     out_dir = Path(out_dir)
-    train, val = world.training_examples(), eval_examples(world)
-    report: dict = {"parent": quality(parent, parent, world, cfg), "before": quality(parent, child, world, cfg)}
+    train, val = corpus.training_examples(chat), corpus.eval_examples(chat)
+    measure = lambda model: quality(parent, model, world, cfg, chat, val)  # noqa: E731
+    report: dict = {"parent": measure(parent), "before": measure(child)}
     runs = {"kd": cfg.loss}
     if cfg.compare_cpt:
         runs["cpt"] = RecoveryLossConfig(mode="cpt")
@@ -71,20 +78,21 @@ def run_recovery_stage(
     for name, loss in runs.items():
         student = copy.deepcopy(child)
         run_cfg = dataclasses.replace(cfg, loss=loss)
-        run_dir = out_dir / f"{name}-{config_hash(asdict(run_cfg), fingerprint(child))}"
+        data_key = [corpus.key] if corpus.key else []  # the tiny world's runs keep their keys
+        run_dir = out_dir / f"{name}-{config_hash(asdict(run_cfg), fingerprint(child), *data_key)}"
         summary = run_recovery(student, parent, train, val, run_cfg, run_dir, progress=progress)
         tokens = summary["steps"] * cfg.batch_size * cfg.grad_accum
-        report[name] = {**quality(parent, student, world, cfg), "steps": summary["steps"], "examples_seen": tokens,
+        report[name] = {**measure(student), "steps": summary["steps"], "examples_seen": tokens,
                         "val_history": summary["val_history"], "plot": summary["plot"],
                         "metrics_csv": summary["metrics_csv"]}  # fmt: skip
         if name == "kd":
             recovered = student
     before, after = report["before"]["kl_div"], report["kd"]["kl_div"]
     report["kd_gap_closed"] = 1 - after / before if before > 0 else None
-    target = out_dir / "child"
-    save_checkpoint(recovered, target, extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
-    report["child"] = str(target)
-    write_json_atomic(out_dir / "recovery_report.json", report)
+    target = out_dir / "model"
+    save_checkpoint(recovered, target, extra_files=chat.files())
+    report["model"] = str(target)
+    write_json_atomic(out_dir / "report.json", report)
     log.info("recovery: KL %.4f -> %.4f (KD)%s", before, after,
              f", {report['cpt']['kl_div']:.4f} (LM loss only)" if "cpt" in report else "")  # fmt: skip
     return report, recovered

@@ -340,7 +340,7 @@ def run_fusion(
     extra_files: dict[str, str | bytes] | None = None,
 ) -> dict:
     """Analyze, select, fuse, report, plot and save under `out_dir` (fusion_analysis.json,
-    dependency.png, fused/, fusion_report.json); returns the report. With nothing to fuse the
+    dependency.png, model/, report.json); returns the report. With nothing to fuse the
     report says so and the unchanged model is still saved, so later stages can proceed."""
     from .plots import plot_dependency  # matplotlib only when plotting
 
@@ -351,6 +351,7 @@ def run_fusion(
     windows = select_runs(analysis, threshold, target_layers_saved)
     result = fuse_model(model, windows)
     report = {"message": result.message, "windows": result.windows, **fusion_report(model, result.model, batches)}
-    report["checkpoint"] = save_fused(result.model, out / "fused", extra_files=extra_files)
-    write_json_atomic(out / "fusion_report.json", report)
+    report["checkpoint"] = save_fused(result.model, out / "model", extra_files=extra_files)
+    report["model"] = report["checkpoint"]["path"]
+    write_json_atomic(out / "report.json", report)
     return report

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.tiny_world import World
-from ..data.tokenizer import TOKENIZER_FILE
+from ..data.chat_tokenizer import ChatTokenizer
+from ..data.sources import Corpus
 from ..model.checkpoint import load_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from .fuse import run_fusion
@@ -37,14 +38,20 @@ class FusionConfig:
             raise ValueError("fusion.calibration_batches and fusion.batch_size must be positive")
 
 
-def run_fusion_stage(model: HeteroLlamaForCausalLM, world: World, cfg: FusionConfig, out_dir: Path) -> tuple[dict, HeteroLlamaForCausalLM]:
-    """(report, fused model); files under out_dir (see `fuse.run_fusion`)."""
+def run_fusion_stage(
+    model: HeteroLlamaForCausalLM, world: World, cfg: FusionConfig, out_dir: Path, *, chat: ChatTokenizer | None = None,
+    corpus: Corpus | None = None,
+) -> tuple[dict, HeteroLlamaForCausalLM]:
+    """(report, fused model); files under out_dir (see `fuse.run_fusion`). `chat`: the model's
+    tokenizer and template (default: the world's); `corpus`: the calibration text (default: the
+    world's examples)."""
     from ..puzzle.stage import token_batches
 
-    batches = token_batches(world.training_examples(), cfg.batch_size, cfg.calibration_batches, 0)
+    chat, corpus = chat or world.chat, corpus or Corpus(world)
+    batches = token_batches(corpus.training_examples(chat), cfg.batch_size, cfg.calibration_batches, 0)
     report = run_fusion(
         model, batches, out_dir, threshold=cfg.threshold, target_layers_saved=cfg.target_layers_saved,
-        extra_files={TOKENIZER_FILE: world.tokenizer.to_str()},
+        extra_files=chat.files(),
     )  # fmt: skip
     log.info("fusion: %s", report["message"])
     return report, load_checkpoint(report["checkpoint"]["path"])

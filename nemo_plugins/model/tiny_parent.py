@@ -14,7 +14,7 @@ from pathlib import Path
 from ..arch.config import ModelConfig, homogeneous
 from ..data.chat import BOS, EOS
 from ..data.tiny_world import World, config_hash
-from ..data.tokenizer import TOKENIZER_FILE, token_id
+from ..data.tokenizer import token_id
 from ..utils.atomic import write_json_atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .llama import HeteroLlamaForCausalLM
@@ -36,6 +36,10 @@ class ParentConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     seed: int = 0
+    # Any local Hugging Face Llama-family directory (plain Llama or nemotron-nas, one file or
+    # sharded, with tokenizer.json and its chat template) to use instead of training the tiny
+    # parent; the fields above are then unused.
+    path: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "hidden_size", "num_layers", "intermediate_size"):
@@ -64,7 +68,9 @@ def parent_model_config(p: ParentConfig, world: World) -> ModelConfig:
 
 
 def parent_dir(world: World, p: ParentConfig) -> Path:
-    return world.directory / f"parent-{config_hash(asdict(p))}"
+    """The cache directory of the tiny parent trained with `p` (keyed by its training fields)."""
+    fields = {k: v for k, v in asdict(p).items() if k != "path"}
+    return world.directory / f"parent-{config_hash(fields)}"
 
 
 def train_parent(world: World, p: ParentConfig | None = None, *, progress: bool = True) -> Path:
@@ -82,8 +88,7 @@ def train_parent(world: World, p: ParentConfig | None = None, *, progress: bool 
         model, world.training_examples(), steps=p.steps, batch_size=p.batch_size, optim=optim,
         seed=p.seed, progress=progress,
     )  # fmt: skip
-    tokenizer_json = world.tokenizer.to_str()
-    save_checkpoint(model, out, extra_files={TOKENIZER_FILE: tokenizer_json})
+    save_checkpoint(model, out, extra_files=world.chat.files())
     write_json_atomic(out / "train_log.json", {"config": asdict(p), "losses": losses})
     return out
 

@@ -80,13 +80,16 @@ def pipeline_stages(
     one = _sized(executor, 1, 1)
     spread = _sized(executor, puzzle_nodes, gpus_per_node)
     parent_nemo, child_nemo = f"{work_dir}/nemo/parent", f"{work_dir}/nemo/child"
-    child_hf = f"{out}/fusion/fused" if fusion else f"{out}/puzzle/child"
+    child_hf = f"{out}/fusion/model" if fusion else f"{out}/puzzle/model"
+    # the parent as the project's stages hand it over: parent.path itself, else the parent stage's model
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("parent.path=")]
+    parent_hf = given[-1] if given else f"{out}/parent/model"
     stages = [
         Stage("prepare", run.Partial(puzzle_prepare, **kw), one),
         Stage("bld", run.Partial(puzzle_bld, **kw), spread, ("prepare",)),
         Stage("score", run.Partial(puzzle_score, **kw), spread, ("bld",)),
         Stage("search", run.Partial(puzzle_search, fusion=fusion, **kw), one, ("score",)),
-        Stage("import_parent", run.Partial(import_hf, hf_dir=f"{out}/parent", output=parent_nemo), one, ("prepare",)),
+        Stage("import_parent", run.Partial(import_hf, hf_dir=parent_hf, output=parent_nemo), one, ("prepare",)),
         Stage("import_child", run.Partial(import_hf, hf_dir=child_hf, output=child_nemo), one, ("search",)),
     ]
     start, after = child_nemo, ("import_child",)

@@ -36,7 +36,7 @@ import nemo_run as run  # noqa: E402
 
 log = logging.getLogger("nemo_plugins.nemo")
 
-STAGES_BEFORE_PUZZLE = ("world", "parent", "export")
+STAGES_BEFORE_PUZZLE = ("world", "parent")
 
 
 def _project_config(preset: str, configs: Optional[list[str]], overrides: Optional[list[str]], stages=None):
@@ -93,25 +93,31 @@ def _own_gpu(local_rank: int) -> None:
 
 
 def _parent_and_library(cfg):
-    """(parent model, world, library directory, variants) exactly as the Puzzle stage has them."""
+    """(parent model, corpus, library directory, variants, chat tokenizer) exactly as the Puzzle
+    stage has them: the parent is `parent.path` or the cached tiny parent, the text `data.text`
+    or the tiny world's."""
+    from ..data.chat_tokenizer import ChatTokenizer
+    from ..data.sources import Corpus
     from ..data.tiny_world import build_world
-    from ..model.checkpoint import load_checkpoint
-    from ..model.tiny_parent import train_parent
+    from ..distill.stage import fingerprint
+    from ..pipeline import load_model, parent_source
     from ..puzzle.library import build_variants
     from ..puzzle.stage import library_dir
 
     world = build_world(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    ckpt = train_parent(world, cfg.parent, progress=False)
-    parent = load_checkpoint(ckpt)
-    lib_dir = library_dir(cfg.puzzle, ckpt.name, world.directory)  # parent id as the pipeline passes it
-    return parent, world, lib_dir, build_variants(parent.config, cfg.puzzle.library)
+    corpus = Corpus(world, cfg.data.text)
+    source = parent_source(cfg, world)
+    parent = load_model(source)
+    lib_dir = library_dir(cfg.puzzle, fingerprint(parent), corpus.directory)  # keyed as the pipeline keys it
+    return parent, corpus, lib_dir, build_variants(parent.config, cfg.puzzle.library), ChatTokenizer.from_dir(source)
 
 
-def _students(parent, variants, world, cfg):
+def _students(parent, variants, corpus, cfg, chat):
     from ..puzzle.build import build_students
     from ..puzzle.stage import token_batches
 
-    calib = token_batches(world.training_examples(), cfg.puzzle.bld.batch_size, cfg.puzzle.init.calibration_batches, 0)
+    examples = corpus.training_examples(chat)
+    calib = token_batches(examples, cfg.puzzle.bld.batch_size, cfg.puzzle.init.calibration_batches, 0)
     return build_students(parent, variants, calib, cfg.puzzle.init)
 
 
@@ -143,12 +149,12 @@ def puzzle_bld(
     rank, world_size, local = launcher_rank(rank, world_size)
     _own_gpu(local)
     cfg = _project_config(preset, configs, overrides)
-    parent, world, lib_dir, variants = _parent_and_library(cfg)
+    parent, corpus, lib_dir, variants, chat = _parent_and_library(cfg)
     mine = shard(variants, rank, world_size)
-    students = _students(parent, mine, world, cfg)
+    students = _students(parent, mine, corpus, cfg, chat)
     exact = {v for v in mine if is_parent_variant(parent.config, v)}
     single = dc.replace(cfg.puzzle.bld, rank=0, world_size=1, processes=1)
-    losses = run_bld(parent, students, world.training_examples(), lib_dir, single, exact=exact, progress=False)
+    losses = run_bld(parent, students, corpus.training_examples(chat), lib_dir, single, exact=exact, progress=False)
     log.info("BLD shard %d/%d: %d variants (%d trained now) in %s", rank, world_size, len(mine), len(losses), lib_dir)
     return {"rank": rank, "world_size": world_size, "variants": [v.key for v in mine], "trained": len(losses),
             "library_dir": str(lib_dir)}  # fmt: skip
@@ -166,13 +172,13 @@ def puzzle_score(
     model: KL, LM loss, cosine); writes a part file that `puzzle_search` merges."""
     from ..puzzle.bld import load_variant_state, shard, variant_path
     from ..puzzle.scoring import score_variants
-    from ..puzzle.stage import eval_examples, scores_file, token_batches
+    from ..puzzle.stage import scores_file, token_batches
     from ..utils.atomic import write_json_atomic
 
     rank, world_size, local = launcher_rank(rank, world_size)
     _own_gpu(local)
     cfg = _project_config(preset, configs, overrides)
-    parent, world, lib_dir, variants = _parent_and_library(cfg)
+    parent, corpus, lib_dir, variants, chat = _parent_and_library(cfg)
     mine = shard(variants, rank, world_size)
     missing = [v.key for v in mine if not variant_path(lib_dir, v).is_file()]
     if missing:
@@ -180,10 +186,10 @@ def puzzle_score(
             f"puzzle_score shard {rank}/{world_size}: {len(missing)} variants are not trained in {lib_dir} (first: "
             f"{missing[0]}); run puzzle_bld with the same preset/configs/overrides first"
         )
-    students = _students(parent, mine, world, cfg)
+    students = _students(parent, mine, corpus, cfg, chat)
     for v, block in students.items():
         block.load_state_dict(load_variant_state(lib_dir, v))
-    held_out = eval_examples(world)
+    held_out = corpus.eval_examples(chat)
     batches = token_batches(held_out, cfg.puzzle.score_batch_size, cfg.puzzle.score_batches, 0, response_only=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parent.to(device).eval()
@@ -228,16 +234,16 @@ def puzzle_search(
     Variants or scores missing on disk are computed here, so it is also correct alone."""
     from ..pipeline import run_pipeline
     from ..puzzle.bld import variant_path
-    from ..puzzle.stage import eval_examples, scores_file
+    from ..puzzle.stage import scores_file
 
     stages = [*STAGES_BEFORE_PUZZLE, "puzzle", *(["fusion"] if fusion else [])]
     cfg = _project_config(preset, configs, overrides, stages)
-    parent, world, lib_dir, variants = _parent_and_library(cfg)
+    parent, corpus, lib_dir, variants, chat = _parent_and_library(cfg)
     untrained = sum(not variant_path(lib_dir, v).is_file() for v in variants)
     if untrained:
         log.warning("puzzle_search: %d of %d variants not in %s; BLD trains them here",
                     untrained, len(variants), lib_dir)  # fmt: skip
-    if not merge_score_parts(scores_file(cfg.puzzle, lib_dir, len(eval_examples(world)))):
+    if not merge_score_parts(scores_file(cfg.puzzle, lib_dir, len(corpus.eval_examples(chat)))):
         log.warning("puzzle_search: no complete set of score shards in %s; scoring here", lib_dir)
     summary = run_pipeline(cfg)
     return {k: v for k, v in summary.items() if k != "config"}

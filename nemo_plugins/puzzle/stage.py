@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 from ..arch.accounting import report as arch_report
+from ..data.chat_tokenizer import ChatTokenizer
+from ..data.sources import Corpus
 from ..data.tiny_world import World, config_hash
-from ..data.tokenizer import TOKENIZER_FILE
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..model.train import collate_with_validity
@@ -133,13 +134,17 @@ def build_library_file(parent_cfg, variants, scores, measured, costs: CostConfig
 
 
 def run_puzzle(
-    parent: HeteroLlamaForCausalLM, parent_id: str, world: World, cfg: PuzzleConfig, out_dir: Path, *, progress: bool = True
+    parent: HeteroLlamaForCausalLM, parent_id: str, world: World, cfg: PuzzleConfig, out_dir: Path, *,
+    progress: bool = True, chat: ChatTokenizer | None = None, corpus: Corpus | None = None,
 ) -> dict:
-    """Run the whole Puzzle stage; returns the summary also written to out_dir/puzzle_report.json."""
+    """Run the whole Puzzle stage; returns the report also written to out_dir/report.json, with
+    the child in out_dir/model. `chat`: the parent's tokenizer and template (default: the
+    world's); `corpus`: the text to calibrate, train and score on (default: the world's)."""
+    chat, corpus = chat or world.chat, corpus or Corpus(world)
     pcfg = parent.config
     pad = 0
-    variants, students, lib_dir, bld_losses = trained_library(parent, parent_id, world, cfg, progress=progress)
-    held_out = eval_examples(world)
+    variants, students, lib_dir, bld_losses = trained_library(parent, parent_id, corpus, cfg, progress=progress, chat=chat)
+    held_out = corpus.eval_examples(chat)
     exact = {v for v in variants if is_parent_variant(pcfg, v)}
     parent_choice = {v.group: v.name for v in exact}
 
@@ -169,15 +174,15 @@ def run_puzzle(
     frontier = mip.pareto_sweep(library, cfg.objective, sweep_key, budgets, max_bounds=others)
 
     child = realize_child(parent, solution.choices, variants, lambda v: students[v].state_dict())
-    child_dir = out_dir / "child"
-    save_checkpoint(child, child_dir, architecture="nemotron-nas", extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
+    child_dir = out_dir / "model"
+    save_checkpoint(child, child_dir, architecture="nemotron-nas", extra_files=chat.files())
 
     report = _report(
         parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg,
-        held_out, measured,
+        held_out, measured, chat,
     )  # fmt: skip
-    report.update(library_dir=str(lib_dir), child=str(child_dir), bld_trained=len(bld_losses))
-    write_json_atomic(out_dir / "puzzle_report.json", report)
+    report.update(library_dir=str(lib_dir), model=str(child_dir), bld_trained=len(bld_losses))
+    write_json_atomic(out_dir / "report.json", report)
     from .report_plots import plot_architecture, plot_pareto
 
     plot_architecture(pcfg, child.config, out_dir / "architecture.png")
@@ -185,12 +190,16 @@ def run_puzzle(
     return report
 
 
-def trained_library(parent: HeteroLlamaForCausalLM, parent_id: str, world: World, cfg: PuzzleConfig, *, progress: bool = True):
+def trained_library(
+    parent: HeteroLlamaForCausalLM, parent_id: str, corpus: Corpus | World, cfg: PuzzleConfig, *, progress: bool = True,
+    chat: ChatTokenizer | None = None,
+):  # fmt: skip
     """(variants, {variant: trained module}, library directory, BLD losses of what trained now):
-    every variant initialized from the parent, then trained by BLD unless already on disk."""
+    every variant initialized from the parent, then trained by BLD on `corpus` unless already on
+    disk (the library directory is keyed by the parent, the configs and the corpus)."""
     variants = build_variants(parent.config, cfg.library)
-    examples = world.training_examples()
-    lib_dir = library_dir(cfg, parent_id, world.directory)
+    examples = corpus.training_examples(chat)
+    lib_dir = library_dir(cfg, parent_id, corpus.directory)
     processes = bld_processes(cfg.bld.processes)
     if processes > 1 and not all(variant_path(lib_dir, v).is_file() for v in variants):
         run_bld_processes(parent, variants, examples, lib_dir, cfg, processes)
@@ -201,18 +210,6 @@ def trained_library(parent: HeteroLlamaForCausalLM, parent_id: str, world: World
     for v, block in students.items():
         block.load_state_dict(load_variant_state(lib_dir, v))
     return variants, students, lib_dir, bld_losses
-
-
-def eval_examples(world: World):
-    from ..data.chat import render_example
-    from ..data.reasoning_world import reasoning_response
-    from ..data.tokenizer import encode_example
-
-    out = []
-    for p in world.eval:
-        prompt, response = render_example(p.question, reasoning_response(p), True)
-        out.append(encode_example(world.tokenizer, prompt, response))
-    return out
 
 
 def choice_totals(library: dict, choices: dict[str, str]) -> dict[str, float]:
@@ -255,15 +252,15 @@ def _runtime_check(parent, child, library, parent_choice, choices, non_block, me
 
 def _report(
     parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out,
-    measured,
+    measured, chat,
 ) -> dict:
     from ..evaluate import task_accuracy
 
     batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)
     quality = model_metrics(parent, child, batches)
     easy = [p for p in world.eval if p.difficulty <= 2][:100]
-    acc_parent = task_accuracy(parent, world.tokenizer, easy)["accuracy"]
-    acc_child = task_accuracy(child, world.tokenizer, easy)["accuracy"]
+    acc_parent = task_accuracy(parent, chat, easy)["accuracy"]
+    acc_child = task_accuracy(child, chat, easy)["accuracy"]
     predicted = choice_totals(library, solution.choices)
     runtime = (
         _runtime_check(parent, child, library, parent_choice, solution.choices, non_block, measured, cfg)

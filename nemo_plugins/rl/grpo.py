@@ -64,13 +64,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from ..data.chat import EOS, PAD, render_prompt
+from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
-from ..data.tokenizer import decode, encode, token_id
 from ..distill.losses import next_token_mask
 from ..utils.training import PRECISIONS, StepModule, resolve_precision
 from ..model.generate import SamplingConfig, generate
@@ -354,14 +352,15 @@ class Rollout:
 
 
 def rollout(
-    policy, tok: Tokenizer, problems: Sequence[Problem], thinking: Sequence[bool], cfg: GRPOConfig,
+    policy, tok: ChatTokenizer, problems: Sequence[Problem], thinking: Sequence[bool], cfg: GRPOConfig,
     generator: torch.Generator,
 ) -> Rollout:
     """Sample `cfg.group_size` completions per problem under its thinking mode."""
-    eos, pad = token_id(tok, EOS), token_id(tok, PAD)
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_token_ids=(eos,))
+    tok = as_chat(tok)
+    stops = set(tok.stop_ids)
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_token_ids=tok.stop_ids)
     G = cfg.group_size
-    prompts = [encode(tok, render_prompt(p.question, t)) for p, t in zip(problems, thinking)]
+    prompts = [tok.prompt_ids(p.question, t) for p, t in zip(problems, thinking)]
     seq_prompts = [p for p in prompts for _ in range(G)]
     completions: list[list[int]] = []
     was_training = policy.training
@@ -369,14 +368,14 @@ def rollout(
     try:
         for start in range(0, len(seq_prompts), cfg.generation_batch_size):
             chunk = seq_prompts[start : start + cfg.generation_batch_size]
-            completions += generate(policy, chunk, sampling, pad_id=pad, generator=generator)
+            completions += generate(policy, chunk, sampling, pad_id=tok.pad_id, generator=generator)
     finally:
         policy.train(was_training)
     return Rollout(
         prompt_ids=seq_prompts, completions=completions,
-        texts=[decode(tok, [t for t in c if t != eos]) for c in completions],
+        texts=[tok.decode_response(c) for c in completions],
         thinking=[t for t in thinking for _ in range(G)], answers=[p.answer for p in problems for _ in range(G)],
-        truncated=[not c or c[-1] != eos for c in completions],
+        truncated=[not c or c[-1] not in stops for c in completions],
     )  # fmt: skip
 
 
@@ -607,7 +606,7 @@ def write_metrics(history: Sequence[dict], csv_path: Path, jsonl_path: Path) -> 
 
 
 def heldout_accuracy(
-    model, tok: Tokenizer, problems: Sequence[Problem], max_new_tokens: int, thinking: bool = True
+    model, tok: ChatTokenizer, problems: Sequence[Problem], max_new_tokens: int, thinking: bool = True
 ) -> dict:
     """Greedy accuracy on held-out problems (`evaluate.task_accuracy`), JSON-ready (string keys)."""
     from ..evaluate import task_accuracy
@@ -642,16 +641,16 @@ class GRPOModule(StepModule):
     Lightning prefetch never advances the sampler past the checkpoint)."""
 
     def __init__(
-        self, policy, reference, tok: Tokenizer, problems: Mapping[str, Problem], sampler, cfg: GRPOConfig,
+        self, policy, reference, tok: ChatTokenizer, problems: Mapping[str, Problem], sampler, cfg: GRPOConfig,
         paths: _Paths, resume: TrainingState | None, eval_problems: Sequence[Problem], rewarder: Rewarder | None = None,
     ):  # fmt: skip
         super().__init__(policy, cfg, paths, resume)
         self.policy = policy
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
-        self.tok, self.problems, self.sampler = tok, problems, sampler
+        self.tok, self.problems, self.sampler = as_chat(tok), problems, sampler
         self.eval_problems = list(eval_problems)
         self.rewarder = rewarder
-        self.pad_id = token_id(tok, PAD)
+        self.pad_id = as_chat(tok).pad_id
         extra = resume.extra if resume is not None else {}
         self.history: list[dict] = list(extra.get("history", []))
         self.eval_history: list[dict] = list(extra.get("eval_history", []))
@@ -746,7 +745,7 @@ def _check_resumable(state: TrainingState, cfg: GRPOConfig) -> None:
 
 def run_grpo(
     policy,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     problems: Sequence[Problem] | Mapping[str, Problem],
     pass_rates: Mapping[str, float],
     cfg: GRPOConfig,

@@ -8,7 +8,7 @@ curriculum-vs-random comparison (Llama-Nemotron, arXiv 2505.00949 §5).
 2. Held-out accuracy of the starting model (greedy, thinking on, and off when `eval_off`).
 3. GRPO with the sampler `curriculum.kind` (default: the curriculum), and with `compare_random`
    the same number of steps with random ordering from the same start; held-out accuracy after each.
-4. `grpo_report.json` / `grpo_report.md` (table: before, curriculum, random), `reward_curves.png`,
+4. `report.json` / `grpo_report.md` (table: before, curriculum, random), `reward_curves.png`,
    and the model trained with `curriculum.kind` in `model/` (checkpoint + tokenizer).
 
 Each run lives in a directory keyed by its config and the starting weights' fingerprint, so a
@@ -25,16 +25,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..data.chat_tokenizer import ChatTokenizer
 from ..data.curriculum import estimate_pass_rates, filter_by_pass_rate, problems_by_id
 from ..data.reasoning_world import Problem
 from ..data.tiny_world import World, config_hash
-from ..data.tokenizer import TOKENIZER_FILE
 from ..distill.stage import fingerprint
 from ..model.checkpoint import save_checkpoint
 from ..model.generate import SamplingConfig
 from ..utils.atomic import write_json_atomic, write_text_atomic
 from .grpo import GRPOConfig, Rewarder, _bad, _positive_int, heldout_accuracy, run_grpo
 from .plots import plot_reward_curves
+from .rewards import check_references
 
 log = logging.getLogger("nemo_plugins.grpo")
 
@@ -120,16 +121,16 @@ def heldout_set(world: World, cfg: GRPOStageConfig) -> list[Problem]:
     return world.extra_heldout(cfg.eval_problems, cfg.eval_difficulties, tag="grpo-heldout")
 
 
-def _evaluate(model, world: World, cfg: GRPOStageConfig, thinking: bool) -> dict:
-    return heldout_accuracy(model, world.tokenizer, heldout_set(world, cfg), cfg.max_new_tokens, thinking)
+def _evaluate(model, world: World, cfg: GRPOStageConfig, chat: ChatTokenizer, thinking: bool) -> dict:
+    return heldout_accuracy(model, chat, heldout_set(world, cfg), cfg.max_new_tokens, thinking)
 
 
-def _accuracies(model, world: World, cfg: GRPOStageConfig, on: dict | None = None) -> dict:
+def _accuracies(model, world: World, cfg: GRPOStageConfig, chat: ChatTokenizer, on: dict | None = None) -> dict:
     """Held-out accuracy with thinking on (given, or measured) and off (when eval_off)."""
-    on = on or _evaluate(model, world, cfg, True)
+    on = on or _evaluate(model, world, cfg, chat, True)
     out = {"accuracy": on["accuracy"], "format_ok": on["format_ok"], "by_difficulty": on["by_difficulty"]}
     if cfg.eval_off:
-        off = _evaluate(model, world, cfg, False)
+        off = _evaluate(model, world, cfg, chat, False)
         out.update(accuracy_off=off["accuracy"], format_ok_off=off["format_ok"], by_difficulty_off=off["by_difficulty"])
     return out
 
@@ -179,7 +180,7 @@ def _run_names(cfg: GRPOStageConfig) -> list[str]:
     return [kind, "random"] if cfg.compare_random and kind != "random" else [kind]
 
 
-def _train(model, world: World, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
+def _train(model, world: World, chat: ChatTokenizer, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
            rewarder: Rewarder, before: dict, progress: bool):  # fmt: skip
     """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
     run_cfg = cfg.run_config(kind)
@@ -187,17 +188,22 @@ def _train(model, world: World, cfg: GRPOStageConfig, pool, rates, kind: str, st
     run_dir = out_dir / f"{kind}-{config_hash(key, start)}"
     policy = copy.deepcopy(model)
     initial = {k: before[k] for k in ("accuracy", "format_ok", "by_difficulty")}
-    summary = run_grpo(policy, world.tokenizer, pool, rates, run_cfg, run_dir, eval_problems=heldout_set(world, cfg),
+    summary = run_grpo(policy, chat, pool, rates, run_cfg, run_dir, eval_problems=heldout_set(world, cfg),
                        rewarder=rewarder, initial_eval=initial, progress=progress)  # fmt: skip
     return summary, policy, run_dir
 
 
-def run_grpo_stage(model, world: World, cfg: GRPOStageConfig, out_dir: str | Path, *, progress: bool = False):
-    """(report, curriculum-trained model). `model` itself is not changed: each run trains a copy."""
+def run_grpo_stage(
+    model, world: World, cfg: GRPOStageConfig, out_dir: str | Path, *, progress: bool = False,
+    chat: ChatTokenizer | None = None,
+):  # fmt: skip
+    """(report, curriculum-trained model). `model` itself is not changed: each run trains a copy.
+    `chat`: the model's tokenizer and template (default: the world's)."""
     out_dir = Path(out_dir)
-    tok = world.tokenizer
+    tok = chat = chat or world.chat
     start = fingerprint(model)
     pool = training_pool(world, cfg)
+    check_references({pid: p.answer for pid, p in pool.items()}, cfg.rewards.task, timeout_s=cfg.rewards.timeout_s / 2)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     rates = estimate_pass_rates(
         model, tok, list(pool.values()), cfg.pass_rate_k, sampling=sampling, batch_size=cfg.pass_rate_batch_size,
@@ -207,25 +213,25 @@ def run_grpo_stage(model, world: World, cfg: GRPOStageConfig, out_dir: str | Pat
     report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}
     eval_key = {"model": start, "problems": cfg.eval_problems, "difficulties": cfg.eval_difficulties,
                 "max_new_tokens": cfg.max_new_tokens, "off": cfg.eval_off}  # fmt: skip
-    report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, world, cfg))
+    report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, world, cfg, chat))
     names = _run_names(cfg)
     runs, trained = {}, None
     with Rewarder(cfg.rewards) as rewarder:  # one sandbox for both runs, started only if one trains
         for name in names:
-            summary, policy, run_dir = _train(model, world, cfg, pool, {i: rates[i] for i in kept}, name, start,
+            summary, policy, run_dir = _train(model, world, chat, cfg, pool, {i: rates[i] for i in kept}, name, start,
                                               out_dir, rewarder, report["before"], progress)  # fmt: skip
             after_key = {**eval_key, "model": fingerprint(policy)}
             final = summary["final_eval"]
-            after = _cached(run_dir / "after.json", after_key, lambda: _accuracies(policy, world, cfg, final))
+            after = _cached(run_dir / "after.json", after_key, lambda: _accuracies(policy, world, cfg, chat, final))
             report[name], runs[name] = _run_report(summary, after, run_dir), summary
             if name == names[0]:
                 trained = policy
     report["table"], table_md = _table(report, names)
     report["reward_curves"] = str(plot_reward_curves(runs, out_dir / "reward_curves.png", report["before"]["accuracy"]))
     target = out_dir / "model"
-    save_checkpoint(trained, target, extra_files={TOKENIZER_FILE: tok.to_str()})
+    save_checkpoint(trained, target, extra_files=chat.files())
     report["model"] = str(target)
-    write_json_atomic(out_dir / "grpo_report.json", report)
+    write_json_atomic(out_dir / "report.json", report)
     write_text_atomic(out_dir / "grpo_report.md", "# GRPO: held-out accuracy (greedy)\n\n" + table_md)
     log.info("grpo: held-out accuracy %.3f -> %s", report["before"]["accuracy"],
              ", ".join(f"{n} {report[n]['accuracy']:.3f}" for n in names))  # fmt: skip

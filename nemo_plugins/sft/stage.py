@@ -5,7 +5,7 @@ Training examples: the tiny world's training problems in both modes (`world_pair
 `train_jsonl` files (plain messages or Llama-Nemotron-Post-Training records), all tokenized with
 `max_len`. Validation: the same pairs for the world's held-out problems. The toggle is measured
 on held-out problems before and after (`evaluate_toggle`); the SFT model is saved with its
-tokenizer to `out_dir/model`, the report to `out_dir/sft_report.json`.
+tokenizer to `out_dir/model`, the report to `out_dir/report.json`.
 
 Resumable: the run lives in `out_dir/run-<key>`, the key hashing the training settings, the
 tokenized training data and the starting weights, so a rerun continues (or, when finished,
@@ -30,7 +30,7 @@ from ..data.sft_data import (
     world_paired_examples,
 )
 from ..data.tiny_world import World, config_hash
-from ..data.tokenizer import TOKENIZER_FILE
+from ..data.chat_tokenizer import ChatTokenizer
 from ..distill.stage import fingerprint
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
@@ -102,17 +102,19 @@ def _read_jsonl(cfg: SFTStageConfig) -> tuple[list[ChatExample], dict | None]:
     return examples, counts
 
 
-def build_sft_data(world: World, cfg: SFTStageConfig) -> tuple[list, list, dict]:
-    """(train, val) tokenized examples and the counts for the report."""
+def build_sft_data(world: World, cfg: SFTStageConfig, chat: ChatTokenizer | None = None) -> tuple[list, list, dict]:
+    """(train, val) tokenized examples in `chat`'s template (default: the world's) and the counts
+    for the report."""
+    chat = chat or world.chat
     n_world = min(cfg.world_problems, len(world.train))
     chats = world_paired_examples(world.train[:n_world])
     extra, jsonl = _read_jsonl(cfg)
     chats += extra
     if not chats:
         raise ValueError("sft: no training examples (sft.world_problems=0 and every JSONL record was skipped)")
-    train, rep = tokenize_examples(world.tokenizer, chats, cfg.max_len, cfg.overflow)
+    train, rep = tokenize_examples(chat, chats, cfg.max_len, cfg.overflow)
     val_chats = world_paired_examples(world.eval[: cfg.val_problems])
-    val, _ = tokenize_examples(world.tokenizer, val_chats, cfg.max_len, "truncate")
+    val, _ = tokenize_examples(chat, val_chats, cfg.max_len, "truncate")
     counts = {
         "world_problems": n_world, "world_examples": 2 * n_world, "jsonl": jsonl, "by_mode": _mode_counts(chats),
         "tokenized": {"examples": rep.examples, "kept": rep.kept, "dropped": rep.dropped,
@@ -135,7 +137,7 @@ def data_digest(examples) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _cached_toggle(path: Path, model, world: World, cfg: SFTStageConfig) -> dict:
+def _cached_toggle(path: Path, model, world: World, cfg: SFTStageConfig, chat: ChatTokenizer) -> dict:
     """evaluate_toggle on world.eval, reusing `path` when it was made with the same settings."""
     settings = cfg.eval_fields()
     if path.is_file():
@@ -143,7 +145,7 @@ def _cached_toggle(path: Path, model, world: World, cfg: SFTStageConfig) -> dict
         if saved.get("settings") == settings:
             return saved["result"]
     result = evaluate_toggle(
-        model, world.tokenizer, world.eval[: cfg.eval_problems],
+        model, chat, world.eval[: cfg.eval_problems],
         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
     )  # fmt: skip
     write_json_atomic(path, {"settings": settings, "result": result})
@@ -161,20 +163,23 @@ def _log_toggle(before: dict, after: dict) -> None:
 
 
 def run_sft_stage(
-    model: HeteroLlamaForCausalLM, world: World, cfg: SFTStageConfig, out_dir: str | Path, *, progress: bool = False
+    model: HeteroLlamaForCausalLM, world: World, cfg: SFTStageConfig, out_dir: str | Path, *, progress: bool = False,
+    chat: ChatTokenizer | None = None,
 ) -> tuple[dict, HeteroLlamaForCausalLM]:
     """(report, SFT model): trains `model` in place (resuming its run if there is one), saves it
-    to out_dir/model with the tokenizer and writes out_dir/sft_report.json."""
+    to out_dir/model with its tokenizer and template (`chat`, default: the world's) and writes
+    out_dir/report.json."""
+    chat = chat or world.chat
     out_dir = Path(out_dir)
-    train, val, counts = build_sft_data(world, cfg)
+    train, val, counts = build_sft_data(world, cfg, chat)
     key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), fingerprint(model))
     run_dir = out_dir / f"run-{key}"
-    before = _cached_toggle(run_dir / "toggle_before.json", model, world, cfg)
+    before = _cached_toggle(run_dir / "toggle_before.json", model, world, cfg, chat)
     summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
-    after = _cached_toggle(run_dir / "toggle_after.json", model, world, cfg)
+    after = _cached_toggle(run_dir / "toggle_after.json", model, world, cfg, chat)
     _log_toggle(before, after)
     target = out_dir / "model"
-    save_checkpoint(model, target, extra_files={TOKENIZER_FILE: world.tokenizer.to_str()})
+    save_checkpoint(model, target, extra_files=chat.files())
     history = summary["val_history"]
     report = {
         "before": before,
@@ -190,7 +195,7 @@ def run_sft_stage(
         "run_dir": str(run_dir), "metrics_csv": summary["metrics_csv"], "plot": summary["plot"],
         "model": str(target),
     }  # fmt: skip
-    write_json_atomic(out_dir / "sft_report.json", report)
+    write_json_atomic(out_dir / "report.json", report)
     return report, model
 
 

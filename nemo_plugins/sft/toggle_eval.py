@@ -15,11 +15,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer
-
-from ..data.chat import EOS, PAD, THINK_END, THINK_START, render_prompt
+from ..data.chat import THINK_END, THINK_START
+from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.reasoning_world import Problem, has_think_block, is_correct, is_well_formatted
-from ..data.tokenizer import decode, encode, token_id
 from ..model.generate import SamplingConfig, generate
 from ..model.llama import HeteroLlamaForCausalLM
 
@@ -55,25 +53,26 @@ def mode_scores(problems: Sequence[Problem], texts: Sequence[str], lengths: Sequ
 
 
 def greedy_responses(
-    model: HeteroLlamaForCausalLM, tok: Tokenizer, problems: Sequence[Problem], thinking: bool, *,
+    model: HeteroLlamaForCausalLM, tok: ChatTokenizer, problems: Sequence[Problem], thinking: bool, *,
     batch_size: int, max_new_tokens: int,
 ) -> tuple[list[str], list[int]]:  # fmt: skip
     """(texts, token counts) of greedy responses to each problem's prompt, stop token dropped."""
-    eos, pad = token_id(tok, EOS), token_id(tok, PAD)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=(eos,))
+    tok = as_chat(tok)
+    stops = set(tok.stop_ids)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=tok.stop_ids)
     texts, lengths = [], []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        prompts = [encode(tok, render_prompt(p.question, thinking)) for p in chunk]
-        for out in generate(model, prompts, sampling, pad_id=pad):
-            kept = out[:-1] if out and out[-1] == eos else out
-            texts.append(decode(tok, kept))
+        prompts = [tok.prompt_ids(p.question, thinking) for p in chunk]
+        for out in generate(model, prompts, sampling, pad_id=tok.pad_id):
+            kept = out[:-1] if out and out[-1] in stops else out
+            texts.append(tok.decode(kept))
             lengths.append(len(kept))
     return texts, lengths
 
 
 def evaluate_toggle(
-    model: HeteroLlamaForCausalLM, tokenizer: Tokenizer, problems: Sequence[Problem], *,
+    model: HeteroLlamaForCausalLM, tokenizer: ChatTokenizer, problems: Sequence[Problem], *,
     batch_size: int = 64, max_new_tokens: int = 64,
 ) -> dict:  # fmt: skip
     """{"on": scores, "off": scores} (see `mode_scores`) from greedy answers to the same problems."""
