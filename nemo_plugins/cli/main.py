@@ -26,7 +26,7 @@ import sys
 
 from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
-from ..config import DEFAULT_CONFIGS, ConfigError, load_config, to_yaml
+from ..config import CONF_DIR, DEFAULT_CONFIGS, ConfigError, load_config, to_yaml
 from ..data.chat_tokenizer import ChatTemplateError
 from ..data.sft_data import RecordError
 from ..data.sources import DataError
@@ -100,6 +100,12 @@ def _pipeline_config(args, extra_overrides: tuple[str, ...] = ()):
     from ..pipeline import PipelineConfig
 
     yaml_paths = args.config or list(DEFAULT_CONFIGS)
+    if args.preset:  # the defaults, then the preset on top (then any --config files)
+        preset = CONF_DIR / "pipeline" / f"{args.preset}.yaml"
+        if not preset.is_file():
+            known = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
+            raise ConfigError(f"--preset {args.preset}: no {preset} (presets: {', '.join(known)})")
+        yaml_paths = [*DEFAULT_CONFIGS, preset, *(args.config or [])]
     return load_config(PipelineConfig, yaml_paths, [*extra_overrides, *args.overrides])
 
 
@@ -220,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="YAML file, merged in order when given several times (default: conf/pipeline/tiny.yaml "
             "then conf/{puzzle,fusion,recovery,sft,grpo}/tiny.yaml)",
         )  # fmt: skip
+        sp.add_argument("--preset", help="conf/pipeline/NAME.yaml on top of the defaults, e.g. --preset smollm2")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parent.steps=200")
         sp.set_defaults(func=func)
 
