@@ -1,15 +1,21 @@
-"""The puzzle stage end to end on a very small world: budgets hold, outputs exist, and a
-changed budget re-runs only the MIP and realization (BLD and scores come from the cache)."""
+"""The puzzle stage end to end on a very small world: budgets hold, outputs exist, the
+reported KL is the scoring function's on the saved child, and a changed budget re-runs only the
+MIP and realization (BLD and scores come from the cache, the trained variants from disk)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from nemo_plugins.arch import accounting as acc
 from nemo_plugins.config import DEFAULT_CONFIGS, load_config
 from nemo_plugins.model.checkpoint import load_checkpoint, read_config
-from nemo_plugins.pipeline import PipelineConfig, run_pipeline
+from nemo_plugins.pipeline import PipelineConfig, load_model, run_pipeline
 from nemo_plugins.puzzle import bld as bld_mod
+from nemo_plugins.puzzle.library import build_variants
+from nemo_plugins.puzzle.scoring import model_metrics
 from nemo_plugins.puzzle.stage import BudgetConfig, budget_bounds
 from nemo_plugins.puzzle.costs import CostConfig
 
@@ -29,31 +35,61 @@ def small(tmp_path, *extra):
     return load_config(PipelineConfig, DEFAULT_CONFIGS, overrides)
 
 
+def assert_child_holds_saved_variants(child_dir: Path, report: dict, parent_cfg, library_cfg) -> int:
+    """Every chosen variant's weights in the saved child equal its file in the library (what BLD
+    trained, not a fresh initialization); returns how many of them BLD trained."""
+    child = load_model(child_dir).state_dict()
+    by_key = {v.key: v for v in build_variants(parent_cfg, library_cfg)}
+    trained = 0
+    for group, name in report["choices"].items():
+        v = by_key[f"{group}/{name}"]
+        saved = bld_mod.load_variant_state(Path(report["library_dir"]), v)
+        for k, t in saved.items():
+            assert torch.equal(child[f"model.layers.{v.layer}.{k}"], t), f"{v.key}: {k}"
+        with safe_open(str(bld_mod.variant_path(Path(report["library_dir"]), v)), "pt") as f:
+            trained += f.metadata()["trained"] == "true"
+    return trained
+
+
 def test_puzzle_stage_meets_budget_and_resumes(tmp_path, monkeypatch):
+    from nemo_plugins.puzzle import stage
+
+    quality_batches = []  # the held-out batches the report's quality was measured on
+
+    def recording_model_metrics(parent, child, batches):
+        quality_batches[:] = list(batches)
+        return model_metrics(parent, child, quality_batches)
+
+    monkeypatch.setattr(stage, "model_metrics", recording_model_metrics)
     summary = run_pipeline(small(tmp_path))
     out = tmp_path / "out" / "puzzle"
-    report = json.loads((out / "puzzle_report.json").read_text())
-    child_cfg = read_config(out / "child")
-    parent = load_checkpoint(summary["parent"]["checkpoint"])
+    report = json.loads((out / "report.json").read_text())
+    child_cfg = read_config(out / "model")
+    parent = load_checkpoint(summary["parent"]["model"])
     block_params = lambda cfg: sum(acc.block_params(cfg, b) for b in cfg.blocks)  # noqa: E731
     assert block_params(child_cfg) <= 0.7 * block_params(parent.config) + 1e-6
     kv = lambda cfg: acc.report(cfg).kv_cache_bytes_per_token  # noqa: E731
     assert kv(child_cfg) <= 0.5 * kv(parent.config)
-    assert json.loads((out / "child" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
+    assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
     assert (out / "architecture.png").stat().st_size > 1000 and (out / "pareto.png").stat().st_size > 1000
     lib = json.loads((out / "library.json").read_text())
     assert set(lib) == {"0.attention", "0.ffn", "1.attention", "1.ffn"}
     assert {"stats", "metrics"} <= set(lib["0.ffn"]["no_op"]) and "kl_div" in lib["0.ffn"]["no_op"]["metrics"]
-    assert report["quality"]["kl_div"] >= 0 and set(report["task_accuracy_easy"]) == {"parent", "child"}
+    assert set(report["task_accuracy_easy"]) == {"parent", "child"}
+    # the reported KL is KL(parent || saved child) on the held-out batches, and the child differs
+    assert child_cfg.blocks != parent.config.blocks and quality_batches
+    kl = model_metrics(load_model(summary["parent"]["model"]), load_model(out / "model"), quality_batches)["kl_div"]
+    assert report["quality"]["kl_div"] > 1e-4 and report["quality"]["kl_div"] == pytest.approx(kl, rel=1e-5)
 
-    # a new budget: no BLD training, no rescoring
+    # a new budget: no BLD training, no rescoring, and the child is built from the trained variants on disk
     monkeypatch.setattr(bld_mod.L.Trainer, "fit", lambda *a, **k: pytest.fail("BLD retrained"))
-    from nemo_plugins.puzzle import stage
-
     monkeypatch.setattr(stage, "score_variants", lambda *a, **k: pytest.fail("rescored"))
-    run_pipeline(small(tmp_path, "puzzle.budget.params_fraction=0.9", "puzzle.budget.kv_cache_fraction=0.75"))
-    looser = read_config(out / "child")
+    cfg = small(tmp_path, "puzzle.budget.params_fraction=0.9", "puzzle.budget.kv_cache_fraction=0.75")
+    run_pipeline(cfg)
+    looser = read_config(out / "model")
     assert kv(looser) <= 0.75 * kv(parent.config)
+    rerun = json.loads((out / "report.json").read_text())
+    assert assert_child_holds_saved_variants(out / "model", rerun, parent.config, cfg.puzzle.library) > 0
 
 
 def test_budget_translation():
