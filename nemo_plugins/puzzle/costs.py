@@ -3,9 +3,10 @@ runtime measured on the current device.
 
 Costs are per variant (the sub-block it replaces) at a target operating point: batch size,
 prompt (prefill) length, generated (decode) length and dtype. A roofline estimate takes the
-larger of compute time (FLOPs / peak) and memory time (bytes read / bandwidth), so a CPU
-machine can plan for a GPU target. Whole-model budgets subtract the costs of what no variant
-touches (embeddings, final norm, lm_head) before the search (`non_block_stats`).
+larger of compute time (FLOPs / the GPU's peak FLOP/s in that dtype) and memory time (bytes
+read / bandwidth), so a CPU machine can plan for a GPU target. Whole-model budgets subtract
+the costs of what no variant touches (embeddings, final norm, lm_head) before the search
+(`non_block_stats`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,15 +28,35 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class HardwareProfile:
+    """A GPU for the roofline: memory bandwidth and peak FLOP/s per compute dtype. The peaks are
+    dense (NVIDIA's datasheets print 2:4-sparsity figures, twice these, marked "*"); "fp32" is
+    plain FP32 (torch's default matmul does not use TF32)."""
+
     name: str
     memory_bandwidth: float  # bytes/s
-    peak_flops: float  # dense FLOP/s at 16-bit precision
+    peak_flops: dict[str, float] = field(hash=False)  # dense FLOP/s by dtype: fp32, bf16, fp16, fp8
 
+    def flops(self, dtype: str) -> float:
+        """Peak FLOP/s for `dtype` (any name `accounting.DTYPE_BYTES` knows)."""
+        return self.peak_flops[_COMPUTE_DTYPE.get(dtype, dtype)]
+
+
+_COMPUTE_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+# Dense peaks from NVIDIA's datasheets (figures marked "* with sparsity" halved):
+# - H100 Tensor Core GPU datasheet, H100 SXM: FP32 67 TFLOPS; BF16 and FP16 Tensor Core 1,979*;
+#   FP8 Tensor Core 3,958*; GPU memory bandwidth 3.35 TB/s.
+# - H200 Tensor Core GPU datasheet, H200 SXM: the same compute (the same GH100 chip); 4.8 TB/s.
+# - A100 Tensor Core GPU datasheet, A100 80GB SXM: FP32 19.5 TFLOPS; BF16 and FP16 Tensor Core
+#   312 (624*); 2,039 GB/s. The A100 has no FP8 Tensor Cores: FP8 weights are computed at 16 bits
+#   (weight-only FP8), so fp8 gets the 16-bit peak there.
+_HOPPER_FLOPS = {"fp32": 67e12, "bf16": 989.5e12, "fp16": 989.5e12, "fp8": 1979e12}
+_A100_FLOPS = {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12, "fp8": 312e12}
 
 PROFILES = {
-    "h100-sxm": HardwareProfile("h100-sxm", 3.35e12, 989e12),
-    "h200": HardwareProfile("h200", 4.8e12, 989e12),
-    "a100-80gb": HardwareProfile("a100-80gb", 2.039e12, 312e12),
+    "h100-sxm": HardwareProfile("h100-sxm", 3.35e12, _HOPPER_FLOPS),
+    "h200": HardwareProfile("h200", 4.8e12, _HOPPER_FLOPS),
+    "a100-80gb": HardwareProfile("a100-80gb", 2.039e12, _A100_FLOPS),
 }
 
 
@@ -71,8 +92,9 @@ def subblock_config(v: Variant) -> BlockConfig:
     return v.block
 
 
-def roofline_seconds(flops: float, bytes_moved: float, hw: HardwareProfile) -> float:
-    return max(flops / hw.peak_flops, bytes_moved / hw.memory_bandwidth)
+def roofline_seconds(flops: float, bytes_moved: float, hw: HardwareProfile, dtype: str) -> float:
+    """The larger of compute time (at the peak of `dtype` on `hw`) and memory time."""
+    return max(flops / hw.flops(dtype), bytes_moved / hw.memory_bandwidth)
 
 
 def block_stats(parent: ModelConfig, block: BlockConfig, cfg: CostConfig) -> dict[str, float]:
@@ -87,8 +109,9 @@ def block_stats(parent: ModelConfig, block: BlockConfig, cfg: CostConfig) -> dic
     mean_ctx = cfg.prefill_len + (cfg.decode_len + 1) / 2
     decode_flops_step = cfg.batch_size * acc.block_flops_per_token(parent, block, int(mean_ctx), "decode")
     decode_bytes_step = params * nbytes + kv_per_token * cfg.batch_size * mean_ctx
-    prefill_ms = 1e3 * roofline_seconds(prefill_flops, params * nbytes + kv_per_token * cfg.batch_size * cfg.prefill_len, hw)
-    decode_ms = 1e3 * cfg.decode_len * roofline_seconds(decode_flops_step, decode_bytes_step, hw)
+    prefill_bytes = params * nbytes + kv_per_token * cfg.batch_size * cfg.prefill_len
+    prefill_ms = 1e3 * roofline_seconds(prefill_flops, prefill_bytes, hw, cfg.dtype)
+    decode_ms = 1e3 * cfg.decode_len * roofline_seconds(decode_flops_step, decode_bytes_step, hw, cfg.dtype)
     return {
         "num_params": params,
         "weight_mib": params * nbytes / MIB,
@@ -113,8 +136,8 @@ def non_block_stats(parent: ModelConfig, cfg: CostConfig) -> dict[str, float]:
     hw, nbytes = PROFILES[cfg.hardware], acc.dtype_bytes(cfg.dtype)
     params = acc.non_block_params(parent)
     head_flops = 2 * parent.vocab_size * parent.hidden_size
-    prefill_ms = 1e3 * roofline_seconds(cfg.batch_size * cfg.prefill_len * head_flops, params * nbytes, hw)
-    decode_ms = 1e3 * cfg.decode_len * roofline_seconds(cfg.batch_size * head_flops, params * nbytes, hw)
+    prefill_ms = 1e3 * roofline_seconds(cfg.batch_size * cfg.prefill_len * head_flops, params * nbytes, hw, cfg.dtype)
+    decode_ms = 1e3 * cfg.decode_len * roofline_seconds(cfg.batch_size * head_flops, params * nbytes, hw, cfg.dtype)
     return {
         "num_params": params, "weight_mib": params * nbytes / MIB, "kv_cache_mib": 0.0,
         "memory_mib": params * nbytes / MIB, "prefill_ms": prefill_ms, "decode_ms": decode_ms,
