@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # utils.training.TrainingInterrupted: SIGTERM, the step is saved
+        if hasattr(e, "what"):
+            print(f"interrupted: {e.what} stopped on SIGTERM; rerun the same command to resume", file=sys.stderr)
+        raise
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
         return 0

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.training import fit_module, stop_if_terminated
 from .llama import HeteroLlamaForCausalLM, causal_lm_loss
 
 
@@ -118,7 +119,9 @@ def fit_lm(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Train `model` in place for `steps` optimizer steps; returns the per-step losses."""
+    """Train `model` in place for `steps` optimizer steps; returns the per-step losses.
+    Raises `TrainingInterrupted` (exit status 143) on SIGTERM, after the current step: this
+    loop keeps no checkpoint, so a rerun trains again from the start."""
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(
         TokenDataset(examples),
@@ -135,7 +138,10 @@ def fit_lm(
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(
+    trainer = fit_module(
+        module,
+        loader,
+        callbacks=[_Record()],
         accelerator="auto",
         devices=1,
         max_steps=steps,
@@ -144,9 +150,8 @@ def fit_lm(
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
-        callbacks=[_Record()],
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, loader)
+    stop_if_terminated(trainer, "parent training")
     model.eval()
     return losses

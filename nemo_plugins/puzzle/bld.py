@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ..model.llama import Block, HeteroLlamaForCausalLM
 from ..model.train import OptimConfig, TokenDataset, collate_with_validity, cosine_schedule
 from ..utils.atomic import write_bytes_atomic
+from ..utils.training import fit_module, stop_if_terminated
 from .activations import capture, run_student, student_io
 from .library import Variant
 
@@ -140,6 +141,10 @@ def run_bld(
     Students without parameters (no-ops), students whose initialization is already exact
     (`exact`: the parent's own sub-blocks) and students already saved are not trained; the
     caller passes students already initialized from the parent.
+
+    On SIGTERM, raises `TrainingInterrupted` (exit status 143) after the current step: the
+    interrupted wave is not saved (a half-trained variant would pass for a finished one), the
+    waves saved before it are, and a rerun trains only what is missing.
     """
     mine = shard(students, cfg.rank, cfg.world_size)
     todo = [v for v in mine if not variant_path(library_dir, v).is_file()]
@@ -161,16 +166,16 @@ def run_bld(
             collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real)
             generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
-        trainer = L.Trainer(
-            accelerator="auto", devices=1, max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+        trainer = fit_module(
+            module, loader, accelerator="auto", devices=1, max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip,
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
             num_sanity_val_steps=0,
         )  # fmt: skip
-        trainer.fit(module, loader)
         for key, v in module.variants.items():
             loss = module.last_losses.get(key, float("nan"))
             save_variant(library_dir, v, module.students[key], {"bld_loss": loss, "trained": "true"})
             losses[v.key] = loss
         log.info("BLD: saved %d variants (%d/%d)", len(chunk), start + len(chunk), len(todo))
+        stop_if_terminated(trainer, "BLD")  # SIGTERM in the wave's last step, if the fit finished: the wave is saved
     return losses
 

@@ -70,7 +70,7 @@ from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
 from ..distill.losses import next_token_mask
-from ..utils.training import PRECISIONS, StepModule, resolve_precision
+from ..utils.training import PRECISIONS, StepModule, fit_module, resolve_precision, stop_if_terminated
 from ..model.generate import SamplingConfig, generate
 from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic, write_text_atomic
@@ -814,12 +814,13 @@ def run_grpo(
 
 def _fit(module: GRPOModule, cfg: GRPOConfig, start: int, progress: bool, callbacks) -> None:
     loader = DataLoader(list(range(start, cfg.steps)), batch_size=None, shuffle=False, collate_fn=lambda step: step)
-    trainer = L.Trainer(
+    trainer = fit_module(
+        module, loader, callbacks=list(callbacks),
         accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_epochs=1, max_steps=-1,
         logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks),
+        num_sanity_val_steps=0, use_distributed_sampler=False,
     )  # fmt: skip
-    trainer.fit(module, loader)
+    stop_if_terminated(trainer, "grpo")
 
 
 def _summary(module: GRPOModule, paths: _Paths, start: int) -> dict:

@@ -5,6 +5,10 @@ optimizer step; `StepModule` holds what they share: the step counter, the train-
 validation histories restored from a checkpoint, the optimizer and schedule (restored too), and
 the RNG state restored when training starts. `StepSampler` makes step k's data depend on
 (seed, k) alone, so a resumed run continues exactly where the interrupted one stopped.
+
+Every loop of the project (these, parent training and BLD) runs its Lightning fit through
+`fit_module`: no Slurm auto-requeue or `hpc_ckpt` restore, and SIGTERM ends the process with
+status 143 after the current step (a StepModule checkpoints that step first).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import csv
 import importlib.util
 import io
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +25,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import Sampler
 
 from .atomic import write_json_atomic, write_text_atomic
-from .resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state
+from .resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state, step_dir
 
 log = logging.getLogger("nemo_plugins")
 
@@ -192,6 +199,11 @@ class StepModule(L.LightningModule):
             extra, keep_last=self.cfg.keep_last,
         )  # fmt: skip
 
+    def save(self) -> None:
+        """Checkpoint the current step (each loop passes its own `config` and `recorded` to
+        `save_state`); also called when SIGTERM stops the fit."""
+        raise NotImplementedError
+
     def current_lr(self) -> float | None:
         return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
 
@@ -209,16 +221,78 @@ def resume_or_seed(paths: RunPaths, model: nn.Module, cfg, run_defining: Sequenc
     return resume
 
 
+SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM stopped training at a step boundary (after a StepModule saved that step; a rerun
+    resumes from it). A SystemExit with status 143, so the process exits non-zero (a scheduler
+    must not read a preempted run as finished) and `except Exception` handlers let it pass."""
+
+    def __init__(self, what: str):
+        super().__init__(SIGTERM_EXIT_STATUS)
+        self.what = what
+
+
+class _CheckpointOnSigterm(L.Callback):
+    """Save a StepModule's step when Lightning stops the fit on SIGTERM: Lightning raises only
+    between steps, and this hook runs before the trainer tears down (optimizers still attached)."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        saved = step_dir(pl_module.paths.checkpoints, pl_module.step_count).is_dir()
+        if isinstance(exception, SIGTERMException) and not saved:
+            log.warning("%s: SIGTERM, checkpointing step %d", type(pl_module).__name__, pl_module.step_count)
+            pl_module.save()
+
+
+def fit_module(module: L.LightningModule, loader, *, callbacks: Sequence[L.Callback] = (), **trainer_kwargs) -> L.Trainer:
+    """`L.Trainer(**trainer_kwargs).fit(module, loader)` made safe for clusters; returns the trainer.
+
+    - No Slurm auto-requeue: `LightningEnvironment` replaces the `SLURMEnvironment` Lightning
+      detects from SLURM_* variables, whose SIGUSR1 handler writes `hpc_ckpt_<n>.ckpt` (a pickle
+      of the whole module) and requeues the job. The loops checkpoint and resume themselves.
+    - No hpc checkpoint restored: under Slurm, Lightning silently resumes from the newest
+      `hpc_ckpt_*.ckpt` in its root directory (the working directory by default); the root
+      directory here is an empty temporary one, removed afterwards.
+    - SIGTERM: Lightning lets the current step finish, then raises `SIGTERMException`, a
+      SystemExit without a code (exit status 0). A `StepModule` saves that step first
+      (`_CheckpointOnSigterm`); then `TrainingInterrupted` (status 143) is raised instead. A
+      SIGTERM during the last step lets the fit end normally: the caller then calls
+      `stop_if_terminated` once it has saved what the fit made.
+    """
+    callbacks = list(callbacks)
+    if isinstance(module, StepModule):
+        callbacks.append(_CheckpointOnSigterm())
+    with tempfile.TemporaryDirectory(prefix="lightning-root-") as root:
+        trainer = L.Trainer(default_root_dir=root, plugins=[LightningEnvironment()], callbacks=callbacks, **trainer_kwargs)
+        try:
+            trainer.fit(module, loader)
+        except SIGTERMException:
+            log.warning("%s: stopped by SIGTERM; exiting with status %d", type(module).__name__, SIGTERM_EXIT_STATUS)
+            raise TrainingInterrupted(type(module).__name__) from None
+    return trainer
+
+
+def stop_if_terminated(trainer: L.Trainer, what: str) -> None:
+    """Raise `TrainingInterrupted` if the fit received SIGTERM (during its last step, which
+    Lightning lets the fit finish): the job was asked to end, so it ends here, non-zero."""
+    if trainer.received_sigterm:
+        log.warning("%s: SIGTERM during the last step; exiting with status %d", what, SIGTERM_EXIT_STATUS)
+        raise TrainingInterrupted(what)
+
+
 def fit_steps(module: StepModule, loader, start: int, progress: bool, callbacks: Sequence[L.Callback] = ()) -> None:
-    """Run `module` over `loader` (one batch per optimizer step) from step `start` to cfg.steps."""
+    """Run `module` over `loader` (one batch per optimizer step) from step `start` to cfg.steps;
+    on SIGTERM, checkpoint the step reached and raise `TrainingInterrupted` (see `fit_module`)."""
     cfg = module.cfg
-    trainer = L.Trainer(
+    trainer = fit_module(
+        module, loader, callbacks=callbacks,
         accelerator="auto", devices=1, precision=resolve_precision(cfg.precision), max_steps=cfg.steps - start,
         max_epochs=1, logger=tensorboard_logger(module.paths.out_dir), log_every_n_steps=1,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=list(callbacks),
+        num_sanity_val_steps=0, use_distributed_sampler=False,
     )  # fmt: skip
-    trainer.fit(module, loader)
+    stop_if_terminated(trainer, module.paths.name)
 
 
 def run_summary(module: StepModule, start: int, **extra) -> dict:
