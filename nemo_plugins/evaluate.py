@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -22,8 +22,10 @@ def task_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 64,
     progress: bool = False,
+    verify: Callable[[str, Problem], bool] = is_correct,
 ) -> dict:
-    """Greedy-decode each problem's prompt; report accuracy overall and per difficulty.
+    """Greedy-decode each problem's prompt; report accuracy (`verify`, default the tiny world's
+    exact answer) overall and per difficulty.
 
     Returns {"accuracy", "format_ok", "n", "by_difficulty": {d: accuracy}}.
     """
@@ -40,7 +42,7 @@ def task_accuracy(
         outputs = generate(model, prompts, sampling, pad_id=tok.pad_id)
         for p, out in zip(chunk, outputs):
             text = tok.decode_response(out)
-            correct[p.difficulty].append(is_correct(text, p))
+            correct[p.difficulty].append(bool(verify(text, p)))
             formatted += bool(thinking is not None and is_well_formatted(text, bool(thinking)))
     every = [c for cs in correct.values() for c in cs]
     return {

@@ -26,6 +26,7 @@ import torch
 
 from .arch.accounting import report as arch_report
 from .data.chat_tokenizer import ChatTokenizer
+from .data.problems import ProblemSet
 from .data.sources import Corpus, DataConfig
 from .data.tiny_world import World, WorldConfig, build_world
 from .distill.stage import RecoveryStageConfig, fingerprint
@@ -99,6 +100,7 @@ class StageContext:
     cfg: PipelineConfig
     world: World
     corpus: Corpus  # the text calibration, BLD, scoring and distillation use (`data.text`)
+    problems: ProblemSet  # what evaluation, SFT and GRPO ask and check (`data.problems`)
     out_dir: Path  # <output_dir>/<stage>
     model_dir: Path | None = None
     teacher_dir: Path | None = None
@@ -110,6 +112,12 @@ class StageContext:
     def load_model(self, path: Path | None = None):
         """The input model (or `path`) in float32 for CPU training and evaluation."""
         return load_model(path or self.model_dir)
+
+    def verify(self):
+        """`verify(text, problem) -> bool` for the problems' task."""
+        from .rl.rewards import answer_checker
+
+        return answer_checker(self.problems.task)
 
     def chat(self, path: Path | None = None) -> ChatTokenizer:
         """The input model's (or `path`'s) tokenizer and chat template."""
@@ -202,12 +210,12 @@ def run_parent_stage(ctx: StageContext) -> dict:
 
 
 def run_evaluate_stage(ctx: StageContext) -> dict:
-    """Greedy task accuracy of the input model on the world's held-out problems, per mode."""
+    """Greedy task accuracy of the input model on the held-out problems, per mode."""
     model, chat, cfg = ctx.load_model(), ctx.chat(), ctx.cfg.eval
-    problems = ctx.world.eval[: cfg.n_problems]
+    problems = ctx.problems.eval[: cfg.n_problems]
     summary = {
         mode: task_accuracy(model, chat, problems, thinking=MODES[mode], batch_size=cfg.batch_size,
-                            max_new_tokens=cfg.max_new_tokens, progress=ctx.progress)  # fmt: skip
+                            max_new_tokens=cfg.max_new_tokens, progress=ctx.progress, verify=ctx.verify())  # fmt: skip
         for mode in cfg.modes
     }
     for mode, res in summary.items():
@@ -221,7 +229,7 @@ def run_puzzle_stage(ctx: StageContext) -> dict:
 
     parent = ctx.load_model()
     rep = run_puzzle(parent, fingerprint(parent), ctx.world, ctx.cfg.puzzle, ctx.out_dir, progress=ctx.progress,
-                     chat=ctx.chat(), corpus=ctx.corpus)  # fmt: skip
+                     chat=ctx.chat(), corpus=ctx.corpus, problems=ctx.problems, verify=ctx.verify())  # fmt: skip
     keys = ("status", "objective", "model", "quality", "task_accuracy_easy", "child_params", "parent_params",
             "child_kv_cache_bytes_per_token", "parent_kv_cache_bytes_per_token")  # fmt: skip
     return {k: rep[k] for k in keys}
@@ -245,7 +253,8 @@ def run_recovery_stage(ctx: StageContext) -> dict:
             f"({ctx.chat(ctx.teacher_dir).vocab_size} vs {chat.vocab_size}); distillation needs the same tokenizer"
         )
     rep, _ = recover(ctx.load_model(ctx.teacher_dir), ctx.load_model(), ctx.world, ctx.cfg.recovery, ctx.out_dir,
-                     progress=ctx.progress, chat=chat, corpus=ctx.corpus)  # fmt: skip
+                     progress=ctx.progress, chat=chat, corpus=ctx.corpus, problems=ctx.problems,
+                     verify=ctx.verify())  # fmt: skip
     summary = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "model") if k in rep}
     for run in ("kd", "cpt"):  # the curves are in recovery/<run>/metrics.csv; keep the summary short
         if run in summary:
@@ -256,14 +265,16 @@ def run_recovery_stage(ctx: StageContext) -> dict:
 def run_sft_stage(ctx: StageContext) -> dict:
     from .sft.stage import run_sft_stage as sft
 
-    rep, _ = sft(ctx.load_model(), ctx.world, ctx.cfg.sft, ctx.out_dir, progress=ctx.progress, chat=ctx.chat())
+    rep, _ = sft(ctx.load_model(), ctx.world, ctx.cfg.sft, ctx.out_dir, progress=ctx.progress, chat=ctx.chat(),
+                 problems=ctx.problems, verify=ctx.verify())  # fmt: skip
     return {"start": str(ctx.model_dir), "before": rep["before"], "after": rep["after"], "model": rep["model"]}
 
 
 def run_grpo_stage(ctx: StageContext) -> dict:
     from .rl.grpo_stage import run_grpo_stage as grpo
 
-    rep, _ = grpo(ctx.load_model(), ctx.world, ctx.cfg.grpo, ctx.out_dir, progress=ctx.progress, chat=ctx.chat())
+    rep, _ = grpo(ctx.load_model(), ctx.world, ctx.cfg.grpo, ctx.out_dir, progress=ctx.progress, chat=ctx.chat(),
+                  problems=ctx.problems)  # fmt: skip
     return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("table", "model") if k in rep}}
 
 
@@ -323,12 +334,13 @@ class _Run:
     def __init__(self, cfg: PipelineConfig, world: World):
         self.cfg, self.world, self.out = cfg, world, Path(cfg.output_dir)
         self.corpus = Corpus(world, cfg.data.text)
+        self.problems = ProblemSet(world, cfg.data.problems)
         self.made: dict[str, Path] = {}  # model directories written by this run's stages
         self.summary: dict = {"config": asdict(cfg)}
         self.model_taken = False  # `model=` goes to the first stage that reads a model
 
     def context(self, stage: Stage, with_model: bool = True) -> StageContext:
-        ctx = StageContext(self.cfg, self.world, self.corpus, self.out / stage.name)
+        ctx = StageContext(self.cfg, self.world, self.corpus, self.problems, self.out / stage.name)
         if stage.starts_from and with_model:
             ctx.model_dir = self.input_of(stage)
         if stage.teacher:
@@ -366,7 +378,7 @@ class _Run:
         if MODEL in summary:
             self.made[stage.name] = Path(summary[MODEL])
         self.summary[stage.name] = summary
-        self.summary["data"] = {"text": self.corpus.report}
+        self.summary["data"] = {"text": self.corpus.report, "problems": self.problems.report}
         write_json_atomic(self.out / REPORT, self.summary, default=str)
         return summary
 

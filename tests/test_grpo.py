@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from nemo_plugins.data.problems import ProblemSet
 from nemo_plugins.arch import homogeneous
 from nemo_plugins.config import CONF_DIR, ConfigError, load_config
 from nemo_plugins.data import reasoning_world as rw
@@ -267,8 +268,8 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
         assert run_dir.name.startswith(name + "-") and (run_dir / "metrics.csv").is_file()
     saved = load_checkpoint(tmp_path / "model")
     assert not changed(weights(saved), weights(model)) and (tmp_path / "model" / T.TOKENIZER_FILE).is_file()
-    assert S.heldout_set(world, cfg) == world.eval
-    extra = S.heldout_set(world, dataclasses.replace(cfg, eval_difficulties=[2]))
+    assert S.heldout_set(ProblemSet(world), cfg) == world.eval
+    extra = S.heldout_set(ProblemSet(world), dataclasses.replace(cfg, eval_difficulties=[2]))
     assert len(extra) == 6 and {p.difficulty for p in extra} == {2}
     assert not {p.question for p in extra} & {p.question for p in world.train + world.eval}
 
@@ -293,13 +294,13 @@ def test_fresh_prompts_are_in_no_split_and_apart_from_the_held_out_set(tok):
     world = tiny_world(tok)
     cfg = S.GRPOStageConfig(train_problems=12, difficulties=[2], eval_problems=6, eval_difficulties=[2],
                             prompt_source="fresh")  # fmt: skip
-    pool = S.training_pool(world, cfg)
+    pool = S.training_pool(ProblemSet(world), cfg)
     questions = {p.question for p in pool.values()}
     assert len(pool) == 12 and {p.difficulty for p in pool.values()} == {2}
-    used = world.train + world.eval + S.heldout_set(world, cfg)
+    used = world.train + world.eval + S.heldout_set(ProblemSet(world), cfg)
     assert not questions & {p.question for p in used}
-    assert S.training_pool(world, cfg) == pool  # deterministic
-    train_pool = S.training_pool(world, dataclasses.replace(cfg, prompt_source="train"))
+    assert S.training_pool(ProblemSet(world), cfg) == pool  # deterministic
+    train_pool = S.training_pool(ProblemSet(world), dataclasses.replace(cfg, prompt_source="train"))
     assert {p.question for p in train_pool.values()} <= {p.question for p in world.train}
 
 

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -112,9 +112,9 @@ def _read_cache(path: Path, key: dict) -> dict[str, float] | None:
 
 def _sample_pass_rates(
     model, tok: ChatTokenizer, problems: Mapping[str, Problem], k: int, sampling: SamplingConfig,
-    batch_size: int, seed: int, thinking, progress: bool,
+    batch_size: int, seed: int, thinking, progress: bool, verify: Callable[[str, Problem], bool],
 ) -> dict[str, float]:  # fmt: skip
-    """k sampled completions per problem, scored by the final answer; batches of `batch_size` sequences."""
+    """k sampled completions per problem, scored by `verify`; batches of `batch_size` sequences."""
     device = model.lm_head.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = {i: tok.prompt_ids(p.question, thinking) for i, p in problems.items()}
@@ -127,7 +127,7 @@ def _sample_pass_rates(
             chunk = jobs[start : start + batch_size]
             outputs = generate(model, [prompts[i] for i in chunk], sampling, pad_id=tok.pad_id, generator=gen)
             for i, out in zip(chunk, outputs):
-                correct[i] += is_correct(tok.decode_response(out), problems[i])
+                correct[i] += bool(verify(tok.decode_response(out), problems[i]))
     finally:
         model.train(was_training)
     return {i: c / k for i, c in correct.items()}
@@ -146,6 +146,7 @@ def estimate_pass_rates(
     model_id: str | None = None,
     thinking: bool | None = True,
     progress: bool = False,
+    verify: Callable[[str, Problem], bool] = is_correct,
 ) -> dict[str, float]:
     """{problem_id: fraction of k sampled completions with the correct final answer}.
 
@@ -172,7 +173,7 @@ def estimate_pass_rates(
         cached = _read_cache(Path(cache_path), key)
         if cached is not None:
             return cached
-    rates = _sample_pass_rates(model, tokenizer, by_id, k, sampling, batch_size, seed, thinking, progress)
+    rates = _sample_pass_rates(model, tokenizer, by_id, k, sampling, batch_size, seed, thinking, progress, verify)
     if cache_path is not None:
         write_json_atomic(cache_path, {"key": key, "pass_rates": rates})
     return rates

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from .chat_tokenizer import ChatTokenizer
+from .problems import ProblemSourceConfig
 from .text_data import Document, expand_paths, pack_documents, read_documents, select_split
 from .tiny_world import World, config_hash
 
@@ -70,6 +71,7 @@ class TextSourceConfig:
 @dataclass
 class DataConfig:
     text: TextSourceConfig = field(default_factory=TextSourceConfig)
+    problems: ProblemSourceConfig = field(default_factory=ProblemSourceConfig)
 
 
 class Corpus:
@@ -79,6 +81,7 @@ class Corpus:
         self.world, self.cfg = world, cfg or TextSourceConfig()
         self.report: dict = {"source": "tiny_world"}
         if self.cfg.enabled:
+            self.report["source"] = {"paths": self.cfg.paths, "builtin": self.cfg.builtin}
             paths = expand_paths(self.cfg.paths) if self.cfg.paths else []
             files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
             self.key = config_hash("text", asdict(self.cfg), files)

@@ -17,6 +17,8 @@ from pathlib import Path
 from ..arch.config import to_dict
 from ..data.tiny_world import World, config_hash
 from ..data.chat_tokenizer import ChatTokenizer
+from ..data.problems import ProblemSet
+from ..data.reasoning_world import is_correct
 from ..data.sources import Corpus
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
@@ -41,10 +43,12 @@ def fingerprint(model) -> str:
 
 
 def quality(
-    parent, model, world: World, cfg: RecoveryStageConfig, chat: ChatTokenizer | None = None, held_out=None
+    parent, model, world: World, cfg: RecoveryStageConfig, chat: ChatTokenizer | None = None, held_out=None,
+    problems: ProblemSet | None = None, verify=is_correct,
 ) -> dict:
     """KL(parent || model) and LM loss on held-out tokens (`held_out`, default: the world's response
-    tokens); greedy accuracy on the world's problems (thinking on)."""
+    tokens); greedy accuracy (thinking on) on the held-out `problems` (default: the world's),
+    checked by `verify`."""
     from ..evaluate import task_accuracy
     from ..puzzle.scoring import model_metrics
     from ..puzzle.stage import token_batches
@@ -53,7 +57,8 @@ def quality(
     held_out = held_out if held_out is not None else world.eval_examples(chat)
     batches = token_batches(held_out, cfg.batch_size, cfg.eval_batches, 0, response_only=True)
     metrics = model_metrics(parent, model, batches)
-    acc = task_accuracy(model, chat, world.eval[: cfg.eval_problems], thinking=True)
+    problems = problems or ProblemSet(world)
+    acc = task_accuracy(model, chat, problems.eval[: cfg.eval_problems], thinking=True, verify=verify)
     return {"kl_div": metrics["kl_div"], "lm_loss": metrics["lm_loss"], "accuracy": acc["accuracy"],
             "accuracy_by_difficulty": acc["by_difficulty"]}  # fmt: skip
 
@@ -61,6 +66,7 @@ def quality(
 def run_recovery_stage(
     parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, world: World, cfg: RecoveryStageConfig, out_dir: Path,
     *, progress: bool = False, chat: ChatTokenizer | None = None, corpus: Corpus | None = None,
+    problems: ProblemSet | None = None, verify=is_correct,
 ) -> tuple[dict, HeteroLlamaForCausalLM]:  # fmt: skip
     """(report, KD-recovered child). Resumable: each run continues from its checkpoints, which
     live in a directory keyed by the run's config and the child's weights, so a changed setting
@@ -69,7 +75,7 @@ def run_recovery_stage(
     chat, corpus = chat or world.chat, corpus or Corpus(world)
     out_dir = Path(out_dir)
     train, val = corpus.training_examples(chat), corpus.eval_examples(chat)
-    measure = lambda model: quality(parent, model, world, cfg, chat, val)  # noqa: E731
+    measure = lambda model: quality(parent, model, world, cfg, chat, val, problems, verify)  # noqa: E731
     report: dict = {"parent": measure(parent), "before": measure(child)}
     runs = {"kd": cfg.loss}
     if cfg.compare_cpt:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..arch.accounting import report as arch_report
 from ..data.chat_tokenizer import ChatTokenizer
+from ..data.problems import ProblemSet
+from ..data.reasoning_world import is_correct
 from ..data.sources import Corpus
 from ..data.tiny_world import World, config_hash
 from ..model.checkpoint import save_checkpoint
@@ -136,10 +138,12 @@ def build_library_file(parent_cfg, variants, scores, measured, costs: CostConfig
 def run_puzzle(
     parent: HeteroLlamaForCausalLM, parent_id: str, world: World, cfg: PuzzleConfig, out_dir: Path, *,
     progress: bool = True, chat: ChatTokenizer | None = None, corpus: Corpus | None = None,
+    problems: ProblemSet | None = None, verify=is_correct,
 ) -> dict:
     """Run the whole Puzzle stage; returns the report also written to out_dir/report.json, with
     the child in out_dir/model. `chat`: the parent's tokenizer and template (default: the
-    world's); `corpus`: the text to calibrate, train and score on (default: the world's)."""
+    world's); `corpus`: the text to calibrate, train and score on (default: the world's);
+    `problems` / `verify`: the held-out problems of the report's task accuracy and their check."""
     chat, corpus = chat or world.chat, corpus or Corpus(world)
     pcfg = parent.config
     pad = 0
@@ -178,8 +182,8 @@ def run_puzzle(
     save_checkpoint(child, child_dir, architecture="nemotron-nas", extra_files=chat.files())
 
     report = _report(
-        parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg,
-        held_out, measured, chat,
+        parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, cfg,
+        held_out, measured, chat, (problems or ProblemSet(world)).eval, verify,
     )  # fmt: skip
     report.update(library_dir=str(lib_dir), model=str(child_dir), bld_trained=len(bld_losses))
     write_json_atomic(out_dir / "report.json", report)
@@ -251,16 +255,16 @@ def _runtime_check(parent, child, library, parent_choice, choices, non_block, me
 
 
 def _report(
-    parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, world, cfg, held_out,
-    measured, chat,
+    parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, cfg, held_out,
+    measured, chat, eval_problems, verify,
 ) -> dict:
     from ..evaluate import task_accuracy
 
     batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)
     quality = model_metrics(parent, child, batches)
-    easy = [p for p in world.eval if p.difficulty <= 2][:100]
-    acc_parent = task_accuracy(parent, chat, easy)["accuracy"]
-    acc_child = task_accuracy(child, chat, easy)["accuracy"]
+    easy = [p for p in eval_problems if p.difficulty <= 2][:100]  # levels 1-2 of the tiny world, or all
+    acc_parent = task_accuracy(parent, chat, easy, verify=verify)["accuracy"]
+    acc_child = task_accuracy(child, chat, easy, verify=verify)["accuracy"]
     predicted = choice_totals(library, solution.choices)
     runtime = (
         _runtime_check(parent, child, library, parent_choice, solution.choices, non_block, measured, cfg)

@@ -86,7 +86,7 @@ from .grpo_loss import (
     token_logprobs,
     zero_variance_groups,
 )
-from .rewards import TASKS, ZERO_REWARD, RewardBreakdown, RewardConfig, combined_reward
+from .rewards import TASKS, ZERO_REWARD, RewardBreakdown, RewardConfig, answer_checker, combined_reward
 from .sandbox import CRASH, MEMORY, TIMEOUT, TOO_LONG, RewardPool, direct_map
 
 log = logging.getLogger("nemo_plugins.grpo")
@@ -606,15 +606,17 @@ def write_metrics(history: Sequence[dict], csv_path: Path, jsonl_path: Path) -> 
 
 
 def heldout_accuracy(
-    model, tok: ChatTokenizer, problems: Sequence[Problem], max_new_tokens: int, thinking: bool = True
+    model, tok: ChatTokenizer, problems: Sequence[Problem], max_new_tokens: int, thinking: bool = True, task: str = "world"
 ) -> dict:
-    """Greedy accuracy on held-out problems (`evaluate.task_accuracy`), JSON-ready (string keys)."""
+    """Greedy accuracy on held-out problems (`evaluate.task_accuracy`, answers checked by `task`'s
+    verifier), JSON-ready (string keys)."""
     from ..evaluate import task_accuracy
 
     was_training = model.training
     model.eval()
     try:
-        acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens)
+        acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens,
+                            verify=answer_checker(task))  # fmt: skip
     finally:
         model.train(was_training)
     return {"accuracy": acc["accuracy"], "format_ok": acc["format_ok"], "n": acc["n"],
@@ -712,7 +714,7 @@ class GRPOModule(StepModule):
     # -- evaluation and checkpoints
 
     def evaluate(self) -> dict:
-        return heldout_accuracy(self.policy, self.tok, self.eval_problems, self.cfg.max_new_tokens)
+        return heldout_accuracy(self.policy, self.tok, self.eval_problems, self.cfg.max_new_tokens, task=self.cfg.rewards.task)
 
     def write_plot(self):
         from .plots import plot_grpo

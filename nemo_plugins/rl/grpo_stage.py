@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
 from ..data.curriculum import estimate_pass_rates, filter_by_pass_rate, problems_by_id
+from ..data.problems import ProblemSet
 from ..data.reasoning_world import Problem
 from ..data.tiny_world import World, config_hash
 from ..distill.stage import fingerprint
@@ -35,7 +36,7 @@ from ..model.generate import SamplingConfig
 from ..utils.atomic import write_json_atomic, write_text_atomic
 from .grpo import GRPOConfig, Rewarder, _bad, _positive_int, heldout_accuracy, run_grpo
 from .plots import plot_reward_curves
-from .rewards import check_references
+from .rewards import answer_checker, check_references
 
 log = logging.getLogger("nemo_plugins.grpo")
 
@@ -85,15 +86,24 @@ class GRPOStageConfig(GRPOConfig):
         return dataclasses.replace(self, curriculum=dataclasses.replace(self.curriculum, kind=kind))
 
 
-def training_pool(world: World, cfg: GRPOStageConfig) -> dict[str, Problem]:
+def _tiny_only(problems: ProblemSet, key: str, value, instead: str) -> World:
+    """The tiny world, for settings that draw new tiny-world problems (refused for other sources)."""
+    if problems.cfg.source != "tiny":
+        _bad(key, value, f"{instead}: it draws new tiny-world problems, and data.problems.source="
+                         f"{problems.cfg.source} has none")  # fmt: skip
+    return problems.world
+
+
+def training_pool(problems: ProblemSet, cfg: GRPOStageConfig) -> dict[str, Problem]:
     """{problem_id: problem}: the first `train_problems` unique training problems of `difficulties`,
-    or with prompt_source "fresh" that many new problems (in no split and not held out)."""
+    or with prompt_source "fresh" that many new tiny-world problems (in no split and not held out)."""
     if cfg.prompt_source == "fresh":
+        world = _tiny_only(problems, "prompt_source", cfg.prompt_source, "train")
         levels = cfg.difficulties or world.config.difficulties
-        fresh = world.extra_heldout(cfg.train_problems, levels, tag="grpo-prompts", exclude=heldout_set(world, cfg))
+        fresh = world.extra_heldout(cfg.train_problems, levels, tag="grpo-prompts", exclude=heldout_set(problems, cfg))
         return problems_by_id(fresh)
     wanted = set(cfg.difficulties) if cfg.difficulties is not None else None
-    chosen = [p for p in world.train if wanted is None or p.difficulty in wanted]
+    chosen = [p for p in problems.train if wanted is None or p.difficulty in wanted]
     pool = dict(list(problems_by_id(chosen).items())[: cfg.train_problems])
     if not pool:
         _bad("difficulties", cfg.difficulties, "difficulties present in the training split")
@@ -114,23 +124,24 @@ def _cached(path: Path, key: dict, compute):
     return value
 
 
-def heldout_set(world: World, cfg: GRPOStageConfig) -> list[Problem]:
+def heldout_set(problems: ProblemSet, cfg: GRPOStageConfig) -> list[Problem]:
     """The stage's held-out problems (see `GRPOStageConfig`)."""
     if cfg.eval_difficulties is None:
-        return world.eval[: cfg.eval_problems]
+        return problems.eval[: cfg.eval_problems]
+    world = _tiny_only(problems, "eval_difficulties", cfg.eval_difficulties, "null")
     return world.extra_heldout(cfg.eval_problems, cfg.eval_difficulties, tag="grpo-heldout")
 
 
-def _evaluate(model, world: World, cfg: GRPOStageConfig, chat: ChatTokenizer, thinking: bool) -> dict:
-    return heldout_accuracy(model, chat, heldout_set(world, cfg), cfg.max_new_tokens, thinking)
+def _evaluate(model, problems: ProblemSet, cfg: GRPOStageConfig, chat: ChatTokenizer, thinking: bool) -> dict:
+    return heldout_accuracy(model, chat, heldout_set(problems, cfg), cfg.max_new_tokens, thinking, cfg.rewards.task)
 
 
-def _accuracies(model, world: World, cfg: GRPOStageConfig, chat: ChatTokenizer, on: dict | None = None) -> dict:
+def _accuracies(model, problems: ProblemSet, cfg: GRPOStageConfig, chat: ChatTokenizer, on: dict | None = None) -> dict:
     """Held-out accuracy with thinking on (given, or measured) and off (when eval_off)."""
-    on = on or _evaluate(model, world, cfg, chat, True)
+    on = on or _evaluate(model, problems, cfg, chat, True)
     out = {"accuracy": on["accuracy"], "format_ok": on["format_ok"], "by_difficulty": on["by_difficulty"]}
     if cfg.eval_off:
-        off = _evaluate(model, world, cfg, chat, False)
+        off = _evaluate(model, problems, cfg, chat, False)
         out.update(accuracy_off=off["accuracy"], format_ok_off=off["format_ok"], by_difficulty_off=off["by_difficulty"])
     return out
 
@@ -180,7 +191,7 @@ def _run_names(cfg: GRPOStageConfig) -> list[str]:
     return [kind, "random"] if cfg.compare_random and kind != "random" else [kind]
 
 
-def _train(model, world: World, chat: ChatTokenizer, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
+def _train(model, problems: ProblemSet, chat: ChatTokenizer, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
            rewarder: Rewarder, before: dict, progress: bool):  # fmt: skip
     """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
     run_cfg = cfg.run_config(kind)
@@ -188,41 +199,46 @@ def _train(model, world: World, chat: ChatTokenizer, cfg: GRPOStageConfig, pool,
     run_dir = out_dir / f"{kind}-{config_hash(key, start)}"
     policy = copy.deepcopy(model)
     initial = {k: before[k] for k in ("accuracy", "format_ok", "by_difficulty")}
-    summary = run_grpo(policy, chat, pool, rates, run_cfg, run_dir, eval_problems=heldout_set(world, cfg),
+    summary = run_grpo(policy, chat, pool, rates, run_cfg, run_dir, eval_problems=heldout_set(problems, cfg),
                        rewarder=rewarder, initial_eval=initial, progress=progress)  # fmt: skip
     return summary, policy, run_dir
 
 
 def run_grpo_stage(
     model, world: World, cfg: GRPOStageConfig, out_dir: str | Path, *, progress: bool = False,
-    chat: ChatTokenizer | None = None,
+    chat: ChatTokenizer | None = None, problems: ProblemSet | None = None,
 ):  # fmt: skip
     """(report, curriculum-trained model). `model` itself is not changed: each run trains a copy.
-    `chat`: the model's tokenizer and template (default: the world's)."""
+    `chat`: the model's tokenizer and template (default: the world's); `problems`: the prompts and
+    held-out problems (default: the tiny world's), whose task must be `grpo.rewards.task`."""
     out_dir = Path(out_dir)
     tok = chat = chat or world.chat
+    problems = problems or ProblemSet(world)
+    if problems.task != cfg.rewards.task:
+        _bad("rewards.task", cfg.rewards.task, f"{problems.task!r}, the task of data.problems.source={problems.cfg.source}")
     start = fingerprint(model)
-    pool = training_pool(world, cfg)
+    pool = training_pool(problems, cfg)
     check_references({pid: p.answer for pid, p in pool.items()}, cfg.rewards.task, timeout_s=cfg.rewards.timeout_s / 2)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     rates = estimate_pass_rates(
         model, tok, list(pool.values()), cfg.pass_rate_k, sampling=sampling, batch_size=cfg.pass_rate_batch_size,
         seed=cfg.seed, cache_path=out_dir / "pass_rates.json", model_id=start, thinking=True, progress=progress,
+        verify=answer_checker(cfg.rewards.task),
     )  # fmt: skip
     kept = filter_by_pass_rate(rates, cfg.pass_rate_threshold).kept
     report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}
     eval_key = {"model": start, "problems": cfg.eval_problems, "difficulties": cfg.eval_difficulties,
                 "max_new_tokens": cfg.max_new_tokens, "off": cfg.eval_off}  # fmt: skip
-    report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, world, cfg, chat))
+    report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, problems, cfg, chat))
     names = _run_names(cfg)
     runs, trained = {}, None
     with Rewarder(cfg.rewards) as rewarder:  # one sandbox for both runs, started only if one trains
         for name in names:
-            summary, policy, run_dir = _train(model, world, chat, cfg, pool, {i: rates[i] for i in kept}, name, start,
+            summary, policy, run_dir = _train(model, problems, chat, cfg, pool, {i: rates[i] for i in kept}, name, start,
                                               out_dir, rewarder, report["before"], progress)  # fmt: skip
             after_key = {**eval_key, "model": fingerprint(policy)}
             final = summary["final_eval"]
-            after = _cached(run_dir / "after.json", after_key, lambda: _accuracies(policy, world, cfg, chat, final))
+            after = _cached(run_dir / "after.json", after_key, lambda: _accuracies(policy, problems, cfg, chat, final))
             report[name], runs[name] = _run_report(summary, after, run_dir), summary
             if name == names[0]:
                 trained = policy

@@ -289,6 +289,25 @@ def world_accuracy(completion: str, reference: int | str) -> float:
     return 1.0 if reasoning_world.extract_answer(completion) == int(reference) else 0.0
 
 
+def answer_checker(task: str):
+    """`verify(completion, problem) -> bool` for held-out accuracy and pass rates under `task`:
+    the tiny world's exact integer match, or this task's accuracy reward against `problem.answer`
+    (in-process: `check_answer` bounds what reaches the parser)."""
+    if task == "world":
+        return reasoning_world.is_correct
+    reward = {"math": math_accuracy, "choice": choice_accuracy}.get(task)
+    if reward is None:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+
+    def verify(completion: str, problem) -> bool:
+        try:
+            return reward(completion, problem.answer) == 1.0
+        except ValueError:  # a rejected or unparsable answer is a wrong one
+            return False
+
+    return verify
+
+
 # --------------------------------------------------------------------------- references
 
 

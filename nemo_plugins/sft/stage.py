@@ -27,8 +27,9 @@ from ..data.sft_data import (
     read_messages_jsonl,
     read_nemotron_jsonl,
     tokenize_examples,
-    world_paired_examples,
 )
+from ..data.problems import ProblemSet
+from ..data.reasoning_world import is_correct
 from ..data.tiny_world import World, config_hash
 from ..data.chat_tokenizer import ChatTokenizer
 from ..distill.stage import fingerprint
@@ -102,21 +103,29 @@ def _read_jsonl(cfg: SFTStageConfig) -> tuple[list[ChatExample], dict | None]:
     return examples, counts
 
 
-def build_sft_data(world: World, cfg: SFTStageConfig, chat: ChatTokenizer | None = None) -> tuple[list, list, dict]:
+def build_sft_data(
+    world: World, cfg: SFTStageConfig, chat: ChatTokenizer | None = None, problems: ProblemSet | None = None
+) -> tuple[list, list, dict]:
     """(train, val) tokenized examples in `chat`'s template (default: the world's) and the counts
-    for the report."""
-    chat = chat or world.chat
-    n_world = min(cfg.world_problems, len(world.train))
-    chats = world_paired_examples(world.train[:n_world])
+    for the report: paired examples of the first `world_problems` training problems of `problems`
+    (default: the tiny world's) that have solutions, plus `train_jsonl`; validation pairs from its
+    held-out problems (else the last 5% of the training examples, held back)."""
+    chat, problems = chat or world.chat, problems or ProblemSet(world)
+    n_world = min(cfg.world_problems, len(problems.train))
+    chats = problems.sft_examples(problems.train[:n_world])
+    n_paired = len(chats)
     extra, jsonl = _read_jsonl(cfg)
     chats += extra
     if not chats:
         raise ValueError("sft: no training examples (sft.world_problems=0 and every JSONL record was skipped)")
+    val_chats = problems.sft_examples(problems.eval[: cfg.val_problems])
+    if not val_chats:  # problems without solutions (JSONL prompts): hold back part of the training data
+        n_val = max(1, len(chats) // 20)
+        chats, val_chats = chats[:-n_val], chats[-n_val:]
     train, rep = tokenize_examples(chat, chats, cfg.max_len, cfg.overflow)
-    val_chats = world_paired_examples(world.eval[: cfg.val_problems])
     val, _ = tokenize_examples(chat, val_chats, cfg.max_len, "truncate")
     counts = {
-        "world_problems": n_world, "world_examples": 2 * n_world, "jsonl": jsonl, "by_mode": _mode_counts(chats),
+        "world_problems": n_world, "world_examples": n_paired, "jsonl": jsonl, "by_mode": _mode_counts(chats),
         "tokenized": {"examples": rep.examples, "kept": rep.kept, "dropped": rep.dropped,
                       "truncated": rep.truncated, "tokens": rep.tokens, "reasons": dict(rep.reasons)},
         "val_examples": len(val),
@@ -137,16 +146,16 @@ def data_digest(examples) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _cached_toggle(path: Path, model, world: World, cfg: SFTStageConfig, chat: ChatTokenizer) -> dict:
-    """evaluate_toggle on world.eval, reusing `path` when it was made with the same settings."""
+def _cached_toggle(path: Path, model, problems: ProblemSet, cfg: SFTStageConfig, chat: ChatTokenizer, verify) -> dict:
+    """evaluate_toggle on the held-out problems, reusing `path` when it was made with the same settings."""
     settings = cfg.eval_fields()
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings:
             return saved["result"]
     result = evaluate_toggle(
-        model, chat, world.eval[: cfg.eval_problems],
-        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+        model, chat, problems.eval[: cfg.eval_problems],
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, verify=verify,
     )  # fmt: skip
     write_json_atomic(path, {"settings": settings, "result": result})
     return result
@@ -164,19 +173,20 @@ def _log_toggle(before: dict, after: dict) -> None:
 
 def run_sft_stage(
     model: HeteroLlamaForCausalLM, world: World, cfg: SFTStageConfig, out_dir: str | Path, *, progress: bool = False,
-    chat: ChatTokenizer | None = None,
+    chat: ChatTokenizer | None = None, problems: ProblemSet | None = None, verify=is_correct,
 ) -> tuple[dict, HeteroLlamaForCausalLM]:
     """(report, SFT model): trains `model` in place (resuming its run if there is one), saves it
     to out_dir/model with its tokenizer and template (`chat`, default: the world's) and writes
-    out_dir/report.json."""
-    chat = chat or world.chat
+    out_dir/report.json. `problems` (default: the tiny world's) give the paired examples and the
+    held-out problems of the toggle evaluation, whose answers `verify(text, problem)` checks."""
+    chat, problems = chat or world.chat, problems or ProblemSet(world)
     out_dir = Path(out_dir)
-    train, val, counts = build_sft_data(world, cfg, chat)
+    train, val, counts = build_sft_data(world, cfg, chat, problems)
     key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), fingerprint(model))
     run_dir = out_dir / f"run-{key}"
-    before = _cached_toggle(run_dir / "toggle_before.json", model, world, cfg, chat)
+    before = _cached_toggle(run_dir / "toggle_before.json", model, problems, cfg, chat, verify)
     summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
-    after = _cached_toggle(run_dir / "toggle_after.json", model, world, cfg, chat)
+    after = _cached_toggle(run_dir / "toggle_after.json", model, problems, cfg, chat, verify)
     _log_toggle(before, after)
     target = out_dir / "model"
     save_checkpoint(model, target, extra_files=chat.files())

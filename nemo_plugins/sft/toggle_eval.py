@@ -13,7 +13,7 @@ Per mode, over the same problems:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..data.chat import THINK_END, THINK_START
 from ..data.chat_tokenizer import ChatTokenizer, as_chat
@@ -31,14 +31,17 @@ def follows_toggle(text: str, thinking: bool) -> bool:
     return has_think_block(text) and bool(text.split(THINK_END, 1)[1].strip())
 
 
-def mode_scores(problems: Sequence[Problem], texts: Sequence[str], lengths: Sequence[int], thinking: bool) -> dict:
-    """Adherence, format, accuracy (overall and per difficulty), mean length and n for one mode."""
+def mode_scores(
+    problems: Sequence[Problem], texts: Sequence[str], lengths: Sequence[int], thinking: bool,
+    verify: Callable[[str, Problem], bool] = is_correct,
+) -> dict:  # fmt: skip
+    """Adherence, format, accuracy (`verify`; overall and per difficulty), mean length and n for one mode."""
     if len(problems) != len(texts) or len(texts) != len(lengths):
         raise ValueError(f"{len(problems)} problems, {len(texts)} responses, {len(lengths)} lengths: expected equal")
     if not problems:
         raise ValueError("evaluate_toggle: no problems given")
     n = len(problems)
-    correct = [is_correct(t, p) for p, t in zip(problems, texts)]
+    correct = [bool(verify(t, p)) for p, t in zip(problems, texts)]
     by_level: dict[int, list[bool]] = defaultdict(list)
     for p, c in zip(problems, correct):
         by_level[p.difficulty].append(c)
@@ -73,7 +76,7 @@ def greedy_responses(
 
 def evaluate_toggle(
     model: HeteroLlamaForCausalLM, tokenizer: ChatTokenizer, problems: Sequence[Problem], *,
-    batch_size: int = 64, max_new_tokens: int = 64,
+    batch_size: int = 64, max_new_tokens: int = 64, verify: Callable[[str, Problem], bool] = is_correct,
 ) -> dict:  # fmt: skip
     """{"on": scores, "off": scores} (see `mode_scores`) from greedy answers to the same problems."""
     if not problems:
@@ -88,7 +91,7 @@ def evaluate_toggle(
             texts, lengths = greedy_responses(
                 model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens
             )
-            out[mode] = mode_scores(problems, texts, lengths, thinking)
+            out[mode] = mode_scores(problems, texts, lengths, thinking, verify)
         return out
     finally:
         model.train(was_training)
