@@ -447,7 +447,7 @@ class JsonlChatReader:
     def _record(self, path: Path, lineno: int, raw: bytes) -> ChatExample | None:
         self.report.read += 1
         try:
-            ex = self.parse(_load_json(raw), allow_empty_think=self.allow_empty_think, source=(str(path), lineno))
+            ex = self.parse(load_json_object(raw), allow_empty_think=self.allow_empty_think, source=(str(path), lineno))
         except RecordError as e:
             message = f"{path}:{lineno}: {e}"
             self.report.reject(message, e.reason)
@@ -458,7 +458,8 @@ class JsonlChatReader:
         return ex
 
 
-def _load_json(raw: bytes) -> dict:
+def load_json_object(raw: bytes) -> dict:
+    """One JSONL line as a dict; RecordError "bad_json" / "not_object" otherwise."""
     try:
         rec = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

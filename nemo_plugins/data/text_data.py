@@ -50,7 +50,7 @@ from typing import Literal
 
 import torch
 
-from .sft_data import ReadReport, RecordError
+from .sft_data import ReadReport, RecordError, load_json_object
 
 OnError = Literal["skip", "raise"]
 TxtMode = Literal["file", "paragraph"]
@@ -134,17 +134,6 @@ def expand_paths(paths: PathsLike, suffixes: Sequence[str] = TEXT_SUFFIXES) -> l
         else:
             raise FileNotFoundError(f"{s}: no such file or directory")
     return out
-
-
-def load_json_object(raw: bytes) -> dict:
-    """One JSONL line as a dict; RecordError "bad_json" / "not_object" otherwise."""
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RecordError("bad_json", str(e)) from None
-    if not isinstance(rec, dict):
-        raise RecordError("not_object", f"the line holds a JSON {type(rec).__name__}, expected an object")
-    return rec
 
 
 def record_id(rec: dict, key: str) -> str:
