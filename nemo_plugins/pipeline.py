@@ -16,6 +16,7 @@ and config, so a rerun restores finished work instead of redoing it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -375,6 +376,7 @@ class _Run:
         ctx = self.context(stage)
         log.info("stage %s%s", stage.name, f" (model {ctx.model_dir})" if ctx.model_dir else "")
         summary = stage.run(ctx)
+        gc.collect()  # free the stage's models and optimizer state (Lightning keeps them in cycles) before the next
         if MODEL in summary:
             self.made[stage.name] = Path(summary[MODEL])
         self.summary[stage.name] = summary

@@ -9,6 +9,7 @@ thinking on. The KD-recovered child is saved (HF format where expressible).
 from __future__ import annotations
 
 import copy
+import gc
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass
@@ -93,6 +94,8 @@ def run_recovery_stage(
                         "metrics_csv": summary["metrics_csv"]}  # fmt: skip
         if name == "kd":
             recovered = student
+        del student
+        gc.collect()  # the finished trainer's optimizer state sits in reference cycles until collected
     before, after = report["before"]["kl_div"], report["kd"]["kl_div"]
     report["kd_gap_closed"] = 1 - after / before if before > 0 else None
     target = out_dir / "model"
