@@ -1,8 +1,11 @@
 """Continued pretraining of a Puzzle child (llm.pretrain, factory puzzle_cpt).
 
-    python recipes/nemo_cpt.py --yes "data.paths=['/data/mix_text_document']" trainer.max_steps=1000 [--dryrun]
+    python recipes/nemo_cpt.py --yes --factory "puzzle_cpt(data_paths=['/data/mix_text_document'])" \
+        trainer.max_steps=1000 [--dryrun]
 
-Same as `nemo llm pretrain --factory puzzle_cpt ...` once the entry point is installed.
+Same as `nemo llm pretrain --factory puzzle_cpt ...` once the entry point is installed. Training
+data is a factory argument (data_paths=, or mock=True for random tokens); without it the recipe
+fails naming data_paths.
 """
 
 import sys

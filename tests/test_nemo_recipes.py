@@ -119,7 +119,8 @@ def test_factories_are_registered_by_name(nr):
     # what `nemo llm distill --factory "puzzle_recovery(...)"` does with a factory string
     from nemo_run.cli.cli_parser import parse_factory
 
-    built = parse_factory(llm.distill, "", object, "puzzle_recovery(parent_size='8b', max_steps=5)")
+    built = parse_factory(llm.distill, "", object,
+                          "puzzle_recovery(parent_size='8b', max_steps=5, data_paths=['/data/mix_text_document'])")
     assert built.trainer.max_steps == 5 and built.trainer.strategy.tensor_model_parallel_size == 2
     # the pipeline and the Puzzle tasks are NeMo-Run entrypoints (`nemo nemo_plugins <name>`)
     P = nr.pipeline
@@ -151,12 +152,16 @@ def test_the_entry_point_module_alone_registers_every_task(nr):
 FACTORIES = ["recipes.recovery_recipe", "recipes.cpt_recipe", "recipes.toggle_sft_recipe",
              "puzzle_tasks.puzzle_bld_h100", "puzzle_tasks.puzzle_score_h100",
              "puzzle_tasks.puzzle_search_h100"]  # fmt: skip
+TEXT = ["/data/mix_text_document"]  # Megatron-indexed text (a dataset prefix)
+SFT = ["/data/sft.jsonl"]
+DATA_ARGS = {"recovery_recipe": {"data_paths": TEXT}, "cpt_recipe": {"data_paths": TEXT},
+             "toggle_sft_recipe": {"data_paths": SFT}}  # fmt: skip
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_recipe_builds_and_round_trips_through_yaml(nr, factory):
     module, factory = factory.split(".")
-    recipe = getattr(getattr(nr, module), factory)()
+    recipe = getattr(getattr(nr, module), factory)(**DATA_ARGS.get(factory, {}))
     assert isinstance(recipe, nr.run.Partial)
     text = nr.yaml.serialize(recipe)
     assert nr.yaml.deserialize(text) == recipe, text
@@ -167,8 +172,9 @@ def test_recipe_builds_and_round_trips_through_yaml(nr, factory):
 
 def test_training_recipes_target_nemo_and_carry_the_project_settings(nr, tmp_path):
     R, llm, fdl = nr.recipes, nr.llm, nr.fdl
-    kd = R.recovery_recipe()
+    kd = R.recovery_recipe(data_paths=TEXT)
     assert kd.__fn_or_cls__ is llm.distill
+    assert issubclass(kd.data.__fn_or_cls__, llm.PreTrainingDataModule) and kd.data.paths == TEXT
     st = kd.trainer.strategy
     assert (st.tensor_model_parallel_size, st.pipeline_model_parallel_size, st.sequence_parallel) == (8, 4, True)
     assert (kd.trainer.num_nodes, int(kd.trainer.devices), kd.trainer.max_steps) == (4, 8, 19000)
@@ -185,7 +191,7 @@ def test_training_recipes_target_nemo_and_carry_the_project_settings(nr, tmp_pat
     from nemo.collections.llm.modelopt.distill.utils import DistillationConfig
 
     for hidden_cosine, pairs in ((False, []), (True, [["decoder.final_layernorm", "decoder.final_layernorm"]])):
-        cfg = R.recovery_recipe(hidden_cosine=hidden_cosine).distillation_config_path
+        cfg = R.recovery_recipe(hidden_cosine=hidden_cosine, data_paths=TEXT).distillation_config_path
         cfg.path = str(tmp_path / f"kd_{hidden_cosine}.yaml")
         import yaml
 
@@ -193,7 +199,7 @@ def test_training_recipes_target_nemo_and_carry_the_project_settings(nr, tmp_pat
         assert [list(p) for p in loaded.intermediate_layer_pairs] == pairs
         assert list(loaded.logit_layers) == ["output_layer", "output_layer"] and loaded.skip_lm_loss
 
-    cpt = R.cpt_recipe(child="/ckpt/child", parent_size="49b")
+    cpt = R.cpt_recipe(child="/ckpt/child", parent_size="49b", data_paths=TEXT)
     assert cpt.__fn_or_cls__ is llm.pretrain and cpt.model.path == "/ckpt/child"
     assert cpt.resume.restore_config.path.path == "/ckpt/child"
     cpt_st = cpt.trainer.strategy
@@ -214,7 +220,7 @@ def test_factory_arguments_are_checked(nr):
     with pytest.raises(ValueError, match=r"tp\*pp\*cp=3\*1\*1"):
         R.toggle_sft_recipe(parent_size="8b", tp=3)
     with pytest.raises(nr.data.ToggleDataError, match="source_format='csv'"):
-        nr.fdl.build(R.toggle_sft_recipe(data_format="csv").data)
+        nr.fdl.build(R.toggle_sft_recipe(data_format="csv", data_paths=SFT).data)
     with pytest.raises(R.RecipeError, match="kd_loss_scale=0"):
         R.write_distillation_config(kd_loss_scale=0)
     with pytest.raises(R.RecipeError, match="pairs of"):
@@ -226,7 +232,7 @@ def test_factory_arguments_are_checked(nr):
 
 def test_overrides_apply_to_a_copy(nr):
     R = nr.recipes
-    base = R.recovery_recipe()
+    base = R.recovery_recipe(data_paths=TEXT)
     out = R.apply_overrides(base, [
         "trainer.max_steps=10", "optim.config.lr=3e-4", "trainer.strategy.tensor_model_parallel_size=4",
         "data.global_batch_size=64",
@@ -235,7 +241,7 @@ def test_overrides_apply_to_a_copy(nr):
     assert (out.trainer.strategy.tensor_model_parallel_size, out.data.global_batch_size) == (4, 64)
     assert base.trainer.max_steps == 19000  # the original is untouched
     # NeMo-Run's own parser gives the same result (what `nemo llm distill ... key=value` does)
-    same = nr.run.cli.parse_cli_args(R.recovery_recipe(), ["trainer.max_steps=10"])
+    same = nr.run.cli.parse_cli_args(R.recovery_recipe(data_paths=TEXT), ["trainer.max_steps=10"])
     assert same.trainer.max_steps == 10
     R.check_recipe(out)
 
@@ -254,16 +260,16 @@ def test_overrides_apply_to_a_copy(nr):
 )
 def test_bad_overrides_fail_naming_key_value_and_type(nr, override, words):
     with pytest.raises(nr.recipes.RecipeError) as e:
-        nr.recipes.apply_overrides(nr.recipes.recovery_recipe(), [override])
+        nr.recipes.apply_overrides(nr.recipes.recovery_recipe(data_paths=TEXT), [override])
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_inconsistent_overrides_are_caught_before_launch(nr):
     R = nr.recipes
     with pytest.raises(R.RecipeError, match=r"trainer: tp\*pp\*cp=8\*3\*1=24 does not divide the 32 GPUs"):
-        R.check_recipe(R.apply_overrides(R.recovery_recipe(), ["trainer.strategy.pipeline_model_parallel_size=3"]))
+        R.check_recipe(R.apply_overrides(R.recovery_recipe(data_paths=TEXT), ["trainer.strategy.pipeline_model_parallel_size=3"]))
     with pytest.raises(R.RecipeError, match="global_batch_size=102"):
-        R.check_recipe(R.apply_overrides(R.recovery_recipe(parent_size="8b"), ["data.global_batch_size=102"]))
+        R.check_recipe(R.apply_overrides(R.recovery_recipe(parent_size="8b", data_paths=TEXT), ["data.global_batch_size=102"]))
 
 
 # ----------------------------------------------------------------------------- executors and sbatch
@@ -272,8 +278,8 @@ def test_inconsistent_overrides_are_caught_before_launch(nr):
 def test_slurm_sbatch_has_the_requested_resources(nr, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     R, E = nr.recipes, nr.executors
-    for recipe, nodes in ((R.recovery_recipe(), 4), (R.cpt_recipe(parent_size="49b"), 2),
-                          (R.toggle_sft_recipe(parent_size="8b"), 1)):  # fmt: skip
+    for recipe, nodes in ((R.recovery_recipe(data_paths=TEXT), 4), (R.cpt_recipe(parent_size="49b", data_paths=TEXT), 2),
+                          (R.toggle_sft_recipe(parent_size="8b", data_paths=SFT), 1)):  # fmt: skip
         text = E.sbatch_script(recipe, E.for_trainer(slurm(nr), recipe), name="train")
         sb = sbatch_lines(text)
         assert (sb["nodes"], sb["gpus-per-node"], sb["ntasks-per-node"]) == (str(nodes), "8", "8")
@@ -359,12 +365,12 @@ def test_pipeline_experiment_dry_runs_with_its_dependencies(nr, tmp_path, stdin)
         assert {j.id: j.dependencies for j in exp.jobs} == EXPECTED_DAG
         exp.dryrun(log=False)
     # CPT instead of KD waits only for the child; no SFT without data
-    names = {s.name: list(s.after) for s in P.pipeline_stages(slurm(nr), recovery="cpt")}
+    names = {s.name: list(s.after) for s in P.pipeline_stages(slurm(nr), recovery="cpt", recovery_data=TEXT)}
     assert names["recovery"] == ["import_child"] and "sft" not in names
     with pytest.raises(nr.recipes.RecipeError, match="recovery='kdd'"):
         P.pipeline_stages(slurm(nr), recovery="kdd")
     with pytest.raises(ValueError, match="trainer.num_nodes=4: a local executor runs one node"):
-        P.pipeline_stages(nr.executors.local_executor(), parent_size="70b")
+        P.pipeline_stages(nr.executors.local_executor(), parent_size="70b", recovery_data=TEXT)
 
 
 def run_cli(nr, fn, args, default_factory=None):
@@ -379,6 +385,7 @@ def run_cli(nr, fn, args, default_factory=None):
     return status, out.getvalue(), err.getvalue()
 
 
+RECOVERY_DATA = "recovery_data=['/data/mix_text_document']"
 SLURM_ARGS = ["run.executor=slurm_h100", f"run.executor.account={ACCOUNT}", f"run.executor.partition={PARTITION}",
               f"run.executor.container_image={IMAGE}"]  # fmt: skip
 
@@ -387,7 +394,7 @@ def test_pipeline_cli_dry_run_and_bad_overrides(nr, tmp_path, monkeypatch, stdin
     monkeypatch.chdir(tmp_path)
     R, P = nr.recipes, nr.pipeline
     status, out, _ = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, "sft_data=['/data/sft.jsonl']",
-                                              "puzzle_nodes=2", "work_dir=/results/cli"])  # fmt: skip
+                                              "puzzle_nodes=2", "work_dir=/results/cli", RECOVERY_DATA])  # fmt: skip
     assert status == 0, out
     for name in EXPECTED_DAG:
         assert f"Task {name}" in out
@@ -400,24 +407,100 @@ def test_pipeline_cli_dry_run_and_bad_overrides(nr, tmp_path, monkeypatch, stdin
         (["recovery=kdd"], ["recovery='kdd'", "expected 'kd', 'cpt' or 'none'"]),
         (["run.executor.time=4h"], ["time='4h'", "HH:MM:SS"]),
     ):
-        status, out, err = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, *bad])
+        status, out, err = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, RECOVERY_DATA, *bad])
         assert status == 1, (bad, out[-2000:], err[-2000:])
         assert all(w in out + err for w in words), (bad, (out + err)[-2000:])
     # a training recipe through its NeMo entrypoint, as `nemo llm distill --factory puzzle_recovery`
-    status, out, _ = run_cli(nr, nr.llm.distill, ["--dryrun", "--yes", "trainer.max_steps=7"],
-                             default_factory=R.recovery_recipe)  # fmt: skip
-    assert status == 0 and "max_steps=7" in out
-    status, out, err = run_cli(nr, nr.llm.distill, ["--dryrun", "--yes", "trainer.max_stepz=7"],
-                               default_factory=R.recovery_recipe)  # fmt: skip
+    factory = ["--factory", "puzzle_recovery(data_paths=['/data/mix_text_document'])"]
+    status, out, _ = run_cli(nr, nr.llm.distill, [*factory, "--dryrun", "--yes", "trainer.max_steps=7"])
+    assert status == 0 and "max_steps=7" in out and "mix_text_document" in out
+    status, out, err = run_cli(nr, nr.llm.distill, [*factory, "--dryrun", "--yes", "trainer.max_stepz=7"])
     assert status == 1 and "No parameter named 'max_stepz'" in out + err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("factory", ["recovery_recipe", "cpt_recipe", "toggle_sft_recipe"])
+def test_training_recipes_need_data_or_an_explicit_mock(nr, factory):
+    """No silent mock data: without data_paths a training recipe fails naming it; mock=True
+    (and only that) trains on NeMo's random tokens."""
+    R, llm = nr.recipes, nr.llm
+    make = getattr(R, factory)
+    with pytest.raises(R.RecipeError) as e:
+        make()
+    assert "data_paths=None" in str(e.value) and "mock=True" in str(e.value), str(e.value)
+    with pytest.raises(R.RecipeError, match="data_paths=\\[\\]"):
+        make(data_paths=[])
+    with pytest.raises(R.RecipeError, match="not both"):
+        make(data_paths=DATA_ARGS[factory]["data_paths"], mock=True)
+    with pytest.raises(R.RecipeError, match="expected a list"):
+        make(data_paths="/data/one")
+    mock = make(mock=True)
+    assert mock.data.__fn_or_cls__ is llm.MockDataModule
+    assert mock.data.tokenizer.__fn_or_cls__ is R.checkpoint_tokenizer  # never the downloaded default
+    real = make(**DATA_ARGS[factory])
+    assert real.data.__fn_or_cls__ is not llm.MockDataModule
+
+
+def test_cli_needs_data_for_training(nr, tmp_path, monkeypatch, stdin):
+    """`nemo llm pretrain --factory puzzle_cpt` with the data given as an override of the built
+    recipe (which used to land on mock data) fails naming data_paths; the README's command runs."""
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(nr, nr.llm.pretrain, ["--factory", "puzzle_cpt", "--dryrun", "--yes",
+                                                     "data.paths=['/data/mix_text_document']"])  # fmt: skip
+    assert status == 1 and "data_paths=None" in out + err, (out + err)[-2000:]
+    status, out, err = run_cli(nr, nr.llm.pretrain, ["--factory", "puzzle_cpt(data_paths=['/data/mix_text_document'])",
+                                                     "--dryrun", "--yes"])  # fmt: skip
+    assert status == 0 and "TextDataModule" in out and "mix_text_document" in out, (out + err)[-2000:]
+    status, out, err = run_cli(nr, nr.llm.distill, [
+        "--factory", "puzzle_recovery(parent_size='49b', data_paths=['/data/mix_text_document'])", "--dryrun", "--yes",
+        "trainer.max_steps=1000"])  # fmt: skip
+    assert status == 0 and "max_steps=1000" in out, (out + err)[-2000:]
+    status, out, err = run_cli(nr, nr.llm.distill, ["--factory", "puzzle_recovery(mock=True)", "--dryrun", "--yes"])
+    assert status == 0 and "MockDataModule" in out, (out + err)[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_pipeline_needs_recovery_data(nr):
+    P = nr.pipeline
+    with pytest.raises(nr.recipes.RecipeError, match=r"recovery_data=None: recovery='kd'.*recovery=none"):
+        P.pipeline_stages(slurm(nr))
+    names = [s.name for s in P.pipeline_stages(slurm(nr), recovery="none")]
+    assert "recovery" not in names and names[-1] == "import_child"
+
+
+def test_pipeline_takes_the_layout_for_sizes_beyond_the_table(nr, tmp_path, monkeypatch, stdin):
+    """parent_size=405b has no default layout: the error asks for tp=, pp=, nodes=, which the
+    pipeline (function and command line) now accepts and hands to the training stages."""
+    P, E = nr.pipeline, nr.executors
+    p = E.parallelism_for("405b", tp=8, pp=8, nodes=8)
+    assert (p.tp, p.pp, p.cp, p.nodes) == (8, 8, 1, 8)
+    with pytest.raises(E.ExecutorConfigError, match="missing: pp=, nodes="):
+        E.parallelism_for("405b", tp=8)
+    with pytest.raises(E.ExecutorConfigError, match="give tp=, pp= and nodes= explicitly"):
+        P.pipeline_stages(slurm(nr), parent_size="405b", recovery_data=TEXT)
+    stages = P.pipeline_stages(slurm(nr), parent_size="405b", tp=8, pp=8, nodes=8, recovery_data=TEXT, sft_data=SFT)
+    by = {s.name: s for s in stages}
+    for name in ("recovery", "sft"):
+        tr = by[name].task.trainer
+        assert (tr.num_nodes, tr.strategy.tensor_model_parallel_size, tr.strategy.pipeline_model_parallel_size) == (8, 8, 8)
+        assert by[name].executor.nodes == 8
+    # the table's sizes take overrides too
+    by = {s.name: s for s in P.pipeline_stages(slurm(nr), parent_size="70b", nodes=8, recovery_data=TEXT)}
+    assert by["recovery"].task.trainer.num_nodes == 8 and by["recovery"].task.trainer.strategy.pipeline_model_parallel_size == 4
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, RECOVERY_DATA, "parent_size=405b",
+                                                "tp=8", "pp=8", "nodes=8"])  # fmt: skip
+    assert status == 0, (out + err)[-2000:]
+    assert "recovery       distill          8 node(s) x 8 process(es)" in out
+    status, out, err = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, RECOVERY_DATA, "parent_size=405b"])
+    assert status == 1 and "give tp=, pp= and nodes= explicitly" in out + err
 
 
 def test_pipeline_script_dry_runs_in_a_fresh_process(nr, tmp_path):
     env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "home")}
     proc = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "nemo_pipeline.py"), "--dryrun", "--yes", *SLURM_ARGS,
-         "recovery=cpt", "run.executor.time=01:00:00"],
+         "recovery=cpt", RECOVERY_DATA, "run.executor.time=01:00:00"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -602,17 +685,22 @@ def test_model_and_import_helpers_call_nemo_with_resolved_paths(nr, tmp_path, mo
     from nemo.lightning import io as nemo_io
 
     ckpt = fake_checkpoint(tmp_path / "logs" / "x-last", 1000)
+    (ckpt / "context" / "io.json").write_text("{}")
     seen = []
 
-    def fake_load_context(path, subpath=None):
-        seen.append((str(path), subpath))
+    def fake_load_context(path, subpath=None, build=True):
+        seen.append((str(path), subpath, build))
         return types.SimpleNamespace(config=types.SimpleNamespace(seq_length=4096))
 
     monkeypatch.setattr(nemo_io, "load_context", fake_load_context)
     model = R.load_model(str(tmp_path / "logs"), seq_length=16384)
-    assert model.config.seq_length == 16384 and seen[-1] == (str(ckpt / "context"), "model")
+    # never built by NeMo (a nested fdl.build inside the job runner's build of the recipe)
+    assert model.config.seq_length == 16384 and seen[-1] == (str(ckpt / "context"), "model", False)
     R.checkpoint_tokenizer(str(ckpt))
-    assert seen[-1] == (str(ckpt / "context"), "model.tokenizer")
+    assert seen[-1] == (str(ckpt / "context"), "model.tokenizer", False)
+    (ckpt / "context" / "io.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no context/io.json"):
+        R.load_model(str(ckpt))
 
     from nemo_plugins.arch.config import homogeneous
     from nemo_plugins.model.checkpoint import save_checkpoint

@@ -20,6 +20,9 @@ land in the same split and validation never sees a training prompt.
 files. NeMo masks the loss to what the chat template marks with `{% generation %}`; the Llama-3
 template installed here marks only the final assistant turn (its text and `<|eot_id|>`), so
 earlier turns, the system prompt and the user turns carry no loss, as in the project's own SFT.
+
+`TextDataModule` is NeMo's pretraining data module (Megatron-indexed text) for recovery and CPT,
+with `paths` typed so that a recipe survives NeMo-Run's YAML round trip.
 """
 
 import hashlib
@@ -338,3 +341,39 @@ class ToggleChatDataModule(_chat.ChatDataModule):
     def _create_dataset(self, path, pack_metadata_path=None, is_test=False, **kwargs):
         install_chat_template(self.tokenizer, self.chat_template)
         return super()._create_dataset(path, pack_metadata_path=pack_metadata_path, is_test=is_test, **kwargs)
+
+
+# ============================================================================ pretraining text
+
+_pre_training = require_nemo("nemo.collections.llm.gpt.data.pre_training")
+
+
+class TextDataModule(_pre_training.PreTrainingDataModule):
+    """NeMo's `PreTrainingDataModule` (Megatron-indexed text) with `paths` typed as a list.
+
+    `paths` are dataset prefixes (`<prefix>.bin` / `<prefix>.idx`), optionally weighted as
+    `['30', '/data/a_text_document', '70', '/data/b_text_document']`. The parent annotates
+    `paths` as `Path | List | Dict[str, List]`, which NeMo-Run 0.11's YAML reader cannot read
+    back (`--to-yaml` / `--yaml`); everything else is the parent's (more settings as keywords).
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        seq_length: int = 2048,
+        tokenizer=None,
+        micro_batch_size: int = 4,
+        global_batch_size: int = 8,
+        split: str = "998,1,1",
+        seed: int = 1234,
+        num_workers: int = 8,
+        index_mapping_dir: Optional[str] = None,
+        **kwargs,
+    ):
+        if isinstance(paths, (str, os.PathLike)) or not paths:
+            raise ValueError(f"paths={paths!r}: expected a non-empty list of dataset prefixes")
+        super().__init__(
+            paths=[str(p) for p in paths], seq_length=seq_length, tokenizer=tokenizer,
+            micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, split=split, seed=seed,
+            num_workers=num_workers, index_mapping_dir=index_mapping_dir, **kwargs,
+        )  # fmt: skip

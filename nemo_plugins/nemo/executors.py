@@ -78,19 +78,27 @@ def _billions(parent_size) -> float:
 
 def parallelism_for(parent_size="70b", **overrides) -> Parallelism:
     """The table's layout for a parent of `parent_size` ('8b', '49B', 70, 7.06e10 params, ...),
-    with `overrides` (tp=, pp=, cp=, sp=, vp=, nodes=) winning over the table."""
+    with `overrides` (tp=, pp=, cp=, sp=, vp=, nodes=) winning over the table. A size beyond
+    the table (e.g. '405b') needs tp=, pp= and nodes= (cp, sp, vp keep Parallelism's defaults)."""
     billions = _billions(parent_size)
-    key = next((k for limit, k in _SIZE_BUCKETS if billions <= limit), None)
-    if key is None or billions <= 0:
-        raise ExecutorConfigError(
-            f"parent_size={parent_size!r}: no default layout beyond 100B parents (table: {sorted(PARALLELISM)}); "
-            "give tp=, pp= and nodes= explicitly"
-        )
     fields = {f.name for f in dataclasses.fields(Parallelism)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ExecutorConfigError(f"parallelism override {unknown[0]!r}: expected one of {sorted(fields)}")
-    layout = dataclasses.replace(PARALLELISM[key], **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    key = next((k for limit, k in _SIZE_BUCKETS if billions <= limit), None)
+    if billions <= 0:
+        raise ExecutorConfigError(f"parent_size={parent_size!r}: expected a positive size such as '8b' or 70")
+    if key is None:  # no table row: the caller's layout, complete
+        missing = [k for k in ("tp", "pp", "nodes") if k not in given]
+        if missing:
+            raise ExecutorConfigError(
+                f"parent_size={parent_size!r}: no default layout beyond 100B parents (table: {sorted(PARALLELISM)}); "
+                f"give tp=, pp= and nodes= explicitly (missing: {', '.join(m + '=' for m in missing)})"
+            )
+        layout = Parallelism(**given)
+    else:
+        layout = dataclasses.replace(PARALLELISM[key], **given)
     check_parallelism(layout)
     return layout
 

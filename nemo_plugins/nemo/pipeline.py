@@ -62,16 +62,28 @@ def pipeline_stages(
     sft_data: Optional[list[str]] = None,
     sft_format: str = "nemotron",
     sft_steps: int = 2000,
+    tp: Optional[int] = None,
+    pp: Optional[int] = None,
+    nodes: Optional[int] = None,
 ) -> list[Stage]:
     """The jobs of Puzzle -> (FFN Fusion) -> NeMo import -> recovery (KD or CPT) -> toggle SFT.
 
     prepare (world, parent, HF export) -> BLD shards -> scoring shards (puzzle_nodes x
     gpus_per_node processes each) -> search (MIP, child) -> import parent and child to NeMo ->
-    recovery (recovery='kd' | 'cpt' | 'none') -> toggle SFT on sft_data (skipped without it).
-    Everything lives under work_dir, which all nodes must share.
+    recovery (recovery='kd' | 'cpt' | 'none', on recovery_data: Megatron-indexed dataset
+    prefixes, required unless recovery='none') -> toggle SFT on sft_data (skipped without it).
+    tp, pp and nodes set the training stages' layout (default: the table's for parent_size;
+    required for sizes it has no row for, e.g. 405b). Everything lives under work_dir, which all
+    nodes must share.
     """
     if recovery not in ("kd", "cpt", "none"):
         raise RecipeError(f"recovery={recovery!r}: expected 'kd', 'cpt' or 'none'")
+    if recovery != "none" and not recovery_data:
+        raise RecipeError(
+            f"recovery_data={recovery_data!r}: recovery={recovery!r} trains on real text: give "
+            "recovery_data=['/results/data/mix_text_document', ...] (Megatron-indexed dataset prefixes), "
+            "or recovery=none"
+        )
     if not isinstance(puzzle_nodes, int) or puzzle_nodes < 1:
         raise RecipeError(f"puzzle_nodes={puzzle_nodes!r}: expected a positive integer")
     out = f"{work_dir}/outputs"
@@ -93,9 +105,10 @@ def pipeline_stages(
         Stage("import_child", run.Partial(import_hf, hf_dir=child_hf, output=child_nemo), one, ("search",)),
     ]
     start, after = child_nemo, ("import_child",)
+    layout = {"parent_size": parent_size, "tp": tp, "pp": pp, "num_nodes": nodes}
     if recovery != "none":
-        common = {"dir": f"{work_dir}/logs", "parent_size": parent_size, "num_gpus_per_node": gpus_per_node,
-                  "data_paths": recovery_data, "max_steps": recovery_steps}  # fmt: skip
+        common = {"dir": f"{work_dir}/logs", "num_gpus_per_node": gpus_per_node, "data_paths": recovery_data,
+                  "max_steps": recovery_steps, **layout}  # fmt: skip
         if recovery == "kd":
             task = recovery_recipe(student=child_nemo, teacher=parent_nemo, name="recovery", **common)
             after = ("import_parent", "import_child")
@@ -106,8 +119,7 @@ def pipeline_stages(
     if sft_data:
         task = toggle_sft_recipe(
             start=start, data_paths=sft_data, data_format=sft_format, dataset_root=f"{work_dir}/sft_data",
-            dir=f"{work_dir}/logs", name="sft", parent_size=parent_size, num_gpus_per_node=gpus_per_node,
-            max_steps=sft_steps,
+            dir=f"{work_dir}/logs", name="sft", num_gpus_per_node=gpus_per_node, max_steps=sft_steps, **layout,
         )  # fmt: skip
         stages.append(Stage("sft", task, for_trainer(executor, task), after))
     for s in stages:
@@ -143,17 +155,21 @@ def pipeline(
     sft_data: Optional[list[str]] = None,
     sft_format: str = "nemotron",
     sft_steps: int = 2000,
+    tp: Optional[int] = None,
+    pp: Optional[int] = None,
+    nodes: Optional[int] = None,
     title: str = "puzzle-pipeline",
 ):
     """The whole pipeline as one NeMo-Run experiment (see `pipeline_stages`); `--dryrun` prints
-    every job's script instead of launching. The executor comes from `executor=...` on the
+    every job's script instead of launching. tp=, pp=, nodes= set the training stages' layout
+    (needed for a parent_size without a default, e.g. 405b). The executor comes from `executor=...` on the
     command line (e.g. run.executor=slurm_h100 run.executor.account=...), else local torchrun."""
     executor = ctx.executor or local_executor(gpus_per_node)
     stages = pipeline_stages(
         executor, work_dir=work_dir, parent_size=parent_size, preset=preset, puzzle_overrides=puzzle_overrides,
         puzzle_nodes=puzzle_nodes, gpus_per_node=gpus_per_node, fusion=fusion, recovery=recovery,
         recovery_data=recovery_data, recovery_steps=recovery_steps, sft_data=sft_data, sft_format=sft_format,
-        sft_steps=sft_steps,
+        sft_steps=sft_steps, tp=tp, pp=pp, nodes=nodes,
     )  # fmt: skip
     if ctx.dryrun:
         print(describe_stages(stages))

@@ -36,7 +36,7 @@ from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E40
 from nemo import lightning as nl  # noqa: E402
 from nemo.collections.llm.recipes.optim.adam import distributed_fused_adam_with_cosine_annealing  # noqa: E402
 
-from .data import ToggleChatDataModule  # noqa: E402
+from .data import TextDataModule, ToggleChatDataModule  # noqa: E402
 from .executors import GPUS_PER_H100_NODE, Parallelism, check_parallelism, parallelism_for  # noqa: E402
 
 CHECKPOINTS = "/checkpoints"
@@ -136,17 +136,33 @@ def restore_from(path) -> run.Config[nl.AutoResume]:
     )
 
 
-def text_data(paths: Optional[list], seq_length: int, global_batch_size: int, micro_batch_size: int, tokenizer):
-    """Megatron-indexed text (`paths`: dataset prefixes, optionally weighted) or, with None,
-    NeMo's mock data for smoke tests. `tokenizer` is given even for mock data, whose default
-    would be downloaded."""
-    if paths is None:
+def text_data(paths: Optional[list], seq_length: int, global_batch_size: int, micro_batch_size: int, tokenizer,
+              mock: bool = False):  # fmt: skip
+    """Megatron-indexed text (`TextDataModule`; `paths`: dataset prefixes, optionally weighted), or NeMo's mock
+    data (random tokens) only with `mock=True`: no data is an error, never a silent smoke test.
+    `tokenizer` is given even for mock data, whose default would be downloaded."""
+    _check_data(paths, mock, "Megatron-indexed dataset prefixes, e.g. data_paths=['/data/mix_text_document']")
+    if mock:
         return run.Config(llm.MockDataModule, seq_length=seq_length, global_batch_size=global_batch_size,
                           micro_batch_size=micro_batch_size, tokenizer=tokenizer)  # fmt: skip
     return run.Config(
-        llm.PreTrainingDataModule, paths=list(paths), seq_length=seq_length, global_batch_size=global_batch_size,
+        TextDataModule, paths=[str(p) for p in paths], seq_length=seq_length, global_batch_size=global_batch_size,
         micro_batch_size=micro_batch_size, tokenizer=tokenizer, split="998,1,1",
     )  # fmt: skip
+
+
+def _check_data(paths, mock: bool, expected: str) -> None:
+    if mock not in (True, False):
+        raise RecipeError(f"mock={mock!r}: expected True or False")
+    if isinstance(paths, str):
+        raise RecipeError(f"data_paths={paths!r}: expected a list ({expected})")
+    if mock and paths:
+        raise RecipeError(f"data_paths={list(paths)!r} with mock=True: give real data or mock=True, not both")
+    if not mock and not paths:
+        raise RecipeError(
+            f"data_paths={paths!r}: training needs data: {expected}; mock=True trains on random tokens "
+            "(smoke tests only)"
+        )
 
 
 def _layout(parent_size, num_nodes, tp, pp, cp, num_gpus_per_node) -> Parallelism:
@@ -329,24 +345,66 @@ def resolve_teacher(path: str) -> str:
     return resolve_checkpoint(path)
 
 
-def load_model(path: str, seq_length: Optional[int] = None):
-    """The model class and config stored in a NeMo checkpoint (weights come from the resume
-    config), with the training sequence length."""
+def _instantiate(node, memo: Optional[dict] = None):
+    """Build a config tree read from a checkpoint's context (`io.load_context(..., build=False)`)
+    by calling its functions and classes directly.
+
+    Not `fdl.build`: these helpers run while NeMo-Run's job runner (or `nemo llm ... --factory`)
+    builds the whole recipe, and fiddle forbids a build inside another. A node shared by several
+    parents is built once, as `fdl.build` does.
+    """
+    import functools
+
+    import fiddle as fdl
+
+    memo = {} if memo is None else memo
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if isinstance(node, fdl.Buildable):
+        args = {name: _instantiate(value, memo) for name, value in node.__arguments__.items()}
+        fn = node.__fn_or_cls__
+        out = functools.partial(fn, **args) if isinstance(node, fdl.Partial) else fn(**args)
+    elif type(node) in (list, tuple):
+        out = type(node)(_instantiate(v, memo) for v in node)
+    elif type(node) is dict:
+        out = {k: _instantiate(v, memo) for k, v in node.items()}
+    else:
+        return node
+    memo[key] = out
+    return out
+
+
+def _checkpoint_context(path: str, subpath: str):
+    """The unbuilt config of `subpath` in the NeMo checkpoint at `path` (or the newest below it),
+    with its artifacts (the tokenizer directory) resolved into the checkpoint."""
     from nemo.lightning import io
     from nemo.lightning.ckpt_utils import ckpt_to_context_subdir
 
-    model = io.load_context(ckpt_to_context_subdir(resolve_checkpoint(path)), subpath="model")
+    ckpt = resolve_checkpoint(path)
+    context = ckpt_to_context_subdir(ckpt)
+    if not (Path(context) / "io.json").is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt}: no context/io.json (not a NeMo 2 checkpoint?)")
+    cfg = io.load_context(context, subpath=subpath, build=False)
+    if cfg is None or getattr(cfg, "__fn_or_cls__", None) is io.TrainerContext:
+        raise FileNotFoundError(f"checkpoint {ckpt}: its context holds no {subpath!r}")
+    return cfg
+
+
+def load_model(path: str, seq_length: Optional[int] = None):
+    """The model class, config and tokenizer stored in a NeMo checkpoint (weights come from the
+    resume config), with the training sequence length. Read from the checkpoint's context
+    without a nested `fdl.build`, so it works inside the job runner's build of the recipe."""
+    model = _instantiate(_checkpoint_context(path, "model"))
     if seq_length:
         model.config.seq_length = seq_length
     return model
 
 
 def checkpoint_tokenizer(path: str):
-    """The tokenizer stored in a NeMo checkpoint (for data modules that need their own)."""
-    from nemo.lightning import io
-    from nemo.lightning.ckpt_utils import ckpt_to_context_subdir
-
-    return io.load_context(ckpt_to_context_subdir(resolve_checkpoint(path)), subpath="model.tokenizer")
+    """The tokenizer stored in a NeMo checkpoint (for data modules that need their own); read
+    without a nested `fdl.build`, as `load_model`."""
+    return _instantiate(_checkpoint_context(path, "model.tokenizer"))
 
 
 # ============================================================================ training factories
@@ -374,6 +432,7 @@ def recovery_recipe(
     warmup_steps: int = 200,
     hidden_cosine: bool = False,
     kd_loss_scale: float = 1.0,
+    mock: bool = False,
 ) -> run.Partial:
     """Recovery distillation of a Puzzle child from its parent (`llm.distill`).
 
@@ -381,8 +440,9 @@ def recovery_recipe(
     in every layer. Loss: KL on logits (LM loss skipped, as the paper found it hurt), plus a cosine
     loss on the final hidden states with hidden_cosine=True. Defaults: lr 1e-4 cosine to 1e-5,
     weight decay 0.01, clip 1.0 (conf/recovery/tiny.yaml); 19k steps x 256 x 8192 tokens is
-    ~40B tokens, the KD budget the Llama-Nemotron report gives for LN-Super. data_paths=None
-    uses mock data (smoke test).
+    ~40B tokens, the KD budget the Llama-Nemotron report gives for LN-Super. data_paths
+    (Megatron-indexed dataset prefixes) is required; mock=True trains on random tokens instead
+    (smoke tests only).
     """
     layout = _layout(parent_size, num_nodes, tp, pp, cp, num_gpus_per_node)
     _check_batch(layout, num_gpus_per_node, global_batch_size, micro_batch_size)
@@ -393,7 +453,7 @@ def recovery_recipe(
         llm.distill,
         student_model_path=run.Config(resolve_checkpoint, path=student),
         teacher_model_path=run.Config(resolve_teacher, path=teacher),
-        data=text_data(data_paths, seq_length, global_batch_size, micro_batch_size, tokenizer=tokenizer),
+        data=text_data(data_paths, seq_length, global_batch_size, micro_batch_size, tokenizer=tokenizer, mock=mock),
         trainer=trainer(layout, num_gpus_per_node, max_steps, val_every),
         distillation_config_path=run.Config(
             write_distillation_config, intermediate_layer_pairs=pairs, skip_lm_loss=True, kd_loss_scale=kd_loss_scale
@@ -423,10 +483,12 @@ def cpt_recipe(
     lr: float = 1e-4,
     min_lr: float = 1e-5,
     warmup_steps: int = 200,
+    mock: bool = False,
 ) -> run.Partial:
     """Continued pretraining of a Puzzle child on the LM loss (`llm.pretrain`), starting from
     its NeMo checkpoint (or the newest checkpoint below a log dir). Same schedule as recovery,
-    the comparison the project's recovery stage makes (recovery.loss.mode=cpt)."""
+    the comparison the project's recovery stage makes (recovery.loss.mode=cpt). data_paths
+    (Megatron-indexed dataset prefixes) is required; mock=True trains on random tokens instead."""
     layout = _layout(parent_size, num_nodes, tp, pp, cp, num_gpus_per_node)
     _check_batch(layout, num_gpus_per_node, global_batch_size, micro_batch_size)
     val_every = min(500, max_steps)
@@ -434,7 +496,7 @@ def cpt_recipe(
     return run.Partial(
         llm.pretrain,
         model=run.Config(load_model, path=child, seq_length=seq_length),
-        data=text_data(data_paths, seq_length, global_batch_size, micro_batch_size, tokenizer=tokenizer),
+        data=text_data(data_paths, seq_length, global_batch_size, micro_batch_size, tokenizer=tokenizer, mock=mock),
         trainer=trainer(layout, num_gpus_per_node, max_steps, val_every),
         log=logger(dir, name, val_every),
         resume=restore_from(child),
@@ -464,6 +526,7 @@ def toggle_sft_recipe(
     min_lr: float = 5e-7,
     warmup_steps: int = 50,
     val_fraction: float = 0.02,
+    mock: bool = False,
 ) -> run.Partial:
     """Reasoning-toggle SFT (`llm.finetune`, full weights) on "detailed thinking on/off" chat data.
 
@@ -471,17 +534,24 @@ def toggle_sft_recipe(
     data_paths: JSONL files, Llama-Nemotron-Post-Training-Dataset records (data_format='nemotron') or
     plain {"messages": ...} records ('messages'); they are converted on the cluster into
     dataset_root (default: next to the first file) and the loss covers the final assistant turn
-    only. lr 5e-6 cosine to 5e-7 with 50 warmup steps is NeMo's full-SFT setting for 49B/70B.
+    only. data_paths is required; mock=True trains on random tokens instead (smoke tests only).
+    lr 5e-6 cosine to 5e-7 with 50 warmup steps is NeMo's full-SFT setting for 49B/70B.
     """
     layout = _layout(parent_size, num_nodes, tp, pp, cp, num_gpus_per_node)
     _check_batch(layout, num_gpus_per_node, global_batch_size, micro_batch_size)
-    sources = list(data_paths) if data_paths else [f"{DATA}/sft/train.jsonl"]
-    root = dataset_root or str(Path(sources[0]).parent / f"{Path(sources[0]).stem}_toggle_chat")
-    data_module = run.Config(
-        ToggleChatDataModule, sources=sources, dataset_root=root, source_format=data_format,
-        val_fraction=val_fraction, seq_length=seq_length, global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size,
-    )  # fmt: skip
+    _check_data(data_paths, mock, f"JSONL files, e.g. data_paths=['{DATA}/sft/train.jsonl']")
+    if mock:  # llm.finetune gives it the model's tokenizer; this one spares the default's download
+        data_module = run.Config(llm.MockDataModule, seq_length=seq_length, global_batch_size=global_batch_size,
+                                 micro_batch_size=micro_batch_size,
+                                 tokenizer=run.Config(checkpoint_tokenizer, path=start))  # fmt: skip
+    else:
+        sources = list(data_paths)
+        root = dataset_root or str(Path(sources[0]).parent / f"{Path(sources[0]).stem}_toggle_chat")
+        data_module = run.Config(
+            ToggleChatDataModule, sources=sources, dataset_root=root, source_format=data_format,
+            val_fraction=val_fraction, seq_length=seq_length, global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+        )  # fmt: skip
     val_every = min(100, max_steps)
     return run.Partial(
         llm.finetune,
