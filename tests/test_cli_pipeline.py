@@ -163,3 +163,13 @@ def test_puzzle_command_validates_puzzle_keys(capsys):
     assert "params_fraction" in capsys.readouterr().err
     assert main(["config", "puzzle.library.mode=coupled"]) == 0
     assert "mode: coupled" in capsys.readouterr().out
+
+
+def test_a_broken_record_with_on_error_raise_is_a_clear_error(parent_checkpoint, tmp_path, capsys):
+    """sft.on_error=raise: the CLI names the file, the line and the reason, and exits 2."""
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"thinking": false, "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n{oops\n')
+    argv = ["sft", f"model={parent_checkpoint}", f"output_dir={tmp_path / 'out'}", f"sft.train_jsonl=[{bad}]",
+            "sft.on_error=raise", "sft.world_problems=0", "progress=false"]  # fmt: skip
+    assert main(argv) == 2
+    assert f"{bad}:2: bad_json" in capsys.readouterr().err

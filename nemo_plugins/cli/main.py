@@ -28,12 +28,12 @@ from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
 from ..config import CONF_DIR, DEFAULT_CONFIGS, ConfigError, load_config, to_yaml
 from ..data.chat_tokenizer import ChatTemplateError
-from ..data.sft_data import RecordError
+from ..data.sft_data import BadRecord, RecordError
 from ..data.sources import DataError
 from ..errors import CheckpointError
 from ..puzzle.library_file import MipError, resolve_key
 
-USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, ChatTemplateError, DataError, RecordError, MipError,
+USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, ChatTemplateError, DataError, RecordError, BadRecord, MipError,
                FileNotFoundError)
 STAGE_COMMANDS = {
     "puzzle": ("world", "parent", "puzzle"),

@@ -158,28 +158,18 @@ class PromptReader:
         self.report = ReadReport(max_problems=self.report.max_problems)
         seen: dict[str, str] = {}
         for path in self.files:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        self.report.blank += 1
-                        continue
-                    self.report.read += 1
-                    where = f"{path}:{lineno}"
-                    try:
-                        rec = prompt_from_record(
-                            load_json_object(raw), source=(str(path), lineno), default_task=self.default_task
-                        )
-                        if rec.id in seen:
-                            raise RecordError("duplicate_id", f"id {rec.id!r} was already used at {seen[rec.id]}")
-                    except RecordError as e:
-                        message = f"{where}: {e}"
-                        self.report.reject(message, e.reason)
-                        if self.on_error == "raise":
-                            raise ValueError(message) from None
-                        continue
-                    seen[rec.id] = where
-                    self.report.kept += 1
-                    yield rec
+            for lineno, raw in self.report.lines(path):
+                where = f"{path}:{lineno}"
+                try:
+                    rec = prompt_from_record(load_json_object(raw), source=(str(path), lineno), default_task=self.default_task)
+                    if rec.id in seen:
+                        raise RecordError("duplicate_id", f"id {rec.id!r} was already used at {seen[rec.id]}")
+                except RecordError as e:
+                    self.report.fail(where, e, self.on_error)
+                    continue
+                seen[rec.id] = where
+                self.report.kept += 1
+                yield rec
 
 
 def read_prompts(paths: PathsLike, *, on_error: OnError = "skip", default_task: str | None = None) -> PromptReader:

@@ -285,6 +285,28 @@ class ReadReport:
             self.problems.append(message)
             log.warning("skipped %s", message)
 
+    def fail(self, where: str, error: RecordError, on_error: str) -> None:
+        """Count `error` at `where` (file:line); raise it as `BadRecord` when on_error is "raise"."""
+        message = f"{where}: {error}"
+        self.reject(message, error.reason)
+        if on_error == "raise":
+            raise BadRecord(message) from None
+
+    def lines(self, path: Path) -> Iterator[tuple[int, bytes]]:
+        """(line number, raw line) of each non-blank line of a JSONL file, counted as read (blank
+        lines are counted apart)."""
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    self.blank += 1
+                    continue
+                self.read += 1
+                yield lineno, raw
+
+
+class BadRecord(ValueError):
+    """A malformed record with on_error="raise"; the message names file:line and the reason."""
+
 
 def _get(rec: dict, key: str, types: type | tuple, required: bool = True):
     """rec[key] checked against `types`; None when absent and not required."""
@@ -435,24 +457,16 @@ class JsonlChatReader:
     def __iter__(self) -> Iterator[ChatExample]:
         self.report = ReadReport(max_problems=self.report.max_problems)
         for path in self.paths:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        self.report.blank += 1
-                        continue
-                    ex = self._record(path, lineno, raw)
-                    if ex is not None:
-                        yield ex
+            for lineno, raw in self.report.lines(path):
+                ex = self._record(path, lineno, raw)
+                if ex is not None:
+                    yield ex
 
     def _record(self, path: Path, lineno: int, raw: bytes) -> ChatExample | None:
-        self.report.read += 1
         try:
             ex = self.parse(load_json_object(raw), allow_empty_think=self.allow_empty_think, source=(str(path), lineno))
         except RecordError as e:
-            message = f"{path}:{lineno}: {e}"
-            self.report.reject(message, e.reason)
-            if self.on_error == "raise":
-                raise ValueError(message) from None
+            self.report.fail(f"{path}:{lineno}", e, self.on_error)
             return None
         self.report.kept += 1
         return ex

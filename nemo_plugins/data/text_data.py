@@ -203,28 +203,18 @@ class TextReader:
     # -- one outcome per record
 
     def _fail(self, path: Path, lineno: int, e: RecordError) -> None:
-        message = f"{path}:{lineno}: {e}"
-        self.report.reject(message, e.reason)
-        if self.on_error == "raise":
-            raise ValueError(message) from None
+        self.report.fail(f"{path}:{lineno}", e, self.on_error)
 
     def _jsonl(self, path: Path) -> Iterator[Document]:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    self.report.blank += 1
-                    continue
-                self.report.read += 1
-                try:
-                    rec = load_json_object(raw)
-                    doc = document_from_record(
-                        rec, text_field=self.text_field, id_field=self.id_field, source=(str(path), lineno)
-                    )
-                except RecordError as e:
-                    self._fail(path, lineno, e)
-                    continue
-                self.report.kept += 1
-                yield doc
+        for lineno, raw in self.report.lines(path):
+            try:
+                rec = load_json_object(raw)
+                doc = document_from_record(rec, text_field=self.text_field, id_field=self.id_field, source=(str(path), lineno))
+            except RecordError as e:
+                self._fail(path, lineno, e)
+                continue
+            self.report.kept += 1
+            yield doc
 
     def _txt_file(self, path: Path) -> Iterator[Document]:
         raw = path.read_bytes()
