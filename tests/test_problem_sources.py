@@ -78,3 +78,18 @@ def test_grpo_refuses_settings_that_do_not_fit_the_problems(tmp_path):
     with pytest.raises(ValueError, match=r"grpo.eval_difficulties=\[2\]: expected null: it draws new tiny-world"):
         run_pipeline(load_config(PipelineConfig, DEFAULT_CONFIGS, [*overrides, "grpo.rewards.task=math",
                                                                    "grpo.eval_difficulties=[2]"]))  # fmt: skip
+
+
+def test_grpo_results_are_keyed_by_the_problems(tmp_path):
+    """Another problem set is another GRPO run and another 'before' evaluation, not a cache hit."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1),
+                                           "task": "math"}) + "\n" for i in range(30)))  # fmt: skip
+    base = [*SMALL, f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "stages=[world,parent,grpo]",
+            "grpo.rewards.task=math"]  # fmt: skip
+    run_pipeline(load_config(PipelineConfig, DEFAULT_CONFIGS, [*base, "data.problems.source=champ"]))
+    before = json.loads((tmp_path / "out" / "grpo" / "before.json").read_text())["key"]
+    run_pipeline(load_config(PipelineConfig, DEFAULT_CONFIGS, [*base, "data.problems.source=jsonl",
+                                                               f"data.problems.paths=[{prompts}]"]))  # fmt: skip
+    assert len(list((tmp_path / "out" / "grpo").glob("curriculum-*"))) == 2
+    assert json.loads((tmp_path / "out" / "grpo" / "before.json").read_text())["key"] != before

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .sft_data import ChatExample, world_paired_examples
 from .text_data import split_documents
-from .tiny_world import World
+from .tiny_world import World, config_hash
 
 PROBLEM_SOURCES = ("tiny", "champ", "jsonl")
 
@@ -70,6 +70,10 @@ class ProblemSet:
         else:
             self._jsonl()
         self.report.update(task=self.task, train=len(self.train), eval=len(self.eval))
+        # What caches of results on these problems must be keyed by; None for the tiny world,
+        # whose caches predate this section and stay valid.
+        ids = [(p.id, p.answer) for p in self.train + self.eval] if self.cfg.source != "tiny" else None
+        self.key = config_hash(self.cfg.source, self.cfg.heldout_fraction, self.cfg.seed, ids) if ids else None
 
     def _split(self, problems: list) -> tuple[list, list]:
         return split_documents(problems, self.cfg.heldout_fraction, self.cfg.seed, key=lambda p: p.id)

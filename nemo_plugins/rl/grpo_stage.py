@@ -196,7 +196,8 @@ def _train(model, problems: ProblemSet, chat: ChatTokenizer, cfg: GRPOStageConfi
     """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
     run_cfg = cfg.run_config(kind)
     key = {k: v for k, v in asdict(run_cfg).items() if k not in _REPORT_ONLY}
-    run_dir = out_dir / f"{kind}-{config_hash(key, start)}"
+    data_key = [problems.key] if problems.key else []  # the tiny world's runs keep their keys
+    run_dir = out_dir / f"{kind}-{config_hash(key, start, *data_key)}"
     policy = copy.deepcopy(model)
     initial = {k: before[k] for k in ("accuracy", "format_ok", "by_difficulty")}
     summary = run_grpo(policy, chat, pool, rates, run_cfg, run_dir, eval_problems=heldout_set(problems, cfg),
@@ -212,7 +213,7 @@ def run_grpo_stage(
     `chat`: the model's tokenizer and template (default: the world's); `problems`: the prompts and
     held-out problems (default: the tiny world's), whose task must be `grpo.rewards.task`."""
     out_dir = Path(out_dir)
-    tok = chat = chat or world.chat
+    chat = chat or world.chat
     problems = problems or ProblemSet(world)
     if problems.task != cfg.rewards.task:
         _bad("rewards.task", cfg.rewards.task, f"{problems.task!r}, the task of data.problems.source={problems.cfg.source}")
@@ -221,13 +222,14 @@ def run_grpo_stage(
     check_references({pid: p.answer for pid, p in pool.items()}, cfg.rewards.task, timeout_s=cfg.rewards.timeout_s / 2)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     rates = estimate_pass_rates(
-        model, tok, list(pool.values()), cfg.pass_rate_k, sampling=sampling, batch_size=cfg.pass_rate_batch_size,
+        model, chat, list(pool.values()), cfg.pass_rate_k, sampling=sampling, batch_size=cfg.pass_rate_batch_size,
         seed=cfg.seed, cache_path=out_dir / "pass_rates.json", model_id=start, thinking=True, progress=progress,
         verify=answer_checker(cfg.rewards.task),
     )  # fmt: skip
     kept = filter_by_pass_rate(rates, cfg.pass_rate_threshold).kept
     report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}
     eval_key = {"model": start, "problems": cfg.eval_problems, "difficulties": cfg.eval_difficulties,
+                **({"data": problems.key} if problems.key else {}),
                 "max_new_tokens": cfg.max_new_tokens, "off": cfg.eval_off}  # fmt: skip
     report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, problems, cfg, chat))
     names = _run_names(cfg)

@@ -148,7 +148,7 @@ def data_digest(examples) -> str:
 
 def _cached_toggle(path: Path, model, problems: ProblemSet, cfg: SFTStageConfig, chat: ChatTokenizer, verify) -> dict:
     """evaluate_toggle on the held-out problems, reusing `path` when it was made with the same settings."""
-    settings = cfg.eval_fields()
+    settings = {**cfg.eval_fields(), **({"data": problems.key} if problems.key else {})}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings:
