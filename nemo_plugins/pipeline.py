@@ -153,7 +153,7 @@ def parent_source(cfg: PipelineConfig, world: World, progress: bool = False) -> 
     if not path:
         return train_parent(world, cfg.parent, progress=progress)
     if path.startswith("package:") or path.endswith(".gguf"):
-        return imported_gguf(path, Path(cfg.cache_dir) if cfg.cache_dir else world.directory.parent.parent)
+        return imported_gguf(path, world.cache_root)
     return _checked_dir(path, "parent.path").resolve()
 
 
@@ -247,11 +247,11 @@ def run_fusion_stage(ctx: StageContext) -> dict:
 def run_recovery_stage(ctx: StageContext) -> dict:
     from .distill.stage import run_recovery_stage as recover
 
-    chat = ctx.chat()
-    if ctx.chat(ctx.teacher_dir).vocab_size != chat.vocab_size:
+    chat, teacher_vocab = ctx.chat(), ctx.chat(ctx.teacher_dir).vocab_size
+    if teacher_vocab != chat.vocab_size:
         raise CheckpointError(
             f"teacher {ctx.teacher_dir} and model {ctx.model_dir} have different vocabularies "
-            f"({ctx.chat(ctx.teacher_dir).vocab_size} vs {chat.vocab_size}); distillation needs the same tokenizer"
+            f"({teacher_vocab} vs {chat.vocab_size}); distillation needs the same tokenizer"
         )
     rep, _ = recover(ctx.load_model(ctx.teacher_dir), ctx.load_model(), ctx.world, ctx.cfg.recovery, ctx.out_dir,
                      progress=ctx.progress, chat=chat, corpus=ctx.corpus, problems=ctx.problems,

@@ -85,7 +85,7 @@ class Corpus:
             paths = expand_paths(self.cfg.paths) if self.cfg.paths else []
             files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
             self.key = config_hash("text", asdict(self.cfg), files)
-            self.directory = world.directory.parent.parent / "text" / self.key
+            self.directory = world.cache_root / "text" / self.key
         else:
             self.key, self.directory = None, world.directory
 

@@ -61,6 +61,12 @@ class World:
     directory: Path = field(default=Path("."))
 
     @property
+    def cache_root(self) -> Path:
+        """The cache this world lives in (`directory` is <cache_root>/tiny_world/<key>); other
+        cached artefacts (imported GGUF parents, text corpora) go beside it."""
+        return self.directory.parent.parent
+
+    @property
     def chat(self) -> ChatTokenizer:
         """The world's own tokenizer with the tiny chat template."""
         return ChatTokenizer.tiny(self.tokenizer)
