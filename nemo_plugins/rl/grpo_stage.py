@@ -1,7 +1,8 @@
-"""The `grpo` stage: reasoning RL on the tiny world, with the paper's data preparation and a
-curriculum-vs-random comparison (Llama-Nemotron, arXiv 2505.00949 §5).
+"""The `grpo` stage: reasoning RL on the problems of `data.problems` (the tiny world by default,
+CHAMP or the user's prompt JSONL), with the paper's data preparation and a curriculum-vs-random
+comparison (Llama-Nemotron, arXiv 2505.00949 §5).
 
-1. Training prompts: the first `train_problems` unique problems of the world's training split
+1. Training prompts: the first `train_problems` unique problems of the training split
    (of `difficulties`); the starting model's pass rate on each from `pass_rate_k` samples
    (thinking on, the rollout's temperature; cached next to the runs, keyed by the model's
    fingerprint); prompts solved at rate >= `pass_rate_threshold` are dropped.
@@ -11,8 +12,8 @@ curriculum-vs-random comparison (Llama-Nemotron, arXiv 2505.00949 §5).
 4. `report.json` / `grpo_report.md` (table: before, curriculum, random), `reward_curves.png`,
    and the model trained with `curriculum.kind` in `model/` (checkpoint + tokenizer).
 
-Each run lives in a directory keyed by its config and the starting weights' fingerprint, so a
-rerun resumes (a finished run trains nothing) and a changed setting starts afresh.
+Each run lives in a directory keyed by its config, the starting weights' fingerprint and the
+problem set, so a rerun resumes (a finished run trains nothing) and a changed setting starts afresh.
 """
 
 from __future__ import annotations
