@@ -23,6 +23,22 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the stage's schema."""
 
 
+def preset_path(name: str) -> Path:
+    """conf/pipeline/NAME.yaml, a preset merged on top of DEFAULT_CONFIGS."""
+    path = CONF_DIR / "pipeline" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
+        raise ConfigError(f"--preset {name}: no {path} (presets: {', '.join(known)})")
+    return path
+
+
+def load_pipeline_config(preset: str | None = None, overrides: Sequence[str] = ()):
+    """The pipeline config: the defaults, then `preset` (if any), then `key=value` overrides."""
+    from .pipeline import PipelineConfig
+
+    return load_config(PipelineConfig, [*DEFAULT_CONFIGS, *([preset_path(preset)] if preset else [])], overrides)
+
+
 def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).split("\n")[0]

@@ -16,7 +16,6 @@ and config, so a rerun restores finished work instead of redoing it.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
+from .utils.resources import measured, release_memory
 
 log = logging.getLogger("nemo_plugins")
 
@@ -232,7 +232,8 @@ def run_puzzle_stage(ctx: StageContext) -> dict:
     rep = run_puzzle(parent, fingerprint(parent), ctx.world, ctx.cfg.puzzle, ctx.out_dir, progress=ctx.progress,
                      chat=ctx.chat(), corpus=ctx.corpus, problems=ctx.problems, verify=ctx.verify())  # fmt: skip
     keys = ("status", "objective", "model", "quality", "task_accuracy_easy", "child_params", "parent_params",
-            "child_kv_cache_bytes_per_token", "parent_kv_cache_bytes_per_token")  # fmt: skip
+            "child_kv_cache_bytes_per_token", "parent_kv_cache_bytes_per_token", "baselines", "runtime",
+            "bld_speed")  # fmt: skip
     return {k: rep[k] for k in keys}
 
 
@@ -256,7 +257,7 @@ def run_recovery_stage(ctx: StageContext) -> dict:
     rep, _ = recover(ctx.load_model(ctx.teacher_dir), ctx.load_model(), ctx.world, ctx.cfg.recovery, ctx.out_dir,
                      progress=ctx.progress, chat=chat, corpus=ctx.corpus, problems=ctx.problems,
                      verify=ctx.verify())  # fmt: skip
-    summary = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "model") if k in rep}
+    summary = {k: rep[k] for k in ("parent", "before", "kd", "cpt", "kd_gap_closed", "cpt_gap_closed", "model") if k in rep}
     for run in ("kd", "cpt"):  # the curves are in recovery/<run>/metrics.csv; keep the summary short
         if run in summary:
             summary[run] = {k: v for k, v in summary[run].items() if k != "val_history"}
@@ -375,8 +376,9 @@ class _Run:
     def run(self, stage: Stage) -> dict:
         ctx = self.context(stage)
         log.info("stage %s%s", stage.name, f" (model {ctx.model_dir})" if ctx.model_dir else "")
-        summary = stage.run(ctx)
-        gc.collect()  # free the stage's models and optimizer state (Lightning keeps them in cycles) before the next
+        with measured(self.summary.setdefault("resources", {}).setdefault(stage.name, {})):
+            summary = stage.run(ctx)
+            release_memory()  # free the stage's models and optimizer state before the next stage
         if MODEL in summary:
             self.made[stage.name] = Path(summary[MODEL])
         self.summary[stage.name] = summary

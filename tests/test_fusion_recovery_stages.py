@@ -45,7 +45,7 @@ def test_fusion_and_recovery_stages_run_report_and_resume(tmp_path, monkeypatch)
     assert (out / "fusion" / "dependency.png").stat().st_size > 1000
 
     rec = json.loads((out / "recovery" / "report.json").read_text())
-    assert set(rec) >= {"parent", "before", "kd", "cpt", "kd_gap_closed", "model"}
+    assert set(rec) >= {"parent", "before", "kd", "cpt", "kd_gap_closed", "cpt_gap_closed", "model"}
     assert rec["kd"]["steps"] == rec["cpt"]["steps"] == 4 and rec["kd"]["examples_seen"] == rec["cpt"]["examples_seen"]
     assert rec["parent"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
     assert read_config(out / "recovery" / "model") == fused  # recovery started from the fused model

@@ -109,7 +109,8 @@ def test_each_stage_runs_alone_from_the_directory_the_previous_one_wrote(hf_pare
             argv.append(f"teacher={hf_parent}")
         assert main(argv) == 0, stage
         report = json.loads((out / "report.json").read_text())
-        assert set(report) == {"config", "data", stage}, stage  # that stage alone: no world, no parent
+        assert set(report) == {"config", "data", "resources", stage}, stage  # that stage alone: no world, no parent
+        assert set(report["resources"]) == {stage} and report["resources"][stage]["peak_rss_gb"] > 0
         assert read_config(out / stage / "model").vocab_size == read_config(hf_parent).vocab_size
         if stage != "puzzle":  # puzzle's input is the parent itself
             assert json.loads((out / stage / "report.json").read_text()).get("model") == str(out / stage / "model")

@@ -76,10 +76,22 @@ def test_puzzle_stage_meets_budget_and_resumes(tmp_path, monkeypatch):
     assert set(lib) == {"0.attention", "0.ffn", "1.attention", "1.ffn"}
     assert {"stats", "metrics"} <= set(lib["0.ffn"]["no_op"]) and "kl_div" in lib["0.ffn"]["no_op"]["metrics"]
     assert set(report["task_accuracy_easy"]) == {"parent", "child"}
+    speed = report["bld_speed"]  # 4 steps of 8 rows, every trained variant in one wave
+    assert speed["variants"] == report["bld_trained"] > 0 and 0 < speed["tokens"] <= 4 * 8 * 64
+    assert speed["variant_tokens"] == speed["tokens"] * speed["variants"] and speed["tokens_per_s"] > 0
     # the reported KL is KL(parent || saved child) on the held-out batches, and the child differs
     assert child_cfg.blocks != parent.config.blocks and quality_batches
     kl = model_metrics(load_model(summary["parent"]["model"]), load_model(out / "model"), quality_batches)["kl_div"]
     assert report["quality"]["kl_div"] > 1e-4 and report["quality"]["kl_div"] == pytest.approx(kl, rel=1e-5)
+    # the naive compressions at the same budget, measured on the same batches
+    children = report["baselines"]["children"]
+    assert children["puzzle"]["kl_div"] == report["quality"]["kl_div"]
+    assert children["drop"]["layers_dropped"] >= 1 and children["uniform"]["layers_dropped"] == 0
+    for row in children.values():
+        assert row["params_fraction"] <= 0.7 + 1e-9 and row["kv_fraction"] <= 0.5 + 1e-9
+        assert 0 <= row["greedy_agreement"] <= 1 and row["kl_div"] > 0
+    best = min(r["kl_div"] for n, r in children.items() if n != "puzzle")
+    assert report["baselines"]["puzzle_strictly_best_kl"] == (children["puzzle"]["kl_div"] < best)
 
     # a new budget: no BLD training, no rescoring, and the child is built from the trained variants on disk
     monkeypatch.setattr(bld_mod.L.Trainer, "fit", lambda *a, **k: pytest.fail("BLD retrained"))

@@ -26,7 +26,7 @@ import sys
 
 from ..arch.accounting import DTYPE_BYTES, report
 from ..arch.config import ArchConfigError
-from ..config import CONF_DIR, DEFAULT_CONFIGS, ConfigError, load_config, to_yaml
+from ..config import DEFAULT_CONFIGS, ConfigError, load_config, preset_path, to_yaml
 from ..data.chat_tokenizer import ChatTemplateError
 from ..data.sft_data import BadRecord, RecordError
 from ..data.sources import DataError
@@ -101,11 +101,7 @@ def _pipeline_config(args, extra_overrides: tuple[str, ...] = ()):
 
     yaml_paths = args.config or list(DEFAULT_CONFIGS)
     if args.preset:  # the defaults, then the preset on top (then any --config files)
-        preset = CONF_DIR / "pipeline" / f"{args.preset}.yaml"
-        if not preset.is_file():
-            known = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
-            raise ConfigError(f"--preset {args.preset}: no {preset} (presets: {', '.join(known)})")
-        yaml_paths = [*DEFAULT_CONFIGS, preset, *(args.config or [])]
+        yaml_paths = [*DEFAULT_CONFIGS, preset_path(args.preset), *(args.config or [])]
     return load_config(PipelineConfig, yaml_paths, [*extra_overrides, *args.overrides])
 
 

@@ -96,12 +96,13 @@ def run_recovery_stage(
             recovered = student
         del student
         gc.collect()  # the finished trainer's optimizer state sits in reference cycles until collected
-    before, after = report["before"]["kl_div"], report["kd"]["kl_div"]
-    report["kd_gap_closed"] = 1 - after / before if before > 0 else None
+    before = report["before"]["kl_div"]
+    for name in runs:  # the share of the child's KL(parent || child) that each run closed
+        report[f"{name}_gap_closed"] = 1 - report[name]["kl_div"] / before if before > 0 else None
     target = out_dir / "model"
     save_checkpoint(recovered, target, extra_files=chat.files())
     report["model"] = str(target)
     write_json_atomic(out_dir / "report.json", report)
-    log.info("recovery: KL %.4f -> %.4f (KD)%s", before, after,
+    log.info("recovery: KL %.4f -> %.4f (KD)%s", before, report["kd"]["kl_div"],
              f", {report['cpt']['kl_div']:.4f} (LM loss only)" if "cpt" in report else "")  # fmt: skip
     return report, recovered

@@ -172,7 +172,7 @@ def puzzle_score(
     model: KL, LM loss, cosine); writes a part file that `puzzle_search` merges."""
     from ..puzzle.bld import load_variant_state, shard, variant_path
     from ..puzzle.scoring import score_variants
-    from ..puzzle.stage import scores_file, token_batches
+    from ..puzzle.stage import held_out_batches, scores_file
     from ..utils.atomic import write_json_atomic
 
     rank, world_size, local = launcher_rank(rank, world_size)
@@ -190,7 +190,7 @@ def puzzle_score(
     for v, block in students.items():
         block.load_state_dict(load_variant_state(lib_dir, v))
     held_out = corpus.eval_examples(chat)
-    batches = token_batches(held_out, cfg.puzzle.score_batch_size, cfg.puzzle.score_batches, 0, response_only=True)
+    batches, _ = held_out_batches(cfg.puzzle, held_out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parent.to(device).eval()
     for block in students.values():

@@ -13,7 +13,9 @@ give each process its share.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..model.llama import Block, HeteroLlamaForCausalLM
 from ..model.train import OptimConfig, TokenDataset, collate_with_validity, cosine_schedule
-from ..utils.atomic import write_bytes_atomic
+from ..utils.atomic import write_bytes_atomic, write_json_atomic
 from ..utils.training import fit_module, stop_if_terminated
 from .activations import capture, run_student, student_io
 from .library import Variant
@@ -81,6 +83,28 @@ def save_variant(library_dir: Path, v: Variant, block: Block, metadata: dict[str
     return path
 
 
+SPEED_KEYS = ("variants", "tokens", "variant_tokens", "seconds")
+
+
+def speed_path(library_dir: Path, rank: int = 0) -> Path:
+    """Where BLD records how fast it trained (tokens, variant-tokens, seconds) for `rank`."""
+    return Path(library_dir) / f"bld-speed-rank{rank}.json"
+
+
+def bld_speed(library_dir: Path) -> dict | None:
+    """The training throughput of the library, summed over the ranks that trained it: tokens/s
+    (parent tokens: each one trains every variant of its wave) and variant-tokens/s; None when
+    nothing recorded it (a library trained before this was kept, or only untrained variants)."""
+    files = sorted(Path(library_dir).glob("bld-speed-rank*.json"))
+    if not files:
+        return None
+    rows = [json.loads(f.read_text()) for f in files]
+    total = {k: sum(r[k] for r in rows) for k in SPEED_KEYS}
+    seconds = max(r["seconds"] for r in rows)  # ranks train side by side
+    return {**total, "ranks": len(rows), "tokens_per_s": total["tokens"] / seconds,
+            "variant_tokens_per_s": total["variant_tokens"] / seconds}  # fmt: skip
+
+
 def load_variant_state(library_dir: Path, v: Variant) -> dict[str, torch.Tensor]:
     return load_file(str(variant_path(library_dir, v)))
 
@@ -99,9 +123,11 @@ class BLDModule(L.LightningModule):
         self.students = nn.ModuleDict({_module_key(v): b for v, b in students.items()})
         self.cfg = cfg
         self.last_losses: dict[str, float] = {}
+        self.tokens = 0  # real (non-pad) tokens trained on, for the throughput figure
 
     def training_step(self, batch, batch_idx):
         ids, valid = batch
+        self.tokens += int(valid.sum())
         acts = capture(self.parent, ids)
         total = 0.0
         for key, block in self.students.items():
@@ -157,7 +183,10 @@ def run_bld(
         log.info("BLD: %d of %d variants already in %s", skipped, len(mine), library_dir)
     wave = cfg.wave_size or len(todo) or 1
     losses: dict[str, float] = {}
+    speed_file = speed_path(library_dir, cfg.rank)  # accumulated over resumed runs
+    speed = json.loads(speed_file.read_text()) if speed_file.is_file() else dict.fromkeys(SPEED_KEYS, 0)
     for start in range(0, len(todo), wave):
+        started = time.perf_counter()
         chunk = {v: students[v] for v in todo[start : start + wave]}
         L.seed_everything(cfg.seed, verbose=False)
         module = BLDModule(parent, chunk, cfg)
@@ -175,7 +204,13 @@ def run_bld(
             loss = module.last_losses.get(key, float("nan"))
             save_variant(library_dir, v, module.students[key], {"bld_loss": loss, "trained": "true"})
             losses[v.key] = loss
-        log.info("BLD: saved %d variants (%d/%d)", len(chunk), start + len(chunk), len(todo))
+        speed["seconds"] += time.perf_counter() - started
+        speed["variants"] += len(chunk)
+        speed["tokens"] += module.tokens
+        speed["variant_tokens"] += module.tokens * len(chunk)
+        write_json_atomic(speed_file, speed)
+        log.info("BLD: saved %d variants (%d/%d), %.0f tokens/s", len(chunk), start + len(chunk), len(todo),
+                 module.tokens / max(speed["seconds"], 1e-9))  # fmt: skip
         stop_if_terminated(trainer, "BLD")  # SIGTERM in the wave's last step, if the fit finished: the wave is saved
     return losses
 

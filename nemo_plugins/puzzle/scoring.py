@@ -3,7 +3,9 @@
 Metrics per variant (means over the counted held-out tokens):
 - `kl_div`: KL(parent || child) of the next-token distributions (the default MIP objective);
 - `lm_loss`: the child's next-token cross-entropy;
-- `cosine`: 1 - cosine similarity of the child's and parent's final hidden states.
+- `cosine`: 1 - cosine similarity of the child's and parent's final hidden states;
+- `greedy_agreement`: the share of positions where the child's most likely next token is the
+  parent's.
 The parent runs once per batch; every variant restarts from the parent's activations at its
 own layer, so scoring all variants costs one parent prefix per batch, not one per variant.
 """
@@ -21,7 +23,7 @@ from ..model.llama import Block, HeteroLlamaForCausalLM
 from .activations import capture, finish_from, run_student, student_io
 from .library import Variant
 
-METRICS = ("kl_div", "lm_loss", "cosine")
+METRICS = ("kl_div", "lm_loss", "cosine", "greedy_agreement")
 
 
 def token_metrics(
@@ -36,11 +38,13 @@ def token_metrics(
     kl = (p_logp.exp() * (p_logp - c_logp)).sum(-1)
     nll = -c_logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     cos = 1 - F.cosine_similarity(child_hidden.float(), parent_hidden.float(), dim=-1)
+    agree = (p_logp.argmax(-1) == c_logp.argmax(-1)).float()
     n_pred, n_valid = pred.sum(), valid.sum()
     return {
         "kl_div": ((kl * pred).sum(), n_pred),
         "lm_loss": ((nll * pred).sum(), n_pred),
         "cosine": ((cos * valid).sum(), n_valid),
+        "greedy_agreement": ((agree * pred).sum(), n_pred),
     }
 
 

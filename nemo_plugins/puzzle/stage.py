@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from ..arch.accounting import block_params
 from ..arch.accounting import report as arch_report
 from ..data.chat_tokenizer import ChatTokenizer
 from ..data.problems import ProblemSet
@@ -24,7 +25,8 @@ from ..model.llama import HeteroLlamaForCausalLM
 from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic
 from . import mip
-from .bld import BLDConfig, load_variant_state, run_bld, variant_path
+from .baselines import drop_choice, uniform_choice
+from .bld import BLDConfig, bld_speed, load_variant_state, run_bld, variant_path
 from .build import InitConfig, build_students
 from .costs import PHASES, CostConfig, measure_in_model, measure_speedup, non_block_stats, predicted_speedup, variant_stats
 from .launch import bld_processes, run_bld_processes
@@ -104,6 +106,21 @@ def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_on
     return out
 
 
+def held_out_batches(cfg: PuzzleConfig, held_out: list) -> tuple[list, list]:
+    """(scoring, measuring) batches, up to `cfg.score_batches` each, from two disjoint halves of
+    the held-out examples. Every choice is made on the first half (the variants' scores that the
+    MIP, uniform shrinking and layer dropping select with); children are measured on the second,
+    which no choice saw."""
+    if len(held_out) < 2:
+        raise ValueError(
+            f"puzzle: {len(held_out)} held-out example(s); scoring and measuring need at least 2 "
+            "(raise data.text.heldout_tokens, or world.n_eval for the tiny world)"
+        )
+    half = len(held_out) // 2
+    batches = lambda rows: token_batches(rows, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)  # noqa: E731
+    return batches(held_out[:half]), batches(held_out[half:])
+
+
 def library_dir(cfg: PuzzleConfig, parent_id: str, world_dir: Path) -> Path:
     """The directory of the trained block library under the world's directory: keyed by the
     parent and the library, init and BLD configs (what the trained variants depend on)."""
@@ -112,8 +129,9 @@ def library_dir(cfg: PuzzleConfig, parent_id: str, world_dir: Path) -> Path:
 
 def scores_file(cfg: PuzzleConfig, lib_dir: Path, n_held_out: int) -> Path:
     """The file of the variants' scores in `lib_dir`: keyed by the scoring config (response
-    tokens of `cfg.score_batches` x `cfg.score_batch_size` of the `n_held_out` eval examples)."""
-    key = config_hash("response-tokens", cfg.score_batches, cfg.score_batch_size, n_held_out)
+    tokens of `cfg.score_batches` x `cfg.score_batch_size` of the selection half of the
+    `n_held_out` eval examples)."""
+    key = config_hash("response-tokens", "selection-half", cfg.score_batches, cfg.score_batch_size, n_held_out)
     return Path(lib_dir) / f"scores-{key}.json"
 
 
@@ -146,13 +164,12 @@ def run_puzzle(
     `problems` / `verify`: the held-out problems of the report's task accuracy and their check."""
     chat, corpus = chat or world.chat, corpus or Corpus(world)
     pcfg = parent.config
-    pad = 0
     variants, students, lib_dir, bld_losses = trained_library(parent, parent_id, corpus, cfg, progress=progress, chat=chat)
     held_out = corpus.eval_examples(chat)
+    score_batches, quality_batches = held_out_batches(cfg, held_out)
     exact = {v for v in variants if is_parent_variant(pcfg, v)}
     parent_choice = {v.group: v.name for v in exact}
 
-    score_batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, pad, response_only=True)
     scores = _cached_json(
         scores_file(cfg, lib_dir, len(held_out)),
         lambda: score_variants(parent, students, score_batches, progress=progress),
@@ -183,9 +200,12 @@ def run_puzzle(
 
     report = _report(
         parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, cfg,
-        held_out, measured, chat, (problems or ProblemSet(world)).eval, verify,
+        quality_batches, measured, chat, (problems or ProblemSet(world)).eval, verify,
     )  # fmt: skip
-    report.update(library_dir=str(lib_dir), model=str(child_dir), bld_trained=len(bld_losses))
+    report["baselines"] = compare_baselines(
+        parent, child, library, bounds, parent_choice, variants, students, report["quality"], quality_batches
+    )
+    report.update(library_dir=str(lib_dir), model=str(child_dir), bld_trained=len(bld_losses), bld_speed=bld_speed(lib_dir))
     write_json_atomic(out_dir / "report.json", report)
     from .report_plots import plot_architecture, plot_pareto
 
@@ -232,6 +252,38 @@ def roofline_speedup(library: dict, parent_choice: dict, choices: dict, non_bloc
     return parent / (choice_totals(library, choices)[key] + non_block[key])
 
 
+def compare_baselines(parent, child, library, bounds, parent_choice, variants, students, child_quality, batches) -> dict:
+    """The Puzzle child's quality next to uniform shrinking and layer dropping under the same
+    bounds, all assembled from the same trained library (see `baselines`): per child, the block
+    parameters and KV cache as fractions of the parent's, the layers dropped whole, and
+    `model_metrics` on `batches` (`child_quality`: the Puzzle child's, already measured there)."""
+    pcfg = parent.config
+    parent_block, parent_kv = _block_params(pcfg), arch_report(pcfg).kv_cache_bytes_per_token
+
+    def row(model, quality):
+        return {
+            "params_fraction": _block_params(model.config) / parent_block,
+            "kv_fraction": arch_report(model.config).kv_cache_bytes_per_token / parent_kv,
+            "layers_dropped": sum(b.attention.kind == b.ffn.kind == "no_op" for b in model.config.blocks),
+            **quality,
+        }
+
+    rows: dict = {"puzzle": row(child, child_quality)}
+    for name, choice in (("uniform", uniform_choice(library, bounds)), ("drop", drop_choice(library, parent_choice, bounds))):
+        if choice is None:
+            rows[name] = None  # nothing of this shape fits the budget
+            continue
+        other = realize_child(parent, choice, variants, lambda v: students[v].state_dict())
+        rows[name] = row(other, model_metrics(parent, other, batches))
+        del other
+    kls = [r["kl_div"] for n, r in rows.items() if n != "puzzle" and r is not None]
+    return {"children": rows, "puzzle_strictly_best_kl": all(child_quality["kl_div"] < kl for kl in kls)}
+
+
+def _block_params(cfg) -> int:
+    return sum(block_params(cfg, b) for b in cfg.blocks)
+
+
 def _runtime_check(parent, child, library, parent_choice, choices, non_block, measured, cfg) -> dict:
     """Measured child/parent speed-up next to the cost model's predictions.
 
@@ -255,13 +307,12 @@ def _runtime_check(parent, child, library, parent_choice, choices, non_block, me
 
 
 def _report(
-    parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, cfg, held_out,
-    measured, chat, eval_problems, verify,
+    parent, child, solution, frontier, budgets, bounds, parent_choice, parent_totals, non_block, library, cfg,
+    quality_batches, measured, chat, eval_problems, verify,
 ) -> dict:
     from ..evaluate import task_accuracy
 
-    batches = token_batches(held_out, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)
-    quality = model_metrics(parent, child, batches)
+    quality = model_metrics(parent, child, quality_batches)
     easy = [p for p in eval_problems if p.difficulty <= 2][:100]  # levels 1-2 of the tiny world, or all
     acc_parent = task_accuracy(parent, chat, easy, verify=verify)["accuracy"]
     acc_child = task_accuracy(child, chat, easy, verify=verify)["accuracy"]
