@@ -267,3 +267,34 @@ def test_importance_kv_init_copies_one_head_per_group():
         assert any(torch.equal(sk[j], pk[2 * j + r]) for r in range(2))
     mean = build_students(parent, [v], batches(), InitConfig(kv_heads="mean"))[v]
     torch.testing.assert_close(mean.self_attn.k_proj.weight.view(2, 8, 32), pk.view(2, 2, 8, 32).mean(1))
+
+
+def test_bld_step_equals_one_step_on_the_summed_losses(tmp_path):
+    """BLD backpropagates each student on its own (one graph alive at a time); the step must be the
+    one of the textbook formulation: backward of the summed losses, per-variant clipping, AdamW."""
+    import copy
+
+    parent = tiny_parent()
+    vs = [v for v in build_variants(parent.config, LIB) if v.layer == 1 and v.name in ("gqa_kv1", "linear")]
+    students = build_students(parent, vs, batches(), InitConfig())
+    reference = {v: copy.deepcopy(b) for v, b in students.items()}
+    data = examples(n=8)
+    cfg = BLDConfig(steps=1, batch_size=8, lr=1e-2, warmup_steps=0, grad_clip=0.05)  # a clip that binds
+    run_bld(parent, students, data, tmp_path, cfg, progress=False)
+
+    ids = torch.tensor([e[0] for e in data])  # one batch holds every example; the losses ignore row order
+    acts = capture(parent, ids)
+    valid = torch.ones(ids.shape, dtype=torch.bool)
+    total = sum(normalized_mse(run_student(b, v, *student_io(v, acts)[:1], acts), student_io(v, acts)[1], valid)
+                for v, b in reference.items())  # fmt: skip
+    total.backward()
+    for b in reference.values():
+        torch.nn.utils.clip_grad_norm_(b.parameters(), cfg.grad_clip)
+    params = [p for b in reference.values() for p in b.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt.step()
+    for v, b in reference.items():
+        saved = load_variant_state(tmp_path, v)
+        for k, t in b.state_dict().items():
+            torch.testing.assert_close(saved[k], t, rtol=1e-5, atol=1e-6, msg=f"{v.key}: {k}")
+        assert any(not torch.equal(saved[k], t) for k, t in build_students(parent, [v], batches(), InitConfig())[v].state_dict().items())

@@ -21,13 +21,14 @@ class ParentActivations:
     outputs: list[torch.Tensor]  # [L] after layer i's FFN sub-block
     rope: tuple[torch.Tensor, torch.Tensor]
     mask: tuple
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when captured without them (BLD needs only the blocks')
     hidden: torch.Tensor  # final-norm hidden states
 
 
 @torch.no_grad()
-def capture(parent: HeteroLlamaForCausalLM, input_ids: torch.Tensor) -> ParentActivations:
-    """Run the parent once (right-padded batches need no mask: padding only follows real tokens)."""
+def capture(parent: HeteroLlamaForCausalLM, input_ids: torch.Tensor, *, logits: bool = True) -> ParentActivations:
+    """Run the parent once (right-padded batches need no mask: padding only follows real tokens);
+    `logits=False` skips the LM head (a [B, T, vocab] tensor that BLD never reads)."""
     x, rope, mask = parent.prepare(input_ids)
     inputs, mids, outputs = [], [], []
     for layer in parent.model.layers:
@@ -37,7 +38,7 @@ def capture(parent: HeteroLlamaForCausalLM, input_ids: torch.Tensor) -> ParentAc
         x = layer.ffn(x)
         outputs.append(x)
     hidden = parent.model.norm(x)
-    return ParentActivations(inputs, mids, outputs, rope, mask, parent.lm_head(hidden), hidden)
+    return ParentActivations(inputs, mids, outputs, rope, mask, parent.lm_head(hidden) if logits else None, hidden)
 
 
 def student_io(v: Variant, acts: ParentActivations) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,10 +114,16 @@ def _module_key(v: Variant) -> str:
 
 
 class BLDModule(L.LightningModule):
-    """Frozen parent + the students of one wave."""
+    """Frozen parent + the students of one wave.
+
+    Each student's loss depends only on its own weights (its input and target are the frozen
+    parent's activations), so each one backpropagates as soon as it is computed: one student's
+    graph is alive at a time instead of the whole wave's, with the same gradients as summing the
+    losses (manual optimization, one optimizer step per batch)."""
 
     def __init__(self, parent: HeteroLlamaForCausalLM, students: dict[Variant, Block], cfg: BLDConfig):
         super().__init__()
+        self.automatic_optimization = False
         self.parent = parent.requires_grad_(False).eval()
         self.variants = {_module_key(v): v for v in students}
         self.students = nn.ModuleDict({_module_key(v): b for v, b in students.items()})
@@ -128,20 +134,21 @@ class BLDModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         ids, valid = batch
         self.tokens += int(valid.sum())
-        acts = capture(self.parent, ids)
-        total = 0.0
+        acts = capture(self.parent, ids, logits=False)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
         for key, block in self.students.items():
             v = self.variants[key]
             x, target = student_io(v, acts)
             loss = normalized_mse(run_student(block, v, x, acts), target, valid)
-            self.last_losses[key] = float(loss.detach())
-            total = total + loss
-        self.log("bld_loss", total / max(1, len(self.students)), prog_bar=True, on_step=True)
-        return total
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        for block in self.students.values():  # per variant: one variant's spike must not shrink the others
+            self.manual_backward(loss)
+            # per variant: one variant's spike must not shrink the others' steps
             torch.nn.utils.clip_grad_norm_(block.parameters(), self.cfg.grad_clip)
+            self.last_losses[key] = float(loss.detach())
+        opt.step()
+        sched.step()
+        mean = sum(self.last_losses[k] for k in self.students) / max(1, len(self.students))
+        self.log("bld_loss", mean, prog_bar=True, on_step=True)
 
     def configure_optimizers(self):
         params = [p for b in self.students.values() for p in b.parameters() if p.requires_grad]
@@ -196,7 +203,7 @@ def run_bld(
             generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
         trainer = fit_module(
-            module, loader, accelerator="auto", devices=1, max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip,
+            module, loader, accelerator="auto", devices=1, max_steps=cfg.steps,
             logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
             num_sanity_val_steps=0,
         )  # fmt: skip
