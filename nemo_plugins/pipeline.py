@@ -28,7 +28,7 @@ from .arch.accounting import report as arch_report
 from .data.chat_tokenizer import ChatTokenizer
 from .data.problems import ProblemSet
 from .data.sources import Corpus, DataConfig
-from .data.tiny_world import World, WorldConfig, build_world
+from .data.tiny_world import DeferredWorld, World, WorldConfig
 from .distill.stage import RecoveryStageConfig, fingerprint
 from .errors import CheckpointError
 from .evaluate import task_accuracy
@@ -137,10 +137,20 @@ def write_report(ctx: StageContext, report: dict) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
+def uses_tiny_world(cfg: PipelineConfig) -> bool:
+    """Whether any part of the run comes from the tiny world: the parent (no `parent.path`), the
+    text (no `data.text` source) or the problems (`data.problems.source=tiny`)."""
+    return not cfg.parent.path or not cfg.data.text.enabled or cfg.data.problems.source == "tiny"
+
+
 def run_world_stage(ctx: StageContext) -> dict:
+    """The tiny world's problems and tokenizer, or nothing when the run uses none of them."""
     world = ctx.world
-    summary = {"directory": str(world.directory), "vocab_size": world.tokenizer.get_vocab_size(),
-               "n_train": len(world.train), "n_eval": len(world.eval)}  # fmt: skip
+    if not uses_tiny_world(ctx.cfg):
+        summary = {"used": False, "why": "parent.path, data.text and data.problems are all real"}
+    else:
+        summary = {"used": True, "directory": str(world.directory), "vocab_size": world.tokenizer.get_vocab_size(),
+                   "n_train": len(world.train), "n_eval": len(world.eval)}  # fmt: skip
     write_report(ctx, summary)
     return summary
 
@@ -390,7 +400,7 @@ class _Run:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run the selected stages in registry order; returns (and writes to output_dir/report.json)
     a summary with each stage's."""
-    world = build_world(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    world = DeferredWorld(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)  # built only if used
     run = _Run(cfg, world)
     for name in STAGES:
         if name in cfg.stages and name not in run.summary:

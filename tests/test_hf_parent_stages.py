@@ -127,3 +127,18 @@ def test_recovery_refuses_a_teacher_with_another_vocabulary(hf_parent, chained, 
     argv = ["recovery", f"model={src / 'fusion' / 'model'}", f"teacher={parent_checkpoint}", f"output_dir={tmp_path}", *SMALL]
     assert main(argv) == 2
     assert "different vocabularies" in capsys.readouterr().err
+
+
+def test_a_real_parent_with_real_data_builds_no_tiny_world(hf_parent, tmp_path):
+    """parent.path, data.text and data.problems all set: nothing of the tiny world is made (no
+    problems, no tokenizer, no cache entry), and the world stage says so."""
+    cache = tmp_path / "cache"
+    overrides = [
+        *SMALL, f"output_dir={tmp_path / 'out'}", f"cache_dir={cache}", f"parent.path={hf_parent}",
+        "stages=[world,parent,evaluate,puzzle]", "data.text.builtin=champ", "data.text.seq_len=48",
+        "data.text.train_tokens=480", "data.text.heldout_tokens=192", "data.problems.source=champ",
+    ]  # fmt: skip
+    summary = run_pipeline(load_config(PipelineConfig, DEFAULT_CONFIGS, overrides))
+    assert summary["world"] == {"used": False, "why": "parent.path, data.text and data.problems are all real"}
+    assert not (cache / "tiny_world").exists()
+    assert summary["data"]["problems"]["source"] == "champ" and summary["puzzle"]["model"]

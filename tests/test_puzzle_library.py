@@ -83,6 +83,14 @@ def test_library_of_parent_variants_reproduces_the_parent_exactly(tmp_path):
     assert scores["1.attention/gqa_kv4"]["kl_div"] == pytest.approx(0.0, abs=1e-6)
     assert scores["1.ffn/swiglu_96"]["cosine"] == pytest.approx(0.0, abs=1e-6)
     assert scores["1.attention/no_op"]["kl_div"] > 1e-4  # removing attention changes the output
+    # the parent's own sub-blocks need not run: their scores are the parent's metrics
+    layer1 = {v: students[v] for v in vs if v.group.startswith("1.")}
+    exact = {v for v in layer1 if is_parent_variant(parent.config, v)}
+    skipped = score_variants(parent, layer1, batches(), exact=exact)
+    assert len(exact) == 2 and skipped.keys() == scores.keys()
+    for key in scores:
+        for m, val in scores[key].items():
+            assert skipped[key][m] == pytest.approx(val, rel=1e-5, abs=1e-6), (key, m)
 
 
 def test_scores_equal_a_full_child_run():

@@ -65,3 +65,21 @@ def test_model_metrics_kl_is_parent_to_child():
     want, other = expected_kl(p_logits, c_logits, valid), reverse_kl(p_logits, c_logits, valid)
     assert abs(want - other) > 0.5 * max(want, other)
     assert model_metrics(parent, child, [(ids, valid)])["kl_div"] == pytest.approx(want, rel=1e-5)
+
+
+def test_token_metrics_in_row_chunks_equal_the_whole_batch():
+    parent, child = asymmetric_logits()
+    B, T, V = parent.shape
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, 3:] = False
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(B, T, 8)
+    whole = token_metrics(child, hidden, parent, hidden, ids, valid)
+    by_row = token_metrics(child, hidden, parent, hidden, ids, valid, chunk_elements=1)  # one row at a time
+    for m in whole:
+        assert float(by_row[m][0]) == pytest.approx(float(whole[m][0]), rel=1e-6) and int(by_row[m][1]) == int(whole[m][1])
+    pred = valid[:, 1:]  # independent reference: torch's cross-entropy and argmax on the whole batch
+    nll = torch.nn.functional.cross_entropy(child[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
+    assert float(whole["lm_loss"][0]) == pytest.approx(float(nll[pred.reshape(-1)].sum()), rel=1e-5)
+    agree = (parent[:, :-1].argmax(-1) == child[:, :-1].argmax(-1))[pred]
+    assert float(whole["greedy_agreement"][0]) == float(agree.sum())

@@ -270,6 +270,9 @@ def test_toggle_eval_counts_crafted_answers(world, monkeypatch):
     assert res["on"]["adherence"] == pytest.approx(2 / 6) and res["off"]["adherence"] == pytest.approx(4 / 6)
     assert res["on"]["accuracy"] == pytest.approx(3 / 6) and res["off"]["accuracy"] == pytest.approx(4 / 6)
     assert res["on"]["format_ok"] == pytest.approx(2 / 6) and res["off"]["format_ok"] == pytest.approx(2 / 6)
+    # entering the mode: on, opening with <think> (the two adherent ones, the two-block one, the cut one)
+    assert res["on"]["enters_mode"] == pytest.approx(4 / 6) and res["off"]["enters_mode"] == res["off"]["adherence"]
+    assert res["on"]["truncated"] == pytest.approx(1 / 6) and res["off"]["truncated"] == 0
     for mode, texts in (("on", on), ("off", off)):  # tokens without the stop token
         assert res[mode]["mean_response_tokens"] == pytest.approx(sum(len(encode(tok, t)) for t in texts) / 6)
 

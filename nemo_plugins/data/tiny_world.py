@@ -99,11 +99,38 @@ class World:
         return draw_unique(random.Random(f"{self.config.seed}/{tag}"), n, levels, seen)
 
 
+def world_directory(cfg: WorldConfig, root: Path | None = None) -> Path:
+    return (root or cache_root()) / "tiny_world" / config_hash(asdict(cfg))
+
+
+class DeferredWorld(World):
+    """The tiny world of a run that may never use it (a real parent with real data): its
+    directory, and so the cache root, are known at once; the problems and the tokenizer are made
+    (or restored) on first use, so a run that reads none of them builds nothing."""
+
+    def __init__(self, cfg: WorldConfig, root: Path | None = None):
+        self.config, self.directory, self._root, self._built = cfg, world_directory(cfg, root), root, None
+
+    def _world(self) -> World:
+        if self._built is None:
+            self._built = build_world(self.config, self._root)
+        return self._built
+
+    @property
+    def built(self) -> bool:
+        """Whether anything has used the world's problems or tokenizer yet."""
+        return self._built is not None
+
+    train = property(lambda self: self._world().train)
+    eval = property(lambda self: self._world().eval)
+    tokenizer = property(lambda self: self._world().tokenizer)
+
+
 def build_world(cfg: WorldConfig | None = None, root: Path | None = None) -> World:
     """Generate (or restore from the cache) the problems and tokenizer of the tiny world."""
     cfg = cfg or WorldConfig()
     train, eval_ = split_problems(cfg.seed, cfg.n_train, cfg.n_eval, cfg.difficulties)
-    directory = (root or cache_root()) / "tiny_world" / config_hash(asdict(cfg))
+    directory = world_directory(cfg, root)
     tok_path = directory / "tokenizer.json"
     if tok_path.is_file():
         tok = load_tokenizer(tok_path)

@@ -95,16 +95,16 @@ def _own_gpu(local_rank: int) -> None:
 def _parent_and_library(cfg):
     """(parent model, corpus, library directory, variants, chat tokenizer) exactly as the Puzzle
     stage has them: the parent is `parent.path` or the cached tiny parent, the text `data.text`
-    or the tiny world's."""
+    or the tiny world's (which is built only then)."""
     from ..data.chat_tokenizer import ChatTokenizer
     from ..data.sources import Corpus
-    from ..data.tiny_world import build_world
+    from ..data.tiny_world import DeferredWorld
     from ..distill.stage import fingerprint
     from ..pipeline import load_model, parent_source
     from ..puzzle.library import build_variants
     from ..puzzle.stage import library_dir
 
-    world = build_world(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    world = DeferredWorld(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)  # built only if used
     corpus = Corpus(world, cfg.data.text)
     source = parent_source(cfg, world)
     parent = load_model(source)
@@ -171,6 +171,7 @@ def puzzle_score(
     """Score this process's share of the trained library (each variant in the otherwise-parent
     model: KL, LM loss, cosine); writes a part file that `puzzle_search` merges."""
     from ..puzzle.bld import load_variant_state, shard, variant_path
+    from ..puzzle.library import is_parent_variant
     from ..puzzle.scoring import score_variants
     from ..puzzle.stage import held_out_batches, scores_file
     from ..utils.atomic import write_json_atomic
@@ -195,7 +196,8 @@ def puzzle_score(
     parent.to(device).eval()
     for block in students.values():
         block.to(device).eval()
-    scores = score_variants(parent, students, [(ids.to(device), valid.to(device)) for ids, valid in batches])
+    exact = {v for v in mine if is_parent_variant(parent.config, v)}
+    scores = score_variants(parent, students, [(ids.to(device), valid.to(device)) for ids, valid in batches], exact=exact)
     final = scores_file(cfg.puzzle, lib_dir, len(held_out))
     part = final.with_name(f"{final.stem}.part-{rank}-of-{world_size}.json")
     write_json_atomic(part, scores)

@@ -13,7 +13,7 @@ own layer, so scoring all variants costs one parent prefix per batch, not one pe
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,23 +28,35 @@ METRICS = ("kl_div", "lm_loss", "cosine", "greedy_agreement")
 
 def token_metrics(
     child_logits: torch.Tensor, child_hidden: torch.Tensor, parent_logits: torch.Tensor,
-    parent_hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor,
+    parent_hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, chunk_elements: int = 1 << 25,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Per-metric (sum, count) over the batch; `valid` [B, T] marks the counted tokens (real
-    tokens, or only response tokens). KL and LM loss count the positions predicting them."""
+    tokens, or only response tokens). KL, LM loss and greedy agreement count the positions
+    predicting them. Rows are taken a few at a time (about `chunk_elements` logits each), so the
+    fp32 log-probabilities of a large vocabulary never exist for the whole batch at once."""
     pred = valid[:, 1:]
-    p_logp = F.log_softmax(parent_logits[:, :-1].float(), -1)
-    c_logp = F.log_softmax(child_logits[:, :-1].float(), -1)
-    kl = (p_logp.exp() * (p_logp - c_logp)).sum(-1)
-    nll = -c_logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    batch, length, vocab = child_logits.shape
+    rows = max(1, chunk_elements // max(1, (length - 1) * vocab))
+    kl_sum = nll_sum = agree_sum = torch.zeros((), dtype=torch.float64)
+    for start in range(0, batch, rows):
+        part = slice(start, start + rows)
+        p_logp = F.log_softmax(parent_logits[part, :-1].float(), -1)
+        c_logp = F.log_softmax(child_logits[part, :-1].float(), -1)
+        counted = pred[part]
+        kl = F.kl_div(c_logp, p_logp, log_target=True, reduction="none").sum(-1)  # KL(parent || child)
+        nll = -c_logp.gather(-1, input_ids[part, 1:, None]).squeeze(-1)
+        agree = p_logp.argmax(-1) == c_logp.argmax(-1)
+        kl_sum = kl_sum + (kl * counted).sum().double()
+        nll_sum = nll_sum + (nll * counted).sum().double()
+        agree_sum = agree_sum + (agree & counted).sum().double()
+        del p_logp, c_logp
     cos = 1 - F.cosine_similarity(child_hidden.float(), parent_hidden.float(), dim=-1)
-    agree = (p_logp.argmax(-1) == c_logp.argmax(-1)).float()
     n_pred, n_valid = pred.sum(), valid.sum()
     return {
-        "kl_div": ((kl * pred).sum(), n_pred),
-        "lm_loss": ((nll * pred).sum(), n_pred),
+        "kl_div": (kl_sum, n_pred),
+        "lm_loss": (nll_sum, n_pred),
         "cosine": ((cos * valid).sum(), n_valid),
-        "greedy_agreement": ((agree * pred).sum(), n_pred),
+        "greedy_agreement": (agree_sum, n_pred),
     }
 
 
@@ -54,19 +66,36 @@ def score_variants(
     students: dict[Variant, Block],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
+    exact: Collection[Variant] = (),
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{variant key: {metric: mean}} over `batches` of (input_ids, valid) right-padded."""
+    """{variant key: {metric: mean}} over `batches` of (input_ids, valid) right-padded. Variants in
+    `exact` (the parent's own sub-blocks) get the parent's own metrics without being run: putting
+    them in the parent gives the parent back."""
+    batches = list(batches)
+    run = [v for v in students if v not in exact]
     sums: dict[str, dict[str, list]] = defaultdict(lambda: {m: [0.0, 0] for m in METRICS})
-    for ids, valid in tqdm(list(batches), desc="score", disable=not progress):
+
+    def add(key, metrics):
+        for m, (s, n) in metrics.items():
+            sums[key][m][0] += float(s)
+            sums[key][m][1] += int(n)
+
+    bar = tqdm(total=len(batches) * len(run), desc="score", unit="variant", disable=not progress)
+    for ids, valid in batches:
         valid = valid.bool()
         acts = capture(parent, ids)
-        for v, block in students.items():
+        own = token_metrics(acts.logits, acts.hidden, acts.logits, acts.hidden, ids, valid)
+        for v in students:
+            if v in exact:
+                add(v.key, own)
+        for v in run:
+            block = students[v]
             x, _ = student_io(v, acts)
             logits, hidden = finish_from(parent, v, run_student(block, v, x, acts), acts)
-            for m, (s, n) in token_metrics(logits, hidden, acts.logits, acts.hidden, ids, valid).items():
-                sums[v.key][m][0] += float(s)
-                sums[v.key][m][1] += int(n)
+            add(v.key, token_metrics(logits, hidden, acts.logits, acts.hidden, ids, valid))
+            bar.update()
+    bar.close()
     return {key: {m: s / max(n, 1) for m, (s, n) in per.items()} for key, per in sums.items()}
 
 

@@ -107,18 +107,20 @@ def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_on
 
 
 def held_out_batches(cfg: PuzzleConfig, held_out: list) -> tuple[list, list]:
-    """(scoring, measuring) batches, up to `cfg.score_batches` each, from two disjoint halves of
-    the held-out examples. Every choice is made on the first half (the variants' scores that the
-    MIP, uniform shrinking and layer dropping select with); children are measured on the second,
-    which no choice saw."""
+    """(scoring, measuring) batches of `cfg.score_batch_size` from two disjoint halves of the
+    held-out examples. Every choice is made on the first half (up to `cfg.score_batches` batches:
+    the variants' scores that the MIP, uniform shrinking and layer dropping select with); children
+    are measured on all of the second, which no choice saw (a whole-model pass per child is cheap
+    next to scoring every variant)."""
     if len(held_out) < 2:
         raise ValueError(
             f"puzzle: {len(held_out)} held-out example(s); scoring and measuring need at least 2 "
             "(raise data.text.heldout_tokens, or world.n_eval for the tiny world)"
         )
     half = len(held_out) // 2
-    batches = lambda rows: token_batches(rows, cfg.score_batch_size, cfg.score_batches, 0, response_only=True)  # noqa: E731
-    return batches(held_out[:half]), batches(held_out[half:])
+    batches = lambda rows, n: token_batches(rows, cfg.score_batch_size, n, 0, response_only=True)  # noqa: E731
+    rest = held_out[half:]
+    return batches(held_out[:half], cfg.score_batches), batches(rest, -(-len(rest) // cfg.score_batch_size))
 
 
 def library_dir(cfg: PuzzleConfig, parent_id: str, world_dir: Path) -> Path:
@@ -172,7 +174,7 @@ def run_puzzle(
 
     scores = _cached_json(
         scores_file(cfg, lib_dir, len(held_out)),
-        lambda: score_variants(parent, students, score_batches, progress=progress),
+        lambda: score_variants(parent, students, score_batches, exact=exact, progress=progress),
     )
     measured = {"variants": {}, "non_block": {}}
     if cfg.costs.measure:

@@ -7,6 +7,10 @@ Per mode, over the same problems:
 - format_ok: the stricter `reasoning_world.is_well_formatted` (adherence and exactly
   "The answer is N." as the answer part), reported beside adherence, which does not need it;
 - accuracy: `extract_answer` equals the problem's answer (answers inside a think block never count);
+- enters_mode: the first step of the toggle alone: on, the response opens with `<think>`; off,
+  as adherence (no think tag). A response cut at max_new_tokens inside its think block enters
+  the mode but does not adhere;
+- truncated: the share of responses cut at max_new_tokens (no stop token);
 - mean_response_tokens: generated tokens, the stop token excluded; n: problems.
 """
 
@@ -31,11 +35,17 @@ def follows_toggle(text: str, thinking: bool) -> bool:
     return has_think_block(text) and bool(text.split(THINK_END, 1)[1].strip())
 
 
+def enters_mode(text: str, thinking: bool) -> bool:
+    """On: the response opens with a think tag. Off: it has no think tag."""
+    return text.lstrip().startswith(THINK_START) if thinking else follows_toggle(text, False)
+
+
 def mode_scores(
     problems: Sequence[Problem], texts: Sequence[str], lengths: Sequence[int], thinking: bool,
-    verify: Callable[[str, Problem], bool] = is_correct,
+    verify: Callable[[str, Problem], bool] = is_correct, stopped: Sequence[bool] | None = None,
 ) -> dict:  # fmt: skip
-    """Adherence, format, accuracy (`verify`; overall and per difficulty), mean length and n for one mode."""
+    """Adherence, mode entry, format, accuracy (`verify`; overall and per difficulty), mean length,
+    truncation (when `stopped` says which responses ended with a stop token) and n for one mode."""
     if len(problems) != len(texts) or len(texts) != len(lengths):
         raise ValueError(f"{len(problems)} problems, {len(texts)} responses, {len(lengths)} lengths: expected equal")
     if not problems:
@@ -47,6 +57,8 @@ def mode_scores(
         by_level[p.difficulty].append(c)
     return {
         "adherence": sum(follows_toggle(t, thinking) for t in texts) / n,
+        "enters_mode": sum(enters_mode(t, thinking) for t in texts) / n,
+        "truncated": None if stopped is None else sum(not s for s in stopped) / n,
         "format_ok": sum(is_well_formatted(t, thinking) for t in texts) / n,
         "accuracy": sum(correct) / n,
         "accuracy_by_difficulty": {str(d): sum(cs) / len(cs) for d, cs in sorted(by_level.items())},
@@ -58,20 +70,23 @@ def mode_scores(
 def greedy_responses(
     model: HeteroLlamaForCausalLM, tok: ChatTokenizer, problems: Sequence[Problem], thinking: bool, *,
     batch_size: int, max_new_tokens: int,
-) -> tuple[list[str], list[int]]:  # fmt: skip
-    """(texts, token counts) of greedy responses to each problem's prompt, stop token dropped."""
+) -> tuple[list[str], list[int], list[bool]]:  # fmt: skip
+    """(texts, token counts, stopped) of greedy responses to each problem's prompt, stop token
+    dropped; `stopped` is False where max_new_tokens cut the response."""
     tok = as_chat(tok)
     stops = set(tok.stop_ids)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=tok.stop_ids)
-    texts, lengths = [], []
+    texts, lengths, stopped = [], [], []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         prompts = [tok.prompt_ids(p.question, thinking) for p in chunk]
         for out in generate(model, prompts, sampling, pad_id=tok.pad_id):
-            kept = out[:-1] if out and out[-1] in stops else out
+            ended = bool(out) and out[-1] in stops
+            kept = out[:-1] if ended else out
             texts.append(tok.decode(kept))
             lengths.append(len(kept))
-    return texts, lengths
+            stopped.append(ended)
+    return texts, lengths, stopped
 
 
 def evaluate_toggle(
@@ -88,13 +103,13 @@ def evaluate_toggle(
     try:
         out = {}
         for mode, thinking in MODES.items():
-            texts, lengths = greedy_responses(
+            texts, lengths, stopped = greedy_responses(
                 model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens
             )
-            out[mode] = mode_scores(problems, texts, lengths, thinking, verify)
+            out[mode] = mode_scores(problems, texts, lengths, thinking, verify, stopped)
         return out
     finally:
         model.train(was_training)
 
 
-__all__ = ["evaluate_toggle", "follows_toggle", "mode_scores"]
+__all__ = ["enters_mode", "evaluate_toggle", "follows_toggle", "mode_scores"]
