@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -444,7 +445,8 @@ def test_combined_reward_pool_scores_breakdowns():
         (TOWER, "5", False),
         ("x" * 200, "1", False),
     ]
-    with R.reward_pool(R.RewardConfig(format_weight=0.5), workers=2, timeout_s=1.0, max_chars=100) as pool:
+    reward = partial(R.combined_reward, config=R.RewardConfig(format_weight=0.5))
+    with RewardPool(reward, workers=2, timeout_s=1.0, max_chars=100, failure_value=R.ZERO_REWARD) as pool:
         values, failures = bounded_map(pool, items, pool.timeout_s + 3.0)
     assert values == [R.RewardBreakdown(1.5, 1.0, 1.0), R.ZERO_REWARD, R.ZERO_REWARD]
     assert failures == Counter(timeout=1, too_long=1)

@@ -345,22 +345,6 @@ def test_paired_examples_checks_its_parts():
         S.paired_examples("Q", "t", "A <think>")
 
 
-def test_pair_by_prompt_on_read_records():
-    pairs = S.pair_by_prompt(S.read_nemotron_jsonl(SAMPLE))
-    assert len(pairs) == 1
-    on, off = pairs[0]
-    assert on.thinking and not off.thinking and on.messages == off.messages
-    assert (on.source[1], off.source[1]) == (1, 2)
-
-
-def test_pair_by_prompt_takes_the_first_of_each_mode_and_skips_unpaired():
-    a_on, a_off = S.paired_examples("A?", "t1", "x")
-    a_on2 = S.make_example([S.Turn("user", "A?")], "<think>t2</think>y", True)
-    b_on, _ = S.paired_examples("B?", "t", "z")
-    c_on, c_off = S.paired_examples("C?", "t", "w")
-    assert S.pair_by_prompt([c_off, a_on, b_on, a_on2, a_off, c_on]) == [(c_on, c_off), (a_on, a_off)]
-
-
 # ============================================================================ truncation
 
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -246,17 +246,6 @@ def world_paired_examples(problems: Iterable[Problem]) -> list[ChatExample]:
         out.append(make_example(turns, reasoning_response(p), True, category=cat))
         out.append(make_example(turns, direct_response(p), False, category=cat))
     return out
-
-
-def pair_by_prompt(examples: Iterable[ChatExample]) -> list[tuple[ChatExample, ChatExample]]:
-    """(on, off) pairs of read examples that share their prompt turns, in order of first appearance.
-
-    The first example of each mode is used; prompts seen in only one mode yield no pair.
-    """
-    by_prompt: dict[tuple[Turn, ...], dict[bool, ChatExample]] = defaultdict(dict)
-    for ex in examples:
-        by_prompt[ex.messages].setdefault(ex.thinking, ex)
-    return [(modes[True], modes[False]) for modes in by_prompt.values() if len(modes) == 2]
 
 
 # ============================================================================ JSONL readers
@@ -644,7 +633,6 @@ __all__ = [
     "nemotron_example",
     "pack_examples",
     "packed_attention_mask",
-    "pair_by_prompt",
     "paired_examples",
     "read_messages_jsonl",
     "read_nemotron_jsonl",

@@ -16,7 +16,7 @@ from ..data.chat import BOS, EOS
 from ..data.tiny_world import World, config_hash
 from ..data.tokenizer import token_id
 from ..utils.atomic import write_json_atomic
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .llama import HeteroLlamaForCausalLM
 from .train import OptimConfig, fit_lm
 
@@ -91,10 +91,6 @@ def train_parent(world: World, p: ParentConfig | None = None, *, progress: bool 
     save_checkpoint(model, out, extra_files=world.chat.files())
     write_json_atomic(out / "train_log.json", {"config": asdict(p), "losses": losses})
     return out
-
-
-def load_parent(world: World, p: ParentConfig | None = None, *, progress: bool = False) -> HeteroLlamaForCausalLM:
-    return load_checkpoint(train_parent(world, p, progress=progress))
 
 
 def read_train_log(ckpt: Path) -> dict:

@@ -255,36 +255,3 @@ def run_grpo_stage(
     log.info("grpo: held-out accuracy %.3f -> %s", report["before"]["accuracy"],
              ", ".join(f"{n} {report[n]['accuracy']:.3f}" for n in names))  # fmt: skip
     return report, trained
-
-
-# ----------------------------------------------------------------------------- standalone run
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """`python -m nemo_plugins.rl.grpo_stage [out_dir=...] [grpo.key=value ...]`: the stage on the
-    cached tiny parent (trained first if missing) with conf/grpo/tiny.yaml, outside the pipeline."""
-    import sys
-    from dataclasses import field
-
-    from ..config import CONF_DIR, load_config
-    from ..data.tiny_world import WorldConfig, build_world
-    from ..model.checkpoint import load_checkpoint
-    from ..model.tiny_parent import ParentConfig, train_parent
-
-    @dataclass
-    class _Root:
-        out_dir: str = "outputs/tiny/grpo"
-        progress: bool = True
-        grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = load_config(_Root, CONF_DIR / "grpo" / "tiny.yaml", sys.argv[1:] if argv is None else argv)
-    world = build_world(WorldConfig())
-    parent = load_checkpoint(train_parent(world, ParentConfig(), progress=root.progress)).eval()
-    report, _ = run_grpo_stage(parent, world, root.grpo, Path(root.out_dir), progress=root.progress)
-    print(Path(root.out_dir, "grpo_report.md").read_text())
-    return report
-
-
-if __name__ == "__main__":
-    main()

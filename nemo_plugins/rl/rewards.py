@@ -6,8 +6,7 @@ text when there is no think block; an answer that only appears inside the (possi
 think block earns nothing, as in `data.reasoning_world`.
 
 Parsing model output can be slow or memory hungry (math-verify/sympy on `9^{9^{9^{9}}}`, deeply
-nested parentheses), so run these functions through `sandbox.RewardPool` (or `reward_pool`
-below), which enforces a wall time and memory limit per sample. `math_accuracy` disables
+nested parentheses), so run these functions through `sandbox.RewardPool`, which enforces a wall time and memory limit per sample. `math_accuracy` disables
 math-verify's own signal-based timeouts for that reason (they would turn a timeout into a silent
 0 the pool cannot count, and they fail outside the main thread); called in-process it has no
 time limit.
@@ -33,7 +32,6 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from functools import partial
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -478,14 +476,3 @@ def combined_reward(
     total = config.accuracy_weight * accuracy + config.format_weight * fmt
     return RewardBreakdown(total=total, accuracy=accuracy, format=fmt)
 
-
-def reward_pool(config: RewardConfig = RewardConfig(), **pool_kwargs):
-    """A `sandbox.RewardPool` computing `combined_reward` on (completion, reference, thinking) items.
-
-    Failed samples (timeout, memory, too long, errors) score ZERO_REWARD; `pool_kwargs` go to
-    RewardPool (workers, timeout_s, memory_mb, max_chars, ...).
-    """
-    from nemo_plugins.rl.sandbox import RewardPool
-
-    pool_kwargs.setdefault("failure_value", ZERO_REWARD)
-    return RewardPool(partial(combined_reward, config=config), **pool_kwargs)
