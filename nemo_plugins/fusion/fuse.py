@@ -266,6 +266,17 @@ def _depth(cfg: ModelConfig) -> int:
     return sum((b.attention.kind != "no_op") + (b.ffn.kind != "no_op") for b in cfg.blocks)
 
 
+def _kl_sum(p_logits: torch.Tensor, q_logits: torch.Tensor, rows: int = 256) -> float:
+    """Sum over rows of KL(softmax(p) || softmax(q)) in float64, `rows` positions at a time (a
+    whole batch of 49,152-way float64 log-probabilities would be gigabytes)."""
+    total = 0.0
+    for start in range(0, p_logits.shape[0], rows):
+        lp = F.log_softmax(p_logits[start : start + rows].double(), -1)
+        lq = F.log_softmax(q_logits[start : start + rows].double(), -1)
+        total += float((lp.exp() * (lp - lq)).sum())
+    return total
+
+
 @torch.no_grad()
 def fusion_report(original: HeteroLlamaForCausalLM, fused: HeteroLlamaForCausalLM, batches: Iterable) -> dict:
     """How far the fused model is from the original SEQUENTIAL one on calibration tokens.
@@ -287,8 +298,7 @@ def fusion_report(original: HeteroLlamaForCausalLM, fused: HeteroLlamaForCausalL
         if dh.numel():
             max_h, max_l = max(max_h, float(dh.max())), max(max_l, float(dl.max()))
         sum_h, sum_l = sum_h + float(dh.mean(-1).sum()), sum_l + float(dl.mean(-1).sum())
-        lp, lq = F.log_softmax(lo[valid].double(), -1), F.log_softmax(lf[valid].double(), -1)
-        kl += float((lp.exp() * (lp - lq)).sum())
+        kl += _kl_sum(lo[valid], lf[valid])
         n += int(valid.sum())
     d = max(n, 1)
     before, after = original.config, fused.config
