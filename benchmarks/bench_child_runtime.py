@@ -32,10 +32,11 @@ from nemo_plugins.puzzle import mip
 from nemo_plugins.puzzle.costs import PHASES, measure_in_model, measure_speedup, non_block_stats, predicted_speedup
 from nemo_plugins.puzzle.library import is_parent_variant
 from nemo_plugins.puzzle.realize import realize_child
+from nemo_plugins.model.train import token_batches
 from nemo_plugins.puzzle.scoring import score_variants
-from nemo_plugins.distill.stage import fingerprint
+from nemo_plugins.model.checkpoint import fingerprint
 from nemo_plugins.puzzle.stage import (
-    budget_bounds, build_library_file, choice_totals, roofline_speedup, token_batches, trained_library,
+    budget_bounds, build_library_file, choice_totals, roofline_speedup, trained_library,
 )  # fmt: skip
 
 

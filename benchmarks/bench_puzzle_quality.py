@@ -19,8 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_plugins.config import load_pipeline_config
-from nemo_plugins.pipeline import run_pipeline
+from nemo_plugins.pipeline import load_pipeline_config, run_pipeline
 from nemo_plugins.utils.stats import format_interval
 
 CHILDREN = ("puzzle", "uniform", "drop")

@@ -25,15 +25,16 @@ from pathlib import Path
 import torch
 
 from .arch.accounting import report as arch_report
+from .config import DEFAULT_CONFIGS, load_config, preset_path
 from .data.chat_tokenizer import ChatTokenizer
 from .data.problems import ProblemSet
 from .data.sources import Corpus, DataConfig
 from .data.tiny_world import DeferredWorld, World, WorldConfig
-from .distill.stage import RecoveryStageConfig, fingerprint
+from .distill.stage import RecoveryStageConfig
 from .errors import CheckpointError
 from .evaluate import task_accuracy
 from .fusion.stage import FusionConfig
-from .model.checkpoint import load_checkpoint, read_config, save_checkpoint
+from .model.checkpoint import fingerprint, load_checkpoint, read_config, save_checkpoint
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
 from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
@@ -185,7 +186,7 @@ def gguf_in_package(name: str) -> Path:
 def imported_gguf(path: str, cache: Path) -> Path:
     """`path` (a .gguf file or package:NAME) as a HF directory under `cache`/gguf, imported on
     first use and keyed by the file (path, size, modification time)."""
-    from .data.tiny_world import config_hash
+    from .utils.hashing import config_hash
     from .model.gguf_import import import_gguf
 
     file = gguf_in_package(path.removeprefix("package:")) if path.startswith("package:") else Path(path)
@@ -395,6 +396,12 @@ class _Run:
         self.summary["data"] = {"text": self.corpus.report, "problems": self.problems.report}
         write_json_atomic(self.out / REPORT, self.summary, default=str)
         return summary
+
+
+def load_pipeline_config(preset: str | None = None, overrides=()) -> PipelineConfig:
+    """The pipeline config: the defaults, then conf/pipeline/PRESET.yaml (if any), then `key=value`
+    overrides."""
+    return load_config(PipelineConfig, [*DEFAULT_CONFIGS, *([preset_path(preset)] if preset else [])], overrides)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

@@ -9,6 +9,8 @@ import torch
 
 from nemo_plugins.arch import homogeneous
 from nemo_plugins.data import curriculum as C
+from nemo_plugins.rl import pass_rates
+from nemo_plugins.rl.pass_rates import estimate_pass_rates
 from nemo_plugins.data import reasoning_world as rw
 from nemo_plugins.data import tokenizer as T
 from nemo_plugins.data.chat import EOS, render_prompt
@@ -242,8 +244,8 @@ def test_pass_rate_counting(tok, problems, monkeypatch):
             out.append(T.encode(tok, f"<think>x</think>The answer is {answer}.") + [eos])
         return out
 
-    monkeypatch.setattr(C, "generate", fake_generate)
-    rates = C.estimate_pass_rates(tiny_model(tok), tok, problems, 3, batch_size=4)
+    monkeypatch.setattr(pass_rates, "generate", fake_generate)
+    rates = estimate_pass_rates(tiny_model(tok), tok, problems, 3, batch_size=4)
     assert list(rates) == list(C.problems_by_id(problems)) and len(rates) == 6
     assert set(rates.values()) == {1 / 3}
     assert calls == [4, 4, 4, 4, 2]  # 6 unique problems x 3 samples, 4 sequences per call
@@ -253,7 +255,7 @@ def test_estimate_pass_rates_and_cache(tok, problems, tmp_path, monkeypatch):
     model, k = tiny_model(tok), 2
     cache = tmp_path / "rates.json"
     kw = dict(sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), batch_size=8, cache_path=cache)
-    rates = C.estimate_pass_rates(model, tok, problems, k, seed=0, model_id="tiny@0", **kw)
+    rates = estimate_pass_rates(model, tok, problems, k, seed=0, model_id="tiny@0", **kw)
     assert set(rates) == set(C.problems_by_id(problems))
     assert all(0.0 <= r <= 1.0 and math.isclose(r * k, round(r * k)) for r in rates.values())
     assert json.loads(cache.read_text())["pass_rates"] == rates
@@ -261,20 +263,20 @@ def test_estimate_pass_rates_and_cache(tok, problems, tmp_path, monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("model called although the cache holds the estimate")
 
-    monkeypatch.setattr(C, "generate", refuse)
-    assert C.estimate_pass_rates(model, tok, problems, k, seed=0, model_id="tiny@0", **kw) == rates
+    monkeypatch.setattr(pass_rates, "generate", refuse)
+    assert estimate_pass_rates(model, tok, problems, k, seed=0, model_id="tiny@0", **kw) == rates
     for other in (dict(seed=1, model_id="tiny@0"), dict(seed=0, model_id="tiny@1")):
         with pytest.raises(AssertionError, match="cache holds"):
-            C.estimate_pass_rates(model, tok, problems, k, **other, **kw)
+            estimate_pass_rates(model, tok, problems, k, **other, **kw)
     with pytest.raises(AssertionError, match="cache holds"):
-        C.estimate_pass_rates(model, tok, problems[:3], k, seed=0, model_id="tiny@0", **kw)
+        estimate_pass_rates(model, tok, problems[:3], k, seed=0, model_id="tiny@0", **kw)
 
 
 def test_estimate_pass_rates_errors(tok, problems, tmp_path):
     model = tiny_model(tok)
     with pytest.raises(ValueError, match="sampling.temperature=0.0"):
-        C.estimate_pass_rates(model, tok, problems, 2, sampling=SamplingConfig(temperature=0.0))
+        estimate_pass_rates(model, tok, problems, 2, sampling=SamplingConfig(temperature=0.0))
     with pytest.raises(ValueError, match="model_id=None"):
-        C.estimate_pass_rates(model, tok, problems, 2, cache_path=tmp_path / "x.json")
+        estimate_pass_rates(model, tok, problems, 2, cache_path=tmp_path / "x.json")
     with pytest.raises(ValueError, match="k=0"):
-        C.estimate_pass_rates(model, tok, problems, 0)
+        estimate_pass_rates(model, tok, problems, 0)

@@ -11,15 +11,8 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from nemo_plugins.arch.config import homogeneous
-from nemo_plugins.distill import (
-    RecoveryConfig,
-    RecoveryLossConfig,
-    hidden_cosine_loss,
-    kd_kl_loss,
-    next_token_mask,
-    recovery_loss,
-    run_recovery,
-)
+from nemo_plugins.distill import RecoveryConfig, RecoveryLossConfig, recovery_loss, run_recovery
+from nemo_plugins.model.losses import hidden_cosine_loss, kd_kl_loss, next_token_mask
 from nemo_plugins.utils.training import StepSampler
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM, causal_lm_loss
 from nemo_plugins.utils.resume import latest

@@ -21,7 +21,8 @@ from nemo_plugins.data.curriculum import problems_by_id
 from nemo_plugins.data.tiny_world import World, WorldConfig
 from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model.checkpoint import load_checkpoint
-from nemo_plugins.model.train import OptimConfig, fit_lm
+from nemo_plugins.model.train import fit_lm
+from nemo_plugins.utils.training import OptimConfig
 from nemo_plugins.rl import grpo as G
 from nemo_plugins.rl import grpo_stage as S
 from nemo_plugins.rl.rewards import RewardBreakdown
@@ -278,7 +279,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     # again: nothing is trained, sampled or evaluated; the same report
     monkeypatch.setattr(G, "_fit", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(S, "heldout_accuracy", lambda *a, **k: pytest.fail("re-evaluated"))
-    monkeypatch.setattr("nemo_plugins.data.curriculum.generate", lambda *a, **k: pytest.fail("pass rates re-estimated"))
+    monkeypatch.setattr("nemo_plugins.rl.pass_rates.generate", lambda *a, **k: pytest.fail("pass rates re-estimated"))
     again, model2 = S.run_grpo_stage(start_model, world, cfg, tmp_path)
     assert again["table"] == report["table"] and not changed(weights(model2), weights(model))
 

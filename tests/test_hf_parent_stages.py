@@ -5,7 +5,6 @@ directory the previous one wrote."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -392,7 +392,7 @@ SLURM_ARGS = ["run.executor=slurm_h100", f"run.executor.account={ACCOUNT}", f"ru
 
 def test_pipeline_cli_dry_run_and_bad_overrides(nr, tmp_path, monkeypatch, stdin):
     monkeypatch.chdir(tmp_path)
-    R, P = nr.recipes, nr.pipeline
+    P = nr.pipeline
     status, out, _ = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, "sft_data=['/data/sft.jsonl']",
                                               "puzzle_nodes=2", "work_dir=/results/cli", RECOVERY_DATA])  # fmt: skip
     assert status == 0, out

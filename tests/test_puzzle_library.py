@@ -16,7 +16,8 @@ from nemo_plugins.puzzle.costs import (
 )  # fmt: skip
 from nemo_plugins.puzzle.library import LibraryConfig, build_variants, groups, is_parent_variant
 from nemo_plugins.puzzle.realize import realize_child
-from nemo_plugins.puzzle.scoring import model_metrics, score_variants
+from nemo_plugins.model.metrics import model_metrics
+from nemo_plugins.puzzle.scoring import score_variants
 
 VOCAB = 61
 
@@ -155,7 +156,8 @@ def test_bld_splits_work_across_ranks(tmp_path, monkeypatch):
 
 def test_bld_processes_split_the_library_and_match_one_process(tmp_path):
     from nemo_plugins.puzzle.launch import run_bld_processes
-    from nemo_plugins.puzzle.stage import PuzzleConfig, token_batches
+    from nemo_plugins.model.train import token_batches
+    from nemo_plugins.puzzle.stage import PuzzleConfig
 
     parent = tiny_parent(layers=2)
     cfg = PuzzleConfig(library=LIB, init=InitConfig(calibration_batches=2), bld=BLDConfig(steps=3, batch_size=8))

@@ -15,7 +15,7 @@ from nemo_plugins.model.checkpoint import load_checkpoint, read_config
 from nemo_plugins.pipeline import PipelineConfig, load_model, run_pipeline
 from nemo_plugins.puzzle import bld as bld_mod
 from nemo_plugins.puzzle.library import build_variants
-from nemo_plugins.puzzle.scoring import model_metrics
+from nemo_plugins.model.metrics import model_metrics
 from nemo_plugins.puzzle.stage import BudgetConfig, budget_bounds
 from nemo_plugins.puzzle.costs import CostConfig
 

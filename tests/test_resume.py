@@ -10,7 +10,7 @@ import torch
 from nemo_plugins.arch.config import homogeneous
 from nemo_plugins.errors import CheckpointError
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
-from nemo_plugins.model.train import OptimConfig, make_optimizer
+from nemo_plugins.utils.training import OptimConfig, make_optimizer
 from nemo_plugins.utils import resume
 from nemo_plugins.utils.resume import latest, list_checkpoints, load_training_state, save_training_state
 

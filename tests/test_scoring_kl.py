@@ -7,7 +7,7 @@ from torch.distributions import Categorical, kl_divergence
 
 from nemo_plugins.arch import ATTENTION_NO_OP, BlockConfig, homogeneous
 from nemo_plugins.model import HeteroLlamaForCausalLM
-from nemo_plugins.puzzle.scoring import model_metrics, token_metrics
+from nemo_plugins.model.metrics import model_metrics, token_metrics
 
 VOCAB = 23
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from .sft_data import ChatExample, world_paired_examples
 from .text_data import split_documents
-from .tiny_world import World, config_hash
+from ..utils.hashing import config_hash
+from .tiny_world import World
 
 PROBLEM_SOURCES = ("tiny", "champ", "jsonl")
 

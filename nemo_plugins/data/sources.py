@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from .chat_tokenizer import ChatTokenizer
 from .problems import ProblemSourceConfig
 from .text_data import Document, expand_paths, pack_documents, read_documents, select_split
-from .tiny_world import World, config_hash
+from ..utils.hashing import config_hash
+from .tiny_world import World
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike

@@ -6,8 +6,6 @@ only a speed-up: the tokenizer is trained once and reused by the demo and the te
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 from collections.abc import Iterable
@@ -17,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ..utils.atomic import write_json_atomic
+from ..utils.hashing import config_hash
 from .chat_tokenizer import ChatTokenizer
 from .reasoning_world import DIFFICULTIES, Problem, draw_unique, reasoning_response, response_for, split_problems
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -27,11 +26,6 @@ FORMAT_VERSION = 1  # bump when generation changes, so stale caches are not reus
 def cache_root() -> Path:
     """`$NEMO_PLUGINS_CACHE`, else ~/.cache/nemo_plugins."""
     return Path(os.environ.get("NEMO_PLUGINS_CACHE", Path.home() / ".cache" / "nemo_plugins"))
-
-
-def config_hash(*parts) -> str:
-    blob = json.dumps([FORMAT_VERSION, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -27,14 +27,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
-from ..model.train import TokenDataset, collate_with_validity
+from ..model.llama import HeteroLlamaForCausalLM
+from ..model.losses import next_token_mask
+from ..model.metrics import logits_and_hidden, val_metrics
+from ..model.train import TokenDataset, micro_batches
+from ..utils.plots import plot_training_curves
 from ..utils.resume import TrainingState
 from ..utils.training import (
     PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
 )  # fmt: skip
-from .losses import RecoveryLossConfig, kd_kl_loss, next_token_mask, recovery_loss
-from .plots import plot_recovery
+from .losses import RecoveryLossConfig, recovery_loss
 
 log = logging.getLogger("nemo_plugins.distill")
 
@@ -87,39 +89,7 @@ class RecoveryConfig:
         return self.batch_size * self.grad_accum
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    """Consecutive chunks of `batch_size` examples, each collated to (ids, loss_mask)."""
-    chunks = (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))
-    return [collate_with_validity(chunk, pad_id)[:2] for chunk in chunks]
 
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def _logits_hidden(model: HeteroLlamaForCausalLM, ids: torch.Tensor):
-    hidden = model.hidden_states(ids)
-    return model.lm_head(hidden), hidden
-
-
-@torch.no_grad()
-def evaluate_recovery(student, teacher, batches) -> dict[str, float | None]:
-    """Token means over `batches` of (ids, loss_mask): KL(teacher ‖ student) at T=1 (None
-    without a teacher) and the student's LM loss, both over the positions predicting counted
-    tokens."""
-    kl_sum = lm_sum = 0.0
-    count = 0
-    device = next(student.parameters()).device
-    for ids, loss_mask in batches:
-        ids, loss_mask = ids.to(device), loss_mask.to(device)
-        mask = next_token_mask(loss_mask)
-        logits, _ = _logits_hidden(student, ids)
-        n = int(mask.sum())
-        lm_sum += float(causal_lm_loss(logits, ids, loss_mask)) * n  # a mean over the same `mask`
-        if teacher is not None:
-            kl_sum += float(kd_kl_loss(logits, teacher(ids), mask, 1.0, reduction="sum"))
-        count += n
-    n = max(count, 1)
-    return {"val_kl": kl_sum / n if teacher is not None else None, "val_lm_loss": lm_sum / n}
 
 
 # ----------------------------------------------------------------------------- Lightning module
@@ -150,11 +120,11 @@ class RecoveryModule(StepModule):
 
     def micro_loss(self, ids, loss_mask):
         """(token-sum loss, {term: token sum}) of one micro-batch."""
-        logits, hidden = _logits_hidden(self.student, ids)
+        logits, hidden = logits_and_hidden(self.student, ids)
         t_logits = t_hidden = None
         if self.cfg.loss.needs_teacher:
             with torch.no_grad():
-                t_logits, t_hidden = _logits_hidden(self.teacher, ids)
+                t_logits, t_hidden = logits_and_hidden(self.teacher, ids)
         return recovery_loss(self.cfg.loss, ids, loss_mask, logits, hidden, t_logits, t_hidden, reduction="sum")
 
     def training_step(self, batch, batch_idx):
@@ -177,7 +147,7 @@ class RecoveryModule(StepModule):
     def validate(self):
         was_training = self.student.training
         self.student.eval()
-        metrics = evaluate_recovery(self.student, self.teacher, self.val_batches)
+        metrics = val_metrics(self.student, self.teacher, self.val_batches)
         self.student.train(was_training)
         self.val_history.append({"step": self.step_count, **metrics, "lr": self.current_lr()})
         if self.logger:
@@ -187,7 +157,7 @@ class RecoveryModule(StepModule):
 
     def write_reports(self):
         write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, ("val_kl", "val_lm_loss", "lr"))
-        plot_recovery(self.train_losses, self.val_history, self.paths.plot)
+        plot_training_curves(self.train_losses, self.val_history, self.paths.plot)
 
     def save(self):
         self.save_state(asdict(self.cfg), num_train_examples=self.num_train_examples)

@@ -15,13 +15,13 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..arch.config import to_dict
-from ..data.tiny_world import World, config_hash
+from ..data.tiny_world import World
+from ..utils.hashing import config_hash
 from ..data.chat_tokenizer import ChatTokenizer
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import is_correct
 from ..data.sources import Corpus
-from ..model.checkpoint import save_checkpoint
+from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils.atomic import write_json_atomic
 from .losses import RecoveryLossConfig
@@ -37,12 +37,6 @@ class RecoveryStageConfig(RecoveryConfig):
     eval_batches: int = 8  # held-out batches of batch_size for KL / LM loss
 
 
-def fingerprint(model) -> str:
-    """A short digest of a model's architecture and weights (one float64 sum per tensor)."""
-    sums = [(k, float(t.detach().double().sum())) for k, t in sorted(model.state_dict().items())]
-    return config_hash(to_dict(model.config), sums)
-
-
 def quality(
     parent, model, world: World, cfg: RecoveryStageConfig, chat: ChatTokenizer | None = None, held_out=None,
     problems: ProblemSet | None = None, verify=is_correct,
@@ -51,8 +45,8 @@ def quality(
     tokens); greedy accuracy (thinking on) on the held-out `problems` (default: the world's),
     checked by `verify`."""
     from ..evaluate import task_accuracy
-    from ..puzzle.scoring import model_metrics
-    from ..puzzle.stage import token_batches
+    from ..model.metrics import model_metrics
+    from ..model.train import token_batches
 
     chat = chat or world.chat
     held_out = held_out if held_out is not None else world.eval_examples(chat)

@@ -45,7 +45,7 @@ def run_fusion_stage(
     """(report, fused model); files under out_dir (see `fuse.run_fusion`). `chat`: the model's
     tokenizer and template (default: the world's); `corpus`: the calibration text (default: the
     world's examples)."""
-    from ..puzzle.stage import token_batches
+    from ..model.train import token_batches
 
     chat, corpus = chat or world.chat, corpus or Corpus(world)
     batches = token_batches(corpus.training_examples(chat), cfg.batch_size, cfg.calibration_batches, 0)

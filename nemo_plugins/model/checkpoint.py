@@ -23,6 +23,7 @@ from ..arch.config import ArchConfigError, ModelConfig, from_dict, to_dict
 from ..arch.hf_json import from_hf_config, is_plain_llama, nas_compatible, to_hf_config
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_directory
+from ..utils.hashing import config_hash
 from .llama import HeteroLlamaForCausalLM, rope_inv_freq
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -246,3 +247,10 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
         size += nbytes
     shards.append(current)
     return shards
+
+
+def fingerprint(model: HeteroLlamaForCausalLM) -> str:
+    """A short digest of a model's architecture and weights (one float64 sum per tensor): the
+    key that runs starting from this model are cached under."""
+    sums = [(k, float(t.detach().double().sum())) for k, t in sorted(model.state_dict().items())]
+    return config_hash(to_dict(model.config), sums)

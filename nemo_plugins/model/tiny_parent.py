@@ -13,12 +13,14 @@ from pathlib import Path
 
 from ..arch.config import ModelConfig, homogeneous
 from ..data.chat import BOS, EOS
-from ..data.tiny_world import World, config_hash
+from ..data.tiny_world import World
+from ..utils.hashing import config_hash
 from ..data.tokenizer import token_id
 from ..utils.atomic import write_json_atomic
 from .checkpoint import save_checkpoint
 from .llama import HeteroLlamaForCausalLM
-from .train import OptimConfig, fit_lm
+from ..utils.training import OptimConfig
+from .train import fit_lm
 
 
 @dataclass

@@ -6,16 +6,16 @@ Used to train the tiny parent; recovery and SFT stages reuse `TokenDataset`, `co
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..utils.training import fit_module, stop_if_terminated
+from ..utils.training import OptimConfig, fit_module, make_optimizer, stop_if_terminated
 from .llama import HeteroLlamaForCausalLM, causal_lm_loss
+
+Example = tuple[list[int], list[int]]  # (input_ids, loss_mask)
 
 
 class TokenDataset(Dataset):
@@ -50,42 +50,22 @@ def collate_with_validity(batch, pad_id: int = 0):
     return ids, mask, real
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-
-    @classmethod
-    def of(cls, settings) -> "OptimConfig":
-        """The optimizer fields a stage config carries under the same names (lr, min_lr_ratio,
-        warmup_steps, weight_decay, grad_clip, ...); absent ones keep their defaults."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
+def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Consecutive chunks of `batch_size` examples, each collated to (ids, loss_mask)."""
+    chunks = (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))
+    return [collate_with_validity(chunk, pad_id)[:2] for chunk in chunks]
 
 
-def cosine_schedule(step: int, total: int, cfg: OptimConfig) -> float:
-    """LR multiplier: linear warmup, then cosine down to `min_lr_ratio`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
-    """AdamW with no weight decay on norms/embeddings-free 1-D params; cosine schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=cfg.betas,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total_steps, cfg))
-    return opt, sched
+def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_only: bool = False):
+    """Up to `n` right-padded batches of (input_ids, counted): counted marks real tokens, or only
+    the response tokens with `response_only` (what scoring measures: the parent was never
+    trained to predict the prompts)."""
+    out = []
+    for start in range(0, min(len(examples), batch_size * n), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, loss_mask, real = collate_with_validity(chunk, pad_id)
+        out.append((ids, loss_mask.bool() if response_only else real))
+    return out
 
 
 class LMTrainingModule(L.LightningModule):

@@ -99,7 +99,7 @@ def _parent_and_library(cfg):
     from ..data.chat_tokenizer import ChatTokenizer
     from ..data.sources import Corpus
     from ..data.tiny_world import DeferredWorld
-    from ..distill.stage import fingerprint
+    from ..model.checkpoint import fingerprint
     from ..pipeline import load_model, parent_source
     from ..puzzle.library import build_variants
     from ..puzzle.stage import library_dir
@@ -114,7 +114,7 @@ def _parent_and_library(cfg):
 
 def _students(parent, variants, corpus, cfg, chat):
     from ..puzzle.build import build_students
-    from ..puzzle.stage import token_batches
+    from ..model.train import token_batches
 
     examples = corpus.training_examples(chat)
     calib = token_batches(examples, cfg.puzzle.bld.batch_size, cfg.puzzle.init.calibration_batches, 0)

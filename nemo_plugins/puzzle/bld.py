@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..model.llama import Block, HeteroLlamaForCausalLM
-from ..model.train import OptimConfig, TokenDataset, collate_with_validity, cosine_schedule
+from ..model.train import TokenDataset, collate_with_validity
 from ..utils.atomic import write_bytes_atomic, write_json_atomic
-from ..utils.training import fit_module, stop_if_terminated
+from ..utils.training import OptimConfig, cosine_schedule, fit_module, stop_if_terminated
 from .activations import capture, run_student, student_io
 from .library import Variant
 

@@ -43,7 +43,7 @@ def _worker(rank: int, world_size: int, use_gpu: bool, parent_cfg: ModelConfig, 
     from .bld import run_bld, shard
     from .build import build_students
     from .library import is_parent_variant
-    from .stage import token_batches
+    from ..model.train import token_batches
 
     device = "cuda" if use_gpu else "cpu"
     parent = model_from_state(parent_cfg, {k: t.to(device) for k, t in parent_state.items()})

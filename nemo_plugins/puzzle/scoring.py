@@ -16,48 +16,13 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..model.llama import Block, HeteroLlamaForCausalLM
+from ..model.metrics import METRICS, token_metrics
 from .activations import capture, finish_from, run_student, student_io
 from .library import Variant
 
-METRICS = ("kl_div", "lm_loss", "cosine", "greedy_agreement")
-
-
-def token_metrics(
-    child_logits: torch.Tensor, child_hidden: torch.Tensor, parent_logits: torch.Tensor,
-    parent_hidden: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, chunk_elements: int = 1 << 25,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Per-metric (sum, count) over the batch; `valid` [B, T] marks the counted tokens (real
-    tokens, or only response tokens). KL, LM loss and greedy agreement count the positions
-    predicting them. Rows are taken a few at a time (about `chunk_elements` logits each), so the
-    fp32 log-probabilities of a large vocabulary never exist for the whole batch at once."""
-    pred = valid[:, 1:]
-    batch, length, vocab = child_logits.shape
-    rows = max(1, chunk_elements // max(1, (length - 1) * vocab))
-    kl_sum = nll_sum = agree_sum = torch.zeros((), dtype=torch.float64)
-    for start in range(0, batch, rows):
-        part = slice(start, start + rows)
-        p_logp = F.log_softmax(parent_logits[part, :-1].float(), -1)
-        c_logp = F.log_softmax(child_logits[part, :-1].float(), -1)
-        counted = pred[part]
-        kl = F.kl_div(c_logp, p_logp, log_target=True, reduction="none").sum(-1)  # KL(parent || child)
-        nll = -c_logp.gather(-1, input_ids[part, 1:, None]).squeeze(-1)
-        agree = p_logp.argmax(-1) == c_logp.argmax(-1)
-        kl_sum = kl_sum + (kl * counted).sum().double()
-        nll_sum = nll_sum + (nll * counted).sum().double()
-        agree_sum = agree_sum + (agree & counted).sum().double()
-        del p_logp, c_logp
-    cos = 1 - F.cosine_similarity(child_hidden.float(), parent_hidden.float(), dim=-1)
-    n_pred, n_valid = pred.sum(), valid.sum()
-    return {
-        "kl_div": (kl_sum, n_pred),
-        "lm_loss": (nll_sum, n_pred),
-        "cosine": ((cos * valid).sum(), n_valid),
-        "greedy_agreement": (agree_sum, n_pred),
-    }
 
 
 @torch.no_grad()
@@ -97,23 +62,3 @@ def score_variants(
             bar.update()
     bar.close()
     return {key: {m: s / max(n, 1) for m, (s, n) in per.items()} for key, per in sums.items()}
-
-
-@torch.no_grad()
-def model_metrics(
-    parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, float]:
-    """The same metrics for a whole child model against the parent (and the parent's own LM loss)."""
-    sums = {m: [0.0, 0] for m in (*METRICS, "parent_lm_loss")}
-    for ids, valid in batches:
-        valid = valid.bool()
-        p_hidden = parent.hidden_states(ids)
-        c_hidden = child.hidden_states(ids)
-        p_logits, c_logits = parent.lm_head(p_hidden), child.lm_head(c_hidden)
-        for m, (s, n) in token_metrics(c_logits, c_hidden, p_logits, p_hidden, ids, valid).items():
-            sums[m][0] += float(s)
-            sums[m][1] += int(n)
-        s, n = token_metrics(p_logits, p_hidden, p_logits, p_hidden, ids, valid)["lm_loss"]
-        sums["parent_lm_loss"][0] += float(s)
-        sums["parent_lm_loss"][1] += int(n)
-    return {m: s / max(n, 1) for m, (s, n) in sums.items()}

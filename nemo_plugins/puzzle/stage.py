@@ -19,11 +19,13 @@ from ..data.chat_tokenizer import ChatTokenizer
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import is_correct
 from ..data.sources import Corpus
-from ..data.tiny_world import World, config_hash
+from ..data.tiny_world import World
 from ..model.checkpoint import save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
-from ..model.train import collate_with_validity
+from ..model.metrics import model_metrics
+from ..model.train import token_batches
 from ..utils.atomic import write_json_atomic
+from ..utils.hashing import config_hash
 from . import mip
 from .baselines import drop_choice, uniform_choice
 from .bld import BLDConfig, bld_speed, load_variant_state, run_bld, variant_path
@@ -32,7 +34,7 @@ from .costs import PHASES, CostConfig, measure_in_model, measure_speedup, non_bl
 from .launch import bld_processes, run_bld_processes
 from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
-from .scoring import model_metrics, score_variants
+from .scoring import score_variants
 
 log = logging.getLogger("nemo_plugins.puzzle")
 
@@ -92,18 +94,6 @@ def budget_bounds(budget: BudgetConfig, parent_totals: dict[str, float], non_blo
     if budget.max_attention_layers is not None:
         bounds["stats.num_attention_layers"] = budget.max_attention_layers
     return bounds
-
-
-def token_batches(examples, batch_size: int, n: int, pad_id: int, *, response_only: bool = False):
-    """Up to `n` right-padded batches of (input_ids, counted): counted marks real tokens, or only
-    the response tokens with `response_only` (what scoring measures: the parent was never
-    trained to predict the prompts)."""
-    out = []
-    for start in range(0, min(len(examples), batch_size * n), batch_size):
-        chunk = examples[start : start + batch_size]
-        ids, loss_mask, real = collate_with_validity(chunk, pad_id)
-        out.append((ids, loss_mask.bool() if response_only else real))
-    return out
 
 
 def held_out_batches(cfg: PuzzleConfig, held_out: list) -> tuple[list, list]:

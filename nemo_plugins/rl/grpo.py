@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader
 from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
-from ..distill.losses import next_token_mask
+from ..model.losses import next_token_mask
 from ..utils.training import PRECISIONS, StepModule, fit_module, resolve_precision, stop_if_terminated
 from ..model.generate import SamplingConfig, generate
 from ..model.train import collate_with_validity

@@ -6,7 +6,7 @@ Alignment (same as `model.llama.causal_lm_loss`): logits at position t predict t
 `token_logprobs(logits, ids)[:, t]` is log p(ids[:, t + 1] | ids[:, :t + 1]) and the last
 position scores nothing (0). The loss `mask` is therefore over *predicting* positions: for a
 per-token response mask `response_mask` (1 on the generated tokens), pass
-`next_token_mask(response_mask)` (`distill.losses`), i.e. `response_mask` shifted left by one.
+`next_token_mask(response_mask)` (`model.losses`), i.e. `response_mask` shifted left by one.
 
 Everything reduces in at least fp32 (bf16/fp16 are upcast; fp64 stays fp64). Masked positions
 are replaced by zeros *before* any arithmetic, so their values (even inf/NaN) change neither the

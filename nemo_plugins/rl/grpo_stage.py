@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
-from ..data.curriculum import estimate_pass_rates, filter_by_pass_rate, problems_by_id
+from ..data.curriculum import filter_by_pass_rate, problems_by_id
+from .pass_rates import estimate_pass_rates
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import Problem
-from ..data.tiny_world import World, config_hash
-from ..distill.stage import fingerprint
-from ..model.checkpoint import save_checkpoint
+from ..data.tiny_world import World
+from ..utils.hashing import config_hash
+from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.generate import SamplingConfig
 from ..utils.atomic import write_json_atomic, write_text_atomic
 from .grpo import GRPOConfig, Rewarder, _bad, _positive_int, heldout_accuracy, run_grpo

@@ -30,10 +30,10 @@ from ..data.sft_data import (
 )
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import is_correct
-from ..data.tiny_world import World, config_hash
+from ..data.tiny_world import World
+from ..utils.hashing import config_hash
 from ..data.chat_tokenizer import ChatTokenizer
-from ..distill.stage import fingerprint
-from ..model.checkpoint import save_checkpoint
+from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils.atomic import write_json_atomic
 from .toggle_eval import evaluate_toggle

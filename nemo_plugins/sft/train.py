@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.sft_data import first_fit, pack_examples, packed_attention_mask
-from ..distill.plots import plot_recovery
-from ..distill.recovery import evaluate_recovery, micro_batches
 from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
-from ..model.train import TokenDataset, collate_with_validity
+from ..model.metrics import val_metrics
+from ..model.train import TokenDataset, collate_with_validity, micro_batches
+from ..utils.plots import plot_training_curves
 from ..utils.resume import TrainingState
 from ..utils.training import (
     PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
@@ -201,14 +201,14 @@ class SFTModule(StepModule):
     def validate(self):
         was_training = self.model.training
         self.model.eval()
-        metrics = evaluate_recovery(self.model, None, self.val_batches)
+        metrics = val_metrics(self.model, None, self.val_batches)
         self.model.train(was_training)
         self.val_history.append({"step": self.step_count, "val_lm_loss": metrics["val_lm_loss"], "lr": self.current_lr()})
         self.write_reports()
 
     def write_reports(self):
         write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, ("val_lm_loss", "lr"))
-        plot_recovery(self.train_losses, self.val_history, self.paths.plot)
+        plot_training_curves(self.train_losses, self.val_history, self.paths.plot)
 
     def save(self):
         self.save_state(self.cfg.train_fields(), data=self.data)

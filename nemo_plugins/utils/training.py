@@ -17,9 +17,10 @@ import csv
 import importlib.util
 import io
 import logging
+import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,44 @@ from .resume import TrainingState, latest, load_training_state, restore_rng_stat
 log = logging.getLogger("nemo_plugins")
 
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+
+    @classmethod
+    def of(cls, settings) -> "OptimConfig":
+        """The optimizer fields a stage config carries under the same names (lr, min_lr_ratio,
+        warmup_steps, weight_decay, grad_clip, ...); absent ones keep their defaults."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
+
+
+def cosine_schedule(step: int, total: int, cfg: OptimConfig) -> float:
+    """LR multiplier: linear warmup, then cosine down to `min_lr_ratio`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    """AdamW with no weight decay on norms/embeddings-free 1-D params; cosine schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total_steps, cfg))
+    return opt, sched
 
 
 def resolve_precision(precision: str) -> str:
@@ -156,8 +195,6 @@ class StepModule(L.LightningModule):
         self.val_history: list[dict] = list(extra.get("val_history", []))
 
     def configure_optimizers(self):
-        from ..model.train import OptimConfig, make_optimizer
-
         opt, sched = make_optimizer(self._trained[0], OptimConfig.of(self.cfg), self.cfg.steps)
         if self.resume is not None:
             opt.load_state_dict(self.resume.optimizer)

@@ -1,4 +1,5 @@
-"""Recovery curves: the training loss per step, and validation KL to the teacher and LM loss."""
+"""Training curves of the step loops (recovery, SFT): the loss per step, and the validation metrics
+(KL to the teacher, LM loss) by step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..utils.atomic import save_figure_atomic  # noqa: E402
+from .atomic import save_figure_atomic  # noqa: E402
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -23,7 +24,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_recovery(train_losses: list[float], val_history: list[dict], path: str | Path) -> Path:
+def plot_training_curves(train_losses: list[float], val_history: list[dict], path: str | Path) -> Path:
     """Two panels: train loss (step 1..n) and the validation metrics by step; written atomically."""
     path = Path(path)
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(10, 4))
