@@ -30,3 +30,55 @@ def preset_path(name: str) -> Path:
         known = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
         raise ConfigError(f"--preset {name}: no {path} (presets: {', '.join(known)})")
     return path
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).split("\n")[0]
+    if isinstance(e, ConfigKeyError):
+        return f"unknown key {key!r}" if key else msg
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(
+    schema: type[T],
+    yaml_paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Schema defaults <- each YAML file in order <- `key=value` overrides, as a `schema` instance."""
+    if yaml_paths is None:
+        yaml_paths = []
+    elif isinstance(yaml_paths, (str, os.PathLike)):
+        yaml_paths = [yaml_paths]
+    layers: list[tuple[str, object]] = []
+    for yaml_path in yaml_paths:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as e:  # YAML syntax errors come in many types
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. parent.steps=100)")
+    try:
+        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {_describe(e)}") from None
+    cfg = OmegaConf.structured(schema)
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_describe(e)}") from None
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -112,15 +112,6 @@ def _parent_and_library(cfg):
     return parent, corpus, lib_dir, build_variants(parent.config, cfg.puzzle.library), ChatTokenizer.from_dir(source)
 
 
-def _students(parent, variants, corpus, cfg, chat):
-    from ..puzzle.build import build_students
-    from ..model.train import token_batches
-
-    examples = corpus.training_examples(chat)
-    calib = token_batches(examples, cfg.puzzle.bld.batch_size, cfg.puzzle.init.calibration_batches, 0)
-    return build_students(parent, variants, calib, cfg.puzzle.init)
-
-
 @run.cli.entrypoint(namespace="nemo_plugins")
 def puzzle_prepare(
     preset: str = "tiny", configs: Optional[list[str]] = None, overrides: Optional[list[str]] = None
@@ -141,20 +132,15 @@ def puzzle_bld(
     world_size: Optional[int] = None,
 ) -> dict:
     """Blockwise local distillation of this process's share of the block library."""
-    import dataclasses as dc
-
-    from ..puzzle.bld import run_bld, shard
-    from ..puzzle.library import is_parent_variant
+    from ..puzzle.shards import train_shard
 
     rank, world_size, local = launcher_rank(rank, world_size)
     _own_gpu(local)
     cfg = _project_config(preset, configs, overrides)
     parent, corpus, lib_dir, variants, chat = _parent_and_library(cfg)
-    mine = shard(variants, rank, world_size)
-    students = _students(parent, mine, corpus, cfg, chat)
-    exact = {v for v in mine if is_parent_variant(parent.config, v)}
-    single = dc.replace(cfg.puzzle.bld, rank=0, world_size=1, processes=1)
-    losses = run_bld(parent, students, corpus.training_examples(chat), lib_dir, single, exact=exact, progress=False)
+    students, losses = train_shard(parent, variants, corpus.training_examples(chat), lib_dir, cfg.puzzle,
+                                   rank=rank, world_size=world_size)  # fmt: skip
+    mine = list(students)
     log.info("BLD shard %d/%d: %d variants (%d trained now) in %s", rank, world_size, len(mine), len(losses), lib_dir)
     return {"rank": rank, "world_size": world_size, "variants": [v.key for v in mine], "trained": len(losses),
             "library_dir": str(lib_dir)}  # fmt: skip
@@ -170,9 +156,7 @@ def puzzle_score(
 ) -> dict:
     """Score this process's share of the trained library (each variant in the otherwise-parent
     model: KL, LM loss, cosine); writes a part file that `puzzle_search` merges."""
-    from ..puzzle.bld import load_variant_state, shard, variant_path
-    from ..puzzle.library import is_parent_variant
-    from ..puzzle.scoring import score_variants
+    from ..puzzle.shards import load_shard, score_shard
     from ..puzzle.stage import held_out_batches, scores_file
     from ..utils.atomic import write_json_atomic
 
@@ -180,24 +164,11 @@ def puzzle_score(
     _own_gpu(local)
     cfg = _project_config(preset, configs, overrides)
     parent, corpus, lib_dir, variants, chat = _parent_and_library(cfg)
-    mine = shard(variants, rank, world_size)
-    missing = [v.key for v in mine if not variant_path(lib_dir, v).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"puzzle_score shard {rank}/{world_size}: {len(missing)} variants are not trained in {lib_dir} (first: "
-            f"{missing[0]}); run puzzle_bld with the same preset/configs/overrides first"
-        )
-    students = _students(parent, mine, corpus, cfg, chat)
-    for v, block in students.items():
-        block.load_state_dict(load_variant_state(lib_dir, v))
+    students = load_shard(parent, variants, corpus.training_examples(chat), lib_dir, cfg.puzzle, rank=rank,
+                          world_size=world_size)  # fmt: skip
     held_out = corpus.eval_examples(chat)
     batches, _ = held_out_batches(cfg.puzzle, held_out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    parent.to(device).eval()
-    for block in students.values():
-        block.to(device).eval()
-    exact = {v for v in mine if is_parent_variant(parent.config, v)}
-    scores = score_variants(parent, students, [(ids.to(device), valid.to(device)) for ids, valid in batches], exact=exact)
+    scores = score_shard(parent, students, batches, device="cuda" if torch.cuda.is_available() else "cpu")
     final = scores_file(cfg.puzzle, lib_dir, len(held_out))
     part = final.with_name(f"{final.stem}.part-{rank}-of-{world_size}.json")
     write_json_atomic(part, scores)

@@ -9,7 +9,6 @@ the CPU (used by the tests to check the split).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -40,19 +39,11 @@ def _worker(rank: int, world_size: int, use_gpu: bool, parent_cfg: ModelConfig, 
     else:
         torch.set_num_threads(threads)
     from ..model.checkpoint import model_from_state
-    from .bld import run_bld, shard
-    from .build import build_students
-    from .library import is_parent_variant
-    from ..model.train import token_batches
+    from .shards import train_shard
 
     device = "cuda" if use_gpu else "cpu"
     parent = model_from_state(parent_cfg, {k: t.to(device) for k, t in parent_state.items()})
-    mine = shard(variants, rank, world_size)
-    calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, 0)
-    students = build_students(parent, mine, calib, cfg.init)
-    exact = {v for v in mine if is_parent_variant(parent_cfg, v)}
-    single = dataclasses.replace(cfg.bld, rank=0, world_size=1, processes=1)
-    run_bld(parent, students, examples, library_dir, single, exact=exact, progress=False)
+    train_shard(parent, variants, examples, library_dir, cfg, rank=rank, world_size=world_size)
 
 
 def run_bld_processes(parent, variants: list[Variant], examples: list, library_dir, cfg, processes: int) -> None:

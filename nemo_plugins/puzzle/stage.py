@@ -28,13 +28,13 @@ from ..utils.atomic import write_json_atomic
 from ..utils.hashing import config_hash
 from . import mip
 from .baselines import drop_choice, uniform_choice
-from .bld import BLDConfig, bld_speed, load_variant_state, run_bld, variant_path
-from .build import InitConfig, build_students
+from .bld import BLDConfig, bld_speed, variant_path
+from .build import InitConfig
 from .costs import PHASES, CostConfig, measure_in_model, measure_speedup, non_block_stats, predicted_speedup, variant_stats
 from .launch import bld_processes, run_bld_processes
 from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
-from .scoring import score_variants
+from .shards import load_shard, score_shard, train_shard
 
 log = logging.getLogger("nemo_plugins.puzzle")
 
@@ -164,7 +164,7 @@ def run_puzzle(
 
     scores = _cached_json(
         scores_file(cfg, lib_dir, len(held_out)),
-        lambda: score_variants(parent, students, score_batches, exact=exact, progress=progress),
+        lambda: score_shard(parent, students, score_batches, progress=progress),
     )
     measured = {"variants": {}, "non_block": {}}
     if cfg.costs.measure:
@@ -219,12 +219,9 @@ def trained_library(
     processes = bld_processes(cfg.bld.processes)
     if processes > 1 and not all(variant_path(lib_dir, v).is_file() for v in variants):
         run_bld_processes(parent, variants, examples, lib_dir, cfg, processes)
-    calib = token_batches(examples, cfg.bld.batch_size, cfg.init.calibration_batches, 0)
-    students = build_students(parent, variants, calib, cfg.init)
-    exact = {v for v in variants if is_parent_variant(parent.config, v)}
-    bld_losses = run_bld(parent, students, examples, lib_dir, cfg.bld, exact=exact, pad_id=0, progress=progress)
-    for v, block in students.items():
-        block.load_state_dict(load_variant_state(lib_dir, v))
+    shard = {"rank": cfg.bld.rank, "world_size": cfg.bld.world_size}  # all of it, unless the user shards by hand
+    built, bld_losses = train_shard(parent, variants, examples, lib_dir, cfg, **shard, progress=progress)
+    students = load_shard(parent, variants, examples, lib_dir, cfg, built=built)
     return variants, students, lib_dir, bld_losses
 
 
