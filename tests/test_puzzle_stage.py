@@ -95,7 +95,7 @@ def test_puzzle_stage_meets_budget_and_resumes(tmp_path, monkeypatch):
 
     # a new budget: no BLD training, no rescoring, and the child is built from the trained variants on disk
     monkeypatch.setattr(bld_mod.L.Trainer, "fit", lambda *a, **k: pytest.fail("BLD retrained"))
-    monkeypatch.setattr(stage, "score_variants", lambda *a, **k: pytest.fail("rescored"))
+    monkeypatch.setattr(stage, "score_shard", lambda *a, **k: pytest.fail("rescored"))
     cfg = small(tmp_path, "puzzle.budget.params_fraction=0.9", "puzzle.budget.kv_cache_fraction=0.75")
     run_pipeline(cfg)
     looser = read_config(out / "model")
