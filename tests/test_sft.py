@@ -126,6 +126,32 @@ def test_loss_counts_response_tokens_only(pack):
         assert loss(changed) != base, (e, t)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_example_average_weighs_every_example_alike(pack):
+    """loss_average=example: the mean over examples of each example's mean token loss, computed
+    here example by example with torch's cross-entropy (a long and a short response)."""
+    examples = [([5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 0, 1, 1, 1, 1, 1, 1, 1]), ([14, 15, 16, 17], [0, 0, 0, 1])]
+    model = FixedLogits(2, 16, 20, seed=3)
+    cfg = SFTConfig(batch_size=2, max_len=16, pack=pack, loss_average="example")
+    rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
+    got = step_loss(model, step_micro_batches(examples, rows, list(range(len(rows))), cfg), loss_average="example")
+
+    if not pack:  # one example a row: row r's logits score example r
+        want = (float(_row_mean(model, examples[0], row=0)) + float(_row_mean(model, examples[1], row=1))) / 2
+        assert got == pytest.approx(want, rel=1e-6)
+    token = step_loss(model, step_micro_batches(examples, rows, list(range(len(rows))), cfg), loss_average="token")
+    assert got != pytest.approx(token)  # 7 vs 1 counted tokens: the averages differ
+    with pytest.raises(ValueError, match="sft.loss_average='mean'"):
+        SFTConfig(loss_average="mean")
+
+
+def _row_mean(model, example, row):
+    ids, mask = example
+    logits = model.logits[row, : len(ids)]
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+    return nll[torch.tensor(mask[1:]).bool()].mean()
+
+
 def test_packed_step_equals_unpacked_step(world, data, tmp_path):
     train = data[0][:24]
     model = tiny(world)

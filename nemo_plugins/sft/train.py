@@ -30,10 +30,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data.sft_data import first_fit, pack_examples, packed_attention_mask
-from ..model.llama import HeteroLlamaForCausalLM, causal_lm_loss
+from ..model.llama import HeteroLlamaForCausalLM
 from ..model.metrics import val_metrics
 from ..model.train import TokenDataset, collate_with_validity, micro_batches
 from ..utils.plots import plot_training_curves
@@ -48,8 +49,11 @@ Example = tuple[list[int], list[int]]  # (ids, loss_mask)
 # (ids, loss_mask, positions or None, segment_ids or None): one micro-batch
 MicroBatch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 # Fields that decide which rows each step sees: a resume with other values is another run.
-_RUN_DEFINING = ("batch_size", "grad_accum", "seed", "max_len", "pack")
+_RUN_DEFINING = ("batch_size", "grad_accum", "seed", "max_len", "pack", "loss_average")
 _PACK_SEED = 0x5F7  # second SeedSequence word of the packing shuffle (epochs use small ints)
+
+
+LOSS_AVERAGES = ("token", "example")
 
 
 @dataclass
@@ -70,6 +74,9 @@ class SFTConfig:
     keep_last: int = 2
     seed: int = 0
     pack: bool = True
+    # token: every response token weighs the same, so long thinking traces outweigh short direct
+    # answers; example: each example's mean token loss weighs the same, whatever its length
+    loss_average: str = "token"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_len", "grad_accum", "val_every", "ckpt_every", "keep_last"):
@@ -94,6 +101,8 @@ class SFTConfig:
             raise ValueError(f"sft.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"sft.pack={self.pack!r}: expected true or false")
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"sft.loss_average={self.loss_average!r}: expected one of {', '.join(LOSS_AVERAGES)}")
 
     @property
     def rows_per_step(self) -> int:
@@ -155,21 +164,39 @@ def counted_tokens(loss_mask: torch.Tensor) -> int:
     return int(loss_mask[:, 1:].sum())
 
 
-def micro_loss_sum(model: HeteroLlamaForCausalLM, mb: MicroBatch) -> torch.Tensor:
-    """Token-summed next-token loss of one micro-batch (packed rows get positions + block mask)."""
+def target_weights(mb: MicroBatch, loss_average: str = "token") -> torch.Tensor:
+    """[rows, T-1] weight of each next-token target: 1 on the counted ones ("token"), or
+    1 / (its example's counted targets) ("example": every example sums to 1). Examples are the
+    packed segments, or the rows when not packed."""
+    _, loss_mask, _, segments = mb
+    counted = loss_mask[:, 1:].float()
+    if loss_average == "token":
+        return counted
+    seg = segments[:, 1:] if segments is not None else torch.ones_like(loss_mask[:, 1:])
+    rows = torch.arange(seg.shape[0], device=seg.device)[:, None].expand_as(seg)
+    example = rows * (int(seg.max()) + 1) + seg  # one id per (row, segment)
+    per_example = torch.zeros(int(example.max()) + 1, device=seg.device).index_add_(0, example.reshape(-1), counted.reshape(-1))
+    return counted / per_example[example].clamp_min(1.0)
+
+
+def micro_loss_sum(model: HeteroLlamaForCausalLM, mb: MicroBatch, loss_average: str = "token") -> torch.Tensor:
+    """Weighted sum of the next-token losses of one micro-batch (`target_weights`; packed rows
+    get positions + block mask)."""
     ids, loss_mask, positions, segments = mb
     attn = packed_attention_mask(segments) if segments is not None else None
     logits = model(ids, positions=positions, attn_mask=attn)
-    return causal_lm_loss(logits, ids, loss_mask) * counted_tokens(loss_mask)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return (nll.view_as(ids[:, 1:]) * target_weights(mb, loss_average)).sum()
 
 
-def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None) -> float:
-    """Token-weighted mean loss over the step's micro-batches; each micro-batch's share is
-    backpropagated separately through `backward` (e.g. Lightning's manual_backward) if given."""
-    n_tokens = max(1, sum(counted_tokens(mb[1]) for mb in batch))
+def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None, loss_average: str = "token") -> float:
+    """The step's mean loss: over its counted tokens ("token") or its examples ("example"); each
+    micro-batch's share is backpropagated separately through `backward` (e.g. Lightning's
+    manual_backward) if given."""
+    total_weight = max(1.0, sum(float(target_weights(mb, loss_average).sum()) for mb in batch))
     total = 0.0
     for mb in batch:
-        loss = micro_loss_sum(model, mb) / n_tokens
+        loss = micro_loss_sum(model, mb, loss_average) / total_weight
         if backward is not None:
             backward(loss)
         total += float(loss.detach())
@@ -192,7 +219,7 @@ class SFTModule(StepModule):
     def training_step(self, batch, batch_idx):
         if self.step_count == 0 and not self.val_history:
             self.validate()  # step-0 baseline
-        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward))
+        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward, self.cfg.loss_average))
         if validate:
             self.validate()
         if save:
