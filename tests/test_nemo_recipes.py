@@ -769,7 +769,7 @@ def test_puzzle_shards_feed_the_search(nr, tmp_path, monkeypatch, parent_checkpo
     shutil.copytree(parent_checkpoint, cache / Path(parent_checkpoint).name)
     overrides = [f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}", *TINY_PUZZLE]
 
-    with pytest.raises(FileNotFoundError, match="run puzzle_bld with the same"):
+    with pytest.raises(FileNotFoundError, match="puzzle_bld with the same settings"):
         T.puzzle_score(overrides=overrides, rank=0, world_size=2)
     shards = [T.puzzle_bld(overrides=overrides, rank=r, world_size=2) for r in range(2)]
     lib = Path(shards[0]["library_dir"])
