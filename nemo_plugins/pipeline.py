@@ -40,6 +40,7 @@ from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
+from .utils.environment import environment, weights_digest
 from .utils.resources import measured, release_memory
 
 log = logging.getLogger("nemo_plugins")
@@ -349,7 +350,7 @@ class _Run:
         self.corpus = Corpus(world, cfg.data.text)
         self.problems = ProblemSet(world, cfg.data.problems)
         self.made: dict[str, Path] = {}  # model directories written by this run's stages
-        self.summary: dict = {"config": asdict(cfg)}
+        self.summary: dict = {"config": asdict(cfg), "environment": environment()}
         self.model_taken = False  # `model=` goes to the first stage that reads a model
 
     def context(self, stage: Stage, with_model: bool = True) -> StageContext:
@@ -392,6 +393,7 @@ class _Run:
             release_memory()  # free the stage's models and optimizer state before the next stage
         if MODEL in summary:
             self.made[stage.name] = Path(summary[MODEL])
+            self.summary["resources"][stage.name]["weights_sha256"] = weights_digest(Path(summary[MODEL]))
         self.summary[stage.name] = summary
         self.summary["data"] = {"text": self.corpus.report, "problems": self.problems.report}
         write_json_atomic(self.out / REPORT, self.summary, default=str)

@@ -14,6 +14,7 @@ from nemo_plugins.config import DEFAULT_CONFIGS, load_config
 from nemo_plugins.data.chat_tokenizer import ChatTokenizer
 from nemo_plugins.model.checkpoint import load_checkpoint, read_config
 from nemo_plugins.pipeline import STAGES, PipelineConfig, run_pipeline
+from nemo_plugins.utils.environment import weights_digest
 
 from hf_llama import CHATML_TEMPLATE, write_hf_llama
 
@@ -108,8 +109,9 @@ def test_each_stage_runs_alone_from_the_directory_the_previous_one_wrote(hf_pare
             argv.append(f"teacher={hf_parent}")
         assert main(argv) == 0, stage
         report = json.loads((out / "report.json").read_text())
-        assert set(report) == {"config", "data", "resources", stage}, stage  # that stage alone: no world, no parent
+        assert set(report) == {"config", "environment", "data", "resources", stage}, stage  # alone: no world, no parent
         assert set(report["resources"]) == {stage} and report["resources"][stage]["peak_rss_gb"] > 0
+        assert report["resources"][stage]["weights_sha256"] == weights_digest(out / stage / "model")
         assert read_config(out / stage / "model").vocab_size == read_config(hf_parent).vocab_size
         if stage != "puzzle":  # puzzle's input is the parent itself
             assert json.loads((out / stage / "report.json").read_text()).get("model") == str(out / stage / "model")
