@@ -3,7 +3,7 @@
 For each reward task, a GRPO-like batch of completions (P prompts x G samples, mixed correct
 and incorrect) is scored two ways, on the same items:
 
-  sandboxed: `rewards.reward_pool(RewardConfig(task=...), workers=2)` (`sandbox.RewardPool` with
+  sandboxed: `sandbox.RewardPool(partial(rewards.combined_reward, config=...), workers=2)` (with
              its default limits: 2 s and 512 MiB per sample, 100k chars), `pool.map(items)`
   direct:    `sandbox.direct_map(pool.fn, items, ...)`: the same function in a loop in this
              process, same failure accounting, no limits
@@ -38,12 +38,14 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from collections import Counter
 from fractions import Fraction
 
 from nemo_plugins.data import reasoning_world as rw
 from nemo_plugins.data.chat import THINK_END, THINK_START
-from nemo_plugins.rl.rewards import RewardConfig, reward_pool
+from nemo_plugins.rl.rewards import ZERO_REWARD, RewardConfig, combined_reward
+from nemo_plugins.rl.sandbox import RewardPool
 from nemo_plugins.rl.sandbox import direct_map
 
 TASKS = ("world", "math")
@@ -207,7 +209,8 @@ def run_task(task: str, args) -> dict:
     n = args.prompts * args.samples
     seeds = [args.seed * 100_003 + i for i in range(args.warmup + args.reps)]
     batches = [make_batch(task, args.prompts, args.samples, seed) for seed in seeds]
-    construct_s, pool = timed(lambda: reward_pool(RewardConfig(task=task), workers=args.workers))
+    reward = partial(combined_reward, config=RewardConfig(task=task))
+    construct_s, pool = timed(lambda: RewardPool(reward, workers=args.workers, failure_value=ZERO_REWARD))
     try:
 
         def direct(items):
