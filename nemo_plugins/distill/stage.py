@@ -21,7 +21,7 @@ from ..data.chat_tokenizer import ChatTokenizer
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import is_correct
 from ..data.sources import Corpus
-from ..model.checkpoint import fingerprint, save_checkpoint
+from ..model.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils.atomic import write_json_atomic
 from .losses import RecoveryLossConfig
@@ -75,7 +75,7 @@ def run_recovery_stage(
     runs = {"kd": cfg.loss}
     if cfg.compare_cpt:
         runs["cpt"] = RecoveryLossConfig(mode="cpt")
-    recovered = None
+    target = out_dir / "model"
     for name, loss in runs.items():
         student = copy.deepcopy(child)
         run_cfg = dataclasses.replace(cfg, loss=loss)
@@ -86,15 +86,14 @@ def run_recovery_stage(
         report[name] = {**measure(student), "steps": summary["steps"], "examples_seen": tokens,
                         "val_history": summary["val_history"], "plot": summary["plot"],
                         "metrics_csv": summary["metrics_csv"]}  # fmt: skip
-        if name == "kd":
-            recovered = student
+        if name == "kd":  # written now, so the comparison run does not train beside a held copy
+            save_checkpoint(student, target, extra_files=chat.files())
         del student
         gc.collect()  # the finished trainer's optimizer state sits in reference cycles until collected
     before = report["before"]["kl_div"]
     for name in runs:  # the share of the child's KL(parent || child) that each run closed
         report[f"{name}_gap_closed"] = 1 - report[name]["kl_div"] / before if before > 0 else None
-    target = out_dir / "model"
-    save_checkpoint(recovered, target, extra_files=chat.files())
+    recovered = load_checkpoint(target)
     report["model"] = str(target)
     write_json_atomic(out_dir / "report.json", report)
     log.info("recovery: KL %.4f -> %.4f (KD)%s", before, report["kd"]["kl_div"],
