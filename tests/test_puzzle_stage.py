@@ -117,3 +117,16 @@ def test_budget_translation():
     }  # fmt: skip
     with pytest.raises(ValueError, match="params_fraction"):
         BudgetConfig(params_fraction=1.5)
+
+
+def test_choices_and_measurements_use_disjoint_halves_of_the_held_out_rows():
+    from nemo_plugins.puzzle.stage import PuzzleConfig, held_out_batches
+
+    rows = [([i + 1] * 5, [1] * 5) for i in range(10)]  # row i holds token i + 1 only
+    cfg = PuzzleConfig(score_batches=1, score_batch_size=2)
+    scoring, measuring = held_out_batches(cfg, rows)
+    tokens = lambda batches: {int(t) for ids, _ in batches for t in ids.flatten()} - {0}  # noqa: E731
+    assert tokens(scoring) == {1, 2}  # score_batches x score_batch_size rows of the first half
+    assert tokens(measuring) == {6, 7, 8, 9, 10}  # all of the second half
+    with pytest.raises(ValueError, match="held-out"):
+        held_out_batches(cfg, rows[:1])
