@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nemo_plugins.arch.config import homogeneous
 from nemo_plugins.config import CONF_DIR, load_config
@@ -22,7 +23,7 @@ from nemo_plugins.sft import SFTConfig, SFTStageConfig, evaluate_toggle, run_sft
 from nemo_plugins.sft import stage as sft_stage
 from nemo_plugins.sft import toggle_eval
 from nemo_plugins.sft import train as sft_train
-from nemo_plugins.sft.train import build_rows, step_loss, step_micro_batches
+from nemo_plugins.sft.train import build_rows, response_starts, step_loss, step_micro_batches
 from nemo_plugins.utils.resume import latest
 
 from training_callbacks import Crash, Steps
@@ -352,3 +353,37 @@ def test_stage_writes_report_and_model_and_resumes_without_retraining(world, tmp
     monkeypatch.undo()
     other, _ = run_sft_stage(tiny(world, seed=4), world, cfg, out)
     assert other["run_dir"] != report["run_dir"] and other["train"]["start_step"] == 0
+
+
+@pytest.mark.parametrize("loss_average", ["token", "example"])
+def test_decision_weight_adds_weight_to_each_response_first_target(loss_average):
+    """sft.decision_weight=w: each response's first target (the mode-deciding token) weighs w more,
+    checked against the loss written out by hand from torch's cross-entropy (one example a row)."""
+    examples = [([5, 6, 7, 8, 9, 10], [0, 0, 1, 1, 1, 1]), ([11, 12, 13, 14], [0, 0, 0, 1])]
+    model = FixedLogits(2, 16, 20, seed=5)
+    cfg = SFTConfig(batch_size=2, max_len=16, pack=False, loss_average=loss_average, decision_weight=3.0)
+    rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
+    got = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), loss_average=loss_average, decision_weight=3.0)
+
+    num, den = 0.0, 0.0
+    for row, (ids, mask) in enumerate(examples):
+        nll = F.cross_entropy(model.logits[row, : len(ids) - 1], torch.tensor(ids[1:]), reduction="none")
+        targets = [t for t in range(1, len(ids)) if mask[t]]  # token t is the target of position t-1
+        base = 1.0 if loss_average == "token" else 1.0 / len(targets)
+        for t in targets:
+            w = base + (3.0 if t == targets[0] else 0.0)
+            num, den = num + w * float(nll[t - 1]), den + w
+    assert got == pytest.approx(num / den, rel=1e-6)
+    plain = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), loss_average=loss_average)
+    assert got != pytest.approx(plain)
+    with pytest.raises(ValueError, match="sft.decision_weight=-1"):
+        SFTConfig(decision_weight=-1)
+
+
+def test_response_starts_marks_each_response_once_in_packed_rows():
+    examples = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10, 11], [0, 1, 1]), ([12, 13], [0, 1])]
+    cfg = SFTConfig(batch_size=1, max_len=16, pack=True)
+    rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
+    (mb,) = step_micro_batches(examples, rows, [0], cfg)
+    starts = response_starts(mb[1][:, 1:].float())
+    assert int(starts.sum()) == 3  # one per example, though the responses sit side by side in one row

@@ -10,7 +10,8 @@ tokenizer to `out_dir/model`, the report to `out_dir/report.json`.
 Resumable: the run lives in `out_dir/run-<key>`, the key hashing the training settings, the
 tokenized training data and the starting weights, so a rerun continues (or, when finished,
 reuses) its own run and a changed setting, data set or starting model starts afresh. The toggle
-evaluations are cached beside it with the settings they were made with.
+evaluations are cached with the settings they were made with: after training in the run, before
+it beside the runs, keyed by the starting weights.
 """
 
 from __future__ import annotations
@@ -182,9 +183,11 @@ def run_sft_stage(
     chat, problems = chat or world.chat, problems or ProblemSet(world)
     out_dir = Path(out_dir)
     train, val, counts = build_sft_data(world, cfg, chat, problems)
-    key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), fingerprint(model))
+    start = fingerprint(model)
+    key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), start)
     run_dir = out_dir / f"run-{key}"
-    before = _cached_toggle(run_dir / "toggle_before.json", model, problems, cfg, chat, verify)
+    # the starting model's toggle depends on its weights alone: runs with other settings share it
+    before = _cached_toggle(out_dir / f"toggle-before-{config_hash(start)}.json", model, problems, cfg, chat, verify)
     summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
     after = _cached_toggle(run_dir / "toggle_after.json", model, problems, cfg, chat, verify)
     _log_toggle(before, after)

@@ -49,7 +49,7 @@ Example = tuple[list[int], list[int]]  # (ids, loss_mask)
 # (ids, loss_mask, positions or None, segment_ids or None): one micro-batch
 MicroBatch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 # Fields that decide which rows each step sees: a resume with other values is another run.
-_RUN_DEFINING = ("batch_size", "grad_accum", "seed", "max_len", "pack", "loss_average")
+_RUN_DEFINING = ("batch_size", "grad_accum", "seed", "max_len", "pack", "loss_average", "decision_weight")
 _PACK_SEED = 0x5F7  # second SeedSequence word of the packing shuffle (epochs use small ints)
 
 
@@ -77,6 +77,9 @@ class SFTConfig:
     # token: every response token weighs the same, so long thinking traces outweigh short direct
     # answers; example: each example's mean token loss weighs the same, whatever its length
     loss_average: str = "token"
+    # extra weight on each response's first target, the token that decides the mode (`<think>` or
+    # the answer): in units of one token ("token") or of one whole example ("example"). 0: none
+    decision_weight: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_len", "grad_accum", "val_every", "ckpt_every", "keep_last"):
@@ -101,6 +104,10 @@ class SFTConfig:
             raise ValueError(f"sft.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"sft.pack={self.pack!r}: expected true or false")
+        if isinstance(self.decision_weight, bool) or not (
+            isinstance(self.decision_weight, (int, float)) and 0 <= self.decision_weight < math.inf
+        ):
+            raise ValueError(f"sft.decision_weight={self.decision_weight!r}: expected a finite number >= 0")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"sft.loss_average={self.loss_average!r}: expected one of {', '.join(LOSS_AVERAGES)}")
 
@@ -164,39 +171,57 @@ def counted_tokens(loss_mask: torch.Tensor) -> int:
     return int(loss_mask[:, 1:].sum())
 
 
-def target_weights(mb: MicroBatch, loss_average: str = "token") -> torch.Tensor:
+def response_starts(counted: torch.Tensor) -> torch.Tensor:
+    """[rows, T-1] 1 on each response's first counted target (a counted target whose predecessor
+    is not counted; packing leaves every example's first token uncounted, so a response never
+    continues across examples)."""
+    before = torch.nn.functional.pad(counted[:, :-1], (1, 0))
+    return counted * (1 - before)
+
+
+def target_weights(mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0) -> torch.Tensor:
     """[rows, T-1] weight of each next-token target: 1 on the counted ones ("token"), or
-    1 / (its example's counted targets) ("example": every example sums to 1). Examples are the
+    1 / (its example's counted targets) ("example": every example sums to 1), plus
+    `decision_weight` on each response's first target (`response_starts`). Examples are the
     packed segments, or the rows when not packed."""
     _, loss_mask, _, segments = mb
     counted = loss_mask[:, 1:].float()
     if loss_average == "token":
-        return counted
-    seg = segments[:, 1:] if segments is not None else torch.ones_like(loss_mask[:, 1:])
-    rows = torch.arange(seg.shape[0], device=seg.device)[:, None].expand_as(seg)
-    example = rows * (int(seg.max()) + 1) + seg  # one id per (row, segment)
-    per_example = torch.zeros(int(example.max()) + 1, device=seg.device).index_add_(0, example.reshape(-1), counted.reshape(-1))
-    return counted / per_example[example].clamp_min(1.0)
+        weights = counted
+    else:
+        seg = segments[:, 1:] if segments is not None else torch.ones_like(loss_mask[:, 1:])
+        rows = torch.arange(seg.shape[0], device=seg.device)[:, None].expand_as(seg)
+        example = rows * (int(seg.max()) + 1) + seg  # one id per (row, segment)
+        per_example = torch.zeros(int(example.max()) + 1, device=seg.device).index_add_(
+            0, example.reshape(-1), counted.reshape(-1)
+        )
+        weights = counted / per_example[example].clamp_min(1.0)
+    return weights + decision_weight * response_starts(counted) if decision_weight else weights
 
 
-def micro_loss_sum(model: HeteroLlamaForCausalLM, mb: MicroBatch, loss_average: str = "token") -> torch.Tensor:
+def micro_loss_sum(
+    model: HeteroLlamaForCausalLM, mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0
+) -> torch.Tensor:
     """Weighted sum of the next-token losses of one micro-batch (`target_weights`; packed rows
     get positions + block mask)."""
     ids, loss_mask, positions, segments = mb
     attn = packed_attention_mask(segments) if segments is not None else None
     logits = model(ids, positions=positions, attn_mask=attn)
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return (nll.view_as(ids[:, 1:]) * target_weights(mb, loss_average)).sum()
+    return (nll.view_as(ids[:, 1:]) * target_weights(mb, loss_average, decision_weight)).sum()
 
 
-def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None, loss_average: str = "token") -> float:
-    """The step's mean loss: over its counted tokens ("token") or its examples ("example"); each
-    micro-batch's share is backpropagated separately through `backward` (e.g. Lightning's
-    manual_backward) if given."""
-    total_weight = max(1.0, sum(float(target_weights(mb, loss_average).sum()) for mb in batch))
+def step_loss(
+    model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None, loss_average: str = "token",
+    decision_weight: float = 0.0,
+) -> float:  # fmt: skip
+    """The step's weighted mean loss (`target_weights`: over its counted tokens or its examples,
+    decision targets weighted up); each micro-batch's share is backpropagated separately through
+    `backward` (e.g. Lightning's manual_backward) if given."""
+    total_weight = max(1.0, sum(float(target_weights(mb, loss_average, decision_weight).sum()) for mb in batch))
     total = 0.0
     for mb in batch:
-        loss = micro_loss_sum(model, mb, loss_average) / total_weight
+        loss = micro_loss_sum(model, mb, loss_average, decision_weight) / total_weight
         if backward is not None:
             backward(loss)
         total += float(loss.detach())
@@ -219,7 +244,7 @@ class SFTModule(StepModule):
     def training_step(self, batch, batch_idx):
         if self.step_count == 0 and not self.val_history:
             self.validate()  # step-0 baseline
-        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward, self.cfg.loss_average))
+        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward, self.cfg.loss_average, self.cfg.decision_weight))
         if validate:
             self.validate()
         if save:
