@@ -26,7 +26,7 @@ from nemo_plugins.arch import (
 )
 from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model.checkpoint import INDEX_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from nemo_plugins.utils.atomic import atomic_directory, write_bytes_atomic, write_json_atomic
+from nemo_plugins.utils.atomic import atomic_directory, recover_directory, write_bytes_atomic, write_json_atomic
 
 V, H, HEADS = 64, 32, 4
 HETERO_BLOCKS = (
@@ -513,6 +513,7 @@ def test_atomic_directory_failed_swap_keeps_old(tmp_path, monkeypatch, failing_r
         return real_rename(src, dst)
 
     monkeypatch.setattr(atomic_mod.os, "rename", flaky_rename)
+    monkeypatch.setattr(atomic_mod, "exchange_paths", lambda a, b: False)  # the two-rename fallback
     with pytest.raises(OSError, match="simulated"):
         with atomic_directory(target) as tmp:
             (tmp / "new.txt").write_text("new")
@@ -521,3 +522,63 @@ def test_atomic_directory_failed_swap_keeps_old(tmp_path, monkeypatch, failing_r
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
     assert (target / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_directory_swaps_in_one_exchange_where_linux_can(tmp_path, monkeypatch):
+    """With renameat2(RENAME_EXCHANGE) the target never goes missing: no rename runs at all."""
+    import nemo_plugins.utils.atomic as atomic_mod
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "old.txt").write_text("old")
+    probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+    probe_a.mkdir(), probe_b.mkdir()
+    if not atomic_mod.exchange_paths(probe_a, probe_b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this platform or file system")
+
+    def no_rename(src, dst):
+        raise AssertionError(f"rename {src} -> {dst}: the exchange should have done it")
+
+    monkeypatch.setattr(atomic_mod.os, "rename", no_rename)
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_atomic_directory_recovers_from_a_writer_killed_mid_swap(tmp_path):
+    """A kill between the fallback's two renames leaves the target missing and its content in
+    .old; a kill while saving leaves a .tmp. The next write (or recover_directory) restores the
+    previous directory and removes the debris, leaving other names alone."""
+    target = tmp_path / "step-00000005"
+    (tmp_path / ".step-00000005.k1.old").mkdir()
+    (tmp_path / ".step-00000005.k1.old" / "w.txt").write_text("previous")
+    (tmp_path / ".step-00000005.k2.tmp").mkdir()
+    (tmp_path / ".step-00000005.k2.tmp" / "half.bin").write_bytes(b"x" * 100)
+    (tmp_path / ".step-00000006.k3.tmp").mkdir()  # another target's temporary: not ours to remove
+    assert recover_directory(target)
+    assert (target / "w.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step-00000006.k3.tmp", "step-00000005"]
+
+    (tmp_path / ".step-00000005.k4.tmp").mkdir()
+    with atomic_directory(target) as tmp:
+        (tmp / "w.txt").write_text("new")
+    assert (target / "w.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step-00000006.k3.tmp", "step-00000005"]
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """Files and directories get 0666 / 0777 less the umask, as open() and mkdir() would, not the
+    owner-only modes of mkstemp / mkdtemp (a shared group must read exported models)."""
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "report.json", {"a": 1})
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "w.bin").write_bytes(b"1")
+        assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "private.json", {"a": 1})
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

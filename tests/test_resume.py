@@ -172,3 +172,34 @@ def test_pickled_objects_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real_load(*a, **k))
     load_training_state(path, model)
     assert seen and all(k.get("weights_only") is True for k in seen)
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_cleans_debris(tmp_path, caplog):
+    """A truncated newest checkpoint (e.g. a disk that filled while saving) is skipped for the
+    previous intact one; the full-size temporaries and partial step directories that killed saves
+    leave are removed; with every checkpoint unreadable the run stops instead of starting afresh
+    from a half-loaded model."""
+    from nemo_plugins.utils.training import resume_latest
+
+    model, opt, sched = setup()
+    train_steps(model, opt, sched, 2)
+    save_training_state(tmp_path, 2, model, opt, sched, {"at": 2}, keep_last=0)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, sched, 2)
+    newest = save_training_state(tmp_path, 4, model, opt, sched, {"at": 4}, keep_last=0)
+    (newest / resume.STATE_NAME).write_bytes((newest / resume.STATE_NAME).read_bytes()[:100])
+    (tmp_path / ".step-00000006.abc.tmp").mkdir()
+    (tmp_path / ".step-00000006.abc.tmp" / "model.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "step-00000005").mkdir()  # partial: no state file
+
+    fresh = tiny_model(seed=9)
+    got = resume_latest(tmp_path, fresh, "test")
+    assert got.step == 2 and got.extra == {"at": 2}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000004"]
+    assert "skipping an unreadable checkpoint" in caplog.text
+
+    old = tmp_path / "step-00000002" / resume.MODEL_NAME
+    old.write_bytes(old.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is unreadable"):
+        resume_latest(tmp_path, tiny_model(), "test")

@@ -70,11 +70,11 @@ from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
 from ..model.losses import next_token_mask
-from ..utils.training import PRECISIONS, StepModule, fit_module, resolve_precision, stop_if_terminated
+from ..utils.training import PRECISIONS, StepModule, fit_module, resolve_precision, resume_latest, stop_if_terminated
 from ..model.generate import SamplingConfig, generate
 from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic, write_text_atomic
-from ..utils.resume import TrainingState, latest, load_training_state, save_training_state
+from ..utils.resume import TrainingState, latest, save_training_state
 from .grpo_loss import (
     GRPOLossConfig,
     entropy,
@@ -787,12 +787,10 @@ def run_grpo(
     if not cfg.needs_reference:
         reference = None
     sampler = make_sampler({i: pass_rates[i] for i in pass_rates}, cfg)
-    resume = None
-    if (ckpt := latest(paths.checkpoints)) is not None:
-        resume = load_training_state(ckpt, model=policy, restore_rng=False)
+    resume = resume_latest(paths.checkpoints, policy, "grpo")
+    if resume is not None:
         _check_resumable(resume, cfg)
         sampler.load_state_dict(resume.extra["sampler"])
-        log.info("grpo: resuming from %s (step %d)", ckpt, resume.step)
     else:
         L.seed_everything(cfg.seed, verbose=False)
     start = resume.step if resume is not None else 0

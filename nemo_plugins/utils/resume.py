@@ -28,12 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ..errors import CheckpointError
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover_directory
 
 MODEL_NAME = "model.safetensors"
 STATE_NAME = "state.pt"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_SAVE_DEBRIS = re.compile(r"^\.(step-\d+)\..+\.(tmp|old)$")  # atomic_directory's temporaries
 
 
 @dataclass
@@ -106,6 +107,25 @@ def latest(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `directory`, or None."""
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def clean_checkpoint_debris(directory: str | os.PathLike) -> list[str]:
+    """Remove what saves killed midway left under `directory` (full-size `.step-*.tmp`
+    temporaries, `.old` copies, `step-*` directories without their two files), restoring a
+    checkpoint a kill left only in `.old`; returns the names removed. Run before a resume."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    before = {p.name for p in directory.iterdir()}
+    for name in before:
+        m = _SAVE_DEBRIS.match(name)
+        if m:
+            recover_directory(directory / m.group(1))
+    complete = {p.name for p in list_checkpoints(directory)}
+    for p in directory.iterdir():
+        if _STEP_DIR.match(p.name) and p.is_dir() and p.name not in complete:
+            shutil.rmtree(p, ignore_errors=True)
+    return sorted(before - {p.name for p in directory.iterdir()})
 
 
 # ----------------------------------------------------------------------------- save

@@ -32,7 +32,11 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from .atomic import write_json_atomic, write_text_atomic
-from .resume import TrainingState, latest, load_training_state, restore_rng_state, save_training_state, step_dir
+from ..errors import CheckpointError
+from .resume import (
+    TrainingState, clean_checkpoint_debris, latest, list_checkpoints, load_training_state, restore_rng_state,
+    save_training_state, step_dir,
+)  # fmt: skip
 
 log = logging.getLogger("nemo_plugins")
 
@@ -245,16 +249,37 @@ class StepModule(L.LightningModule):
         return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
 
 
+def resume_latest(checkpoints: Path, model: nn.Module, name: str) -> TrainingState | None:
+    """The newest intact checkpoint under `checkpoints` loaded into `model`, or None when there is
+    none. Debris of interrupted saves is removed first; an unreadable checkpoint is skipped for
+    the one before it (a run that was killed while its disk filled keeps its earlier progress)."""
+    removed = clean_checkpoint_debris(checkpoints)
+    if removed:
+        log.warning("%s: removed what interrupted saves left in %s: %s", name, checkpoints, removed)
+    unreadable = []
+    for ckpt in reversed(list_checkpoints(checkpoints)):
+        try:
+            resume = load_training_state(ckpt, model=model, restore_rng=False)
+        except CheckpointError as e:
+            log.warning("%s: skipping an unreadable checkpoint: %s", name, e)
+            unreadable.append(str(e))
+            continue
+        log.info("%s: resuming from %s (step %d)", name, ckpt, resume.step)
+        return resume
+    if unreadable:  # the model may hold part of a failed load: never train on from that
+        raise CheckpointError(f"every checkpoint in {checkpoints} is unreadable (move them away to start "
+                              "afresh): " + "; ".join(unreadable))  # fmt: skip
+    return None
+
+
 def resume_or_seed(paths: RunPaths, model: nn.Module, cfg, run_defining: Sequence[str], recorded: dict) -> TrainingState | None:
-    """The newest checkpoint in paths.checkpoints loaded into `model` (settings checked against
-    it), or None after seeding everything with cfg.seed for a fresh run."""
-    ckpt = latest(paths.checkpoints)
-    if ckpt is None:
+    """`resume_latest` (settings checked against the checkpoint), or None after seeding
+    everything with cfg.seed for a fresh run."""
+    resume = resume_latest(paths.checkpoints, model, paths.name)
+    if resume is None:
         L.seed_everything(cfg.seed, verbose=False)
         return None
-    resume = load_training_state(ckpt, model=model, restore_rng=False)
     check_resumable(resume, cfg, run_defining, recorded)
-    log.info("%s: resuming from %s (step %d)", paths.name, ckpt, resume.step)
     return resume
 
 
