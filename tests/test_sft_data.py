@@ -378,6 +378,34 @@ def test_truncation_policy_is_counted(tok):
         S.tokenize_examples(tok, exs, max_len=10, overflow="wrap")
 
 
+def test_overlong_records_are_refused_before_tokenizing(tok, monkeypatch):
+    """A 10 MB record is dropped without tokenizing it (it once cost 3.7 GB and 50 s to refuse);
+    with overflow=truncate only a bounded prefix of it is tokenized, and the cut is the same as
+    tokenizing it whole and cutting the tokens."""
+    from nemo_plugins.data.chat_tokenizer import ChatTokenizer, as_chat
+
+    chat = as_chat(tok)
+    on, off = S.paired_examples("What is 2 + 3?", "add " * 2000, "The answer is 5.")
+    full, _ = S.tokenize_examples(chat, [on])
+    n = full[0][1].index(1) + 4  # the prompt and 4 response tokens
+    assert len(on.response) > n * chat.max_token_chars * S._CHAR_SLACK  # so the character cut applies
+    cut, rep = S.tokenize_examples(chat, [on], max_len=n, overflow="truncate")
+    assert rep.truncated == 1 and cut == [(full[0][0][:n], full[0][1][:n])]
+
+    seen = []
+    real_encode = ChatTokenizer.encode
+    monkeypatch.setattr(ChatTokenizer, "encode", lambda self, text: seen.append(len(text)) or real_encode(self, text))
+    huge = S.paired_examples("What is 2 + 3?", "add " * 2_500_000, "The answer is 5.")[0]  # 10 MB
+    n = len(S.tokenize_examples(chat, [off])[0][0][0])  # room for the direct answer
+    kept, rep = S.tokenize_examples(chat, [huge, off], max_len=n)
+    assert rep.dropped == 1 and rep.reasons == Counter(too_long=1) and len(kept) == 1
+    bound = n * chat.max_token_chars * S._CHAR_SLACK
+    assert max(seen) < bound < 1_000_000
+    seen.clear()
+    kept, rep = S.tokenize_examples(chat, [huge], max_len=n, overflow="truncate")
+    assert rep.truncated == 1 and len(kept[0][0]) == n and max(seen) <= bound + 100  # + the template's tags
+
+
 # ============================================================================ packing
 
 

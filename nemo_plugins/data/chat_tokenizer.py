@@ -20,6 +20,7 @@ prompt tokens are exactly what generation starts from. A directory without a cha
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -185,6 +186,13 @@ class ChatTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters in the longest vocabulary entry (as the vocabulary spells it, which is never
+        shorter than what it decodes to): n characters of text take at least about
+        n / max_token_chars tokens, so an overlong text can be refused before it is tokenized."""
+        return max(1, max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1))
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`; special tokens written in it map to their ids, nothing is added."""

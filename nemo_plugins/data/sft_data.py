@@ -58,7 +58,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -506,6 +506,23 @@ def tokenize_example(tok: Tokenizer | ChatTokenizer, ex: ChatExample) -> Tokeniz
     return as_chat(tok).example_ids(turns, ex.response, ex.thinking)
 
 
+# Normalizers can merge characters (NFKC: a letter and its combining accent become one), so the
+# character bound of `ChatTokenizer.max_token_chars` gets this much slack before it refuses a text.
+_CHAR_SLACK = 4
+
+
+def _cut_overlong(ex: ChatExample, max_chars: int, overflow: Overflow) -> ChatExample | None:
+    """`ex` as it is when its text is within `max_chars`; else None when it must be dropped
+    (overflow=drop, or a prompt alone over the bound), or its response cut to `max_chars`
+    characters (overflow=truncate: still more tokens than max_len, so the token cut decides)."""
+    prompt_chars = sum(len(t.content) for t in ex.messages)
+    if prompt_chars + len(ex.response) <= max_chars:
+        return ex
+    if overflow == "drop" or prompt_chars > max_chars:
+        return None
+    return replace(ex, response=ex.response[:max_chars])
+
+
 def tokenize_examples(
     tok: Tokenizer | ChatTokenizer, examples: Iterable[ChatExample], max_len: int | None = None,
     overflow: Overflow = "drop",
@@ -522,6 +539,12 @@ def tokenize_examples(
     out, rep, tok = [], TokenizeReport(), as_chat(tok)
     for ex in examples:
         rep.examples += 1
+        if max_len is not None:  # a huge record must not cost gigabytes of tokenizing to be refused
+            ex = _cut_overlong(ex, max_len * tok.max_token_chars * _CHAR_SLACK, overflow)
+            if ex is None:
+                rep.dropped += 1
+                rep.reasons["too_long" if overflow == "drop" else "prompt_too_long"] += 1
+                continue
         ids, mask = tokenize_example(tok, ex)
         if max_len is not None and len(ids) > max_len:
             prompt_len = mask.index(1)
