@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
@@ -38,6 +38,22 @@ def _describe(e: OmegaConfBaseException) -> str:
     if isinstance(e, ConfigKeyError):
         return f"unknown key {key!r}" if key else msg
     return f"{key}: {msg}" if key else msg
+
+
+def _raise_for_override(cfg, overrides: Sequence[str]) -> None:
+    """Merge the overrides one at a time onto `cfg` and raise for the first that fails, naming
+    it (a merge of them all names neither the override nor, for a section, its key)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as e:
+            node = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+            if isinstance(node, DictConfig):
+                fields = ", ".join(f"{key}.{k}" for k in list(node.keys())[:4])
+                raise ConfigError(f"override {override!r}: {key} is a section, not a value; set its fields "
+                                  f"({fields}, ...)") from None  # fmt: skip
+            raise ConfigError(f"override {override!r}: {_describe(e)}") from None
 
 
 def load_config(
@@ -71,6 +87,8 @@ def load_config(
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
+            if source == "overrides":
+                _raise_for_override(cfg, overrides)
             raise ConfigError(f"{source}: {_describe(e)}") from None
     try:
         return OmegaConf.to_object(cfg)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .utils import checks
 from .arch.accounting import report as arch_report
 from .config import DEFAULT_CONFIGS, load_config, preset_path
 from .data.chat_tokenizer import ChatTokenizer
@@ -65,8 +66,8 @@ class EvalConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"eval.modes: unknown mode {bad[0]!r} (expected 'on' or 'off')")
-        if self.n_problems <= 0 or self.batch_size <= 0 or self.max_new_tokens <= 0:
-            raise ValueError("eval.n_problems, eval.batch_size and eval.max_new_tokens must be positive")
+        checks.non_empty(self, "eval", "modes")
+        checks.positive_ints(self, "eval", "n_problems", "batch_size", "max_new_tokens")
 
 
 @dataclass

@@ -281,8 +281,10 @@ def _rewrite(d: Path, edit):
          ["unexpected", "model.layers.5.mlp.up_proj.weight"]),
         (lambda s: s.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(16, H)}),
          ["model.layers.1.self_attn.k_proj.weight", "(16, 32)", "(8, 32)"]),
+        (lambda s: s.update({"model.layers.0.mlp.up_proj.weight": s["model.layers.0.mlp.up_proj.weight"].long()}),
+         ["model.layers.0.mlp.up_proj.weight", "dtype int64", "expected floating-point weights"]),
     ],
-    ids=["missing", "extra", "wrong_shape"],
+    ids=["missing", "extra", "wrong_shape", "int64"],
 )
 def test_tensor_mismatch_errors(tmp_path, edit, substrings):
     d = save_checkpoint(make_model(hetero_cfg()), tmp_path / "ck")
@@ -291,6 +293,25 @@ def test_tensor_mismatch_errors(tmp_path, edit, substrings):
         load_checkpoint(d)
     for s in substrings:
         assert s in str(e.value), (s, str(e.value))
+
+
+def test_mixed_dtypes_load_as_float32_with_a_warning(tmp_path, caplog):
+    """fp16 weights beside fp32 norms are not loaded silently as a model of mixed dtypes: every
+    tensor becomes float32 (exact for both) and the warning names the dtypes and a tensor of each."""
+    model = make_model(hetero_cfg())
+    d = save_checkpoint(model, tmp_path / "ck")
+    _rewrite(d, lambda s: s.update({k: v.half() for k, v in s.items() if "mlp" in k}))
+    loaded = load_checkpoint(d)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert "several dtypes" in caplog.text and "float16 (e.g. model.layers." in caplog.text
+    want = {k: v.half().float() if "mlp" in k else v for k, v in model.state_dict().items()}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.items())
+
+
+def test_max_shard_bytes_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="max_shard_bytes=-1: expected a positive number of bytes"):
+        save_checkpoint(make_model(hetero_cfg()), tmp_path / "ck", max_shard_bytes=-1)
+    assert not (tmp_path / "ck").exists()
 
 
 def test_truncated_safetensors(tmp_path):

@@ -173,3 +173,26 @@ def test_a_broken_record_with_on_error_raise_is_a_clear_error(parent_checkpoint,
             "sft.on_error=raise", "sft.world_problems=0", "progress=false"]  # fmt: skip
     assert main(argv) == 2
     assert f"{bad}:2: bad_json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("parent.lr=nan", "parent.lr=nan: expected a finite number > 0"),
+        ("parent.warmup_steps=-3", "parent.warmup_steps=-3: expected an integer >= 0"),
+        ("puzzle.bld.lr=nan", "puzzle.bld.lr=nan: expected a finite number > 0"),
+        ("puzzle.bld.warmup_steps=-1", "puzzle.bld.warmup_steps=-1: expected an integer >= 0"),
+        ("eval.modes=[]", "eval.modes=[]: expected a non-empty list"),
+        ("world.difficulties=[]", "world.difficulties=[]: expected a non-empty list"),
+        ("world.difficulties=[1,9]", "world.difficulties=[1, 9]: 9 is not one of [1, 2, 3, 4, 5]"),
+        ("world.n_train=-1", "world.n_train=-1: expected a positive integer"),
+        ("recovery.loss=5", "override 'recovery.loss=5': recovery.loss is a section, not a value; set its fields "
+                            "(recovery.loss.mode"),
+    ],
+)  # fmt: skip
+def test_bad_values_fail_at_load_naming_the_full_key(override, message):
+    """Values that used to be accepted, or to fail only at run time, or with a message that named
+    neither the section nor the override: each is refused when the config loads."""
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, list(DEFAULT_CONFIGS), [override])
+    assert message in str(e.value)

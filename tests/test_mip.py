@@ -361,6 +361,7 @@ def good_library() -> dict:
         (lambda lib: lib.update({"2": {}}), r"group '2' has no variants"),
         (lambda lib: lib.update({"2": ["full"]}), r"group '2': expected an object of variants, got list"),
         (lambda lib: lib["0"].update(bad=3), r"group '0', variant 'bad': expected an object with 'stats' and 'metrics', got int"),
+        (lambda lib: lib["1"]["no_op"]["stats"].update(params=-1e9), r"variant 'no_op': stats.params = -1000000000.0 is negative"),
     ],
 )  # fmt: skip
 def test_malformed_library_raises_library_error_naming_the_problem(mutate, pattern):

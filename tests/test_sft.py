@@ -356,14 +356,17 @@ def test_stage_writes_report_and_model_and_resumes_without_retraining(world, tmp
 
 
 @pytest.mark.parametrize("loss_average", ["token", "example"])
-def test_decision_weight_adds_weight_to_each_response_first_target(loss_average):
-    """sft.decision_weight=w: each response's first target (the mode-deciding token) weighs w more,
-    checked against the loss written out by hand from torch's cross-entropy (one example a row)."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_decision_weight_adds_weight_to_each_response_first_targets(loss_average, n):
+    """sft.decision_weight=w, decision_tokens=n: each response's first n targets (the tokens that
+    pick the mode) weigh w more, checked against the loss written out by hand from torch's
+    cross-entropy (one example a row)."""
     examples = [([5, 6, 7, 8, 9, 10], [0, 0, 1, 1, 1, 1]), ([11, 12, 13, 14], [0, 0, 0, 1])]
     model = FixedLogits(2, 16, 20, seed=5)
-    cfg = SFTConfig(batch_size=2, max_len=16, pack=False, loss_average=loss_average, decision_weight=3.0)
+    cfg = SFTConfig(batch_size=2, max_len=16, pack=False, loss_average=loss_average, decision_weight=3.0,
+                    decision_tokens=n)  # fmt: skip
     rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
-    got = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), loss_average=loss_average, decision_weight=3.0)
+    got = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), **cfg.weighting())
 
     num, den = 0.0, 0.0
     for row, (ids, mask) in enumerate(examples):
@@ -371,7 +374,7 @@ def test_decision_weight_adds_weight_to_each_response_first_target(loss_average)
         targets = [t for t in range(1, len(ids)) if mask[t]]  # token t is the target of position t-1
         base = 1.0 if loss_average == "token" else 1.0 / len(targets)
         for t in targets:
-            w = base + (3.0 if t == targets[0] else 0.0)
+            w = base + (3.0 if t in targets[:n] else 0.0)
             num, den = num + w * float(nll[t - 1]), den + w
     assert got == pytest.approx(num / den, rel=1e-6)
     plain = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), loss_average=loss_average)
@@ -385,5 +388,6 @@ def test_response_starts_marks_each_response_once_in_packed_rows():
     cfg = SFTConfig(batch_size=1, max_len=16, pack=True)
     rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
     (mb,) = step_micro_batches(examples, rows, [0], cfg)
-    starts = response_starts(mb[1][:, 1:].float())
-    assert int(starts.sum()) == 3  # one per example, though the responses sit side by side in one row
+    counted = mb[1][:, 1:].float()
+    assert int(response_starts(counted).sum()) == 3  # one per example, though responses sit side by side
+    assert int(response_starts(counted, 2).sum()) == 5  # the third response has one target only

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ..utils import checks
 from ..utils.atomic import write_json_atomic
 from ..utils.hashing import config_hash
 from .chat_tokenizer import ChatTokenizer
@@ -38,12 +39,15 @@ class WorldConfig:
     thinking_fraction: float = 0.7  # share of training examples in "detailed thinking on" mode
 
     def __post_init__(self):
-        if not 0.0 <= self.thinking_fraction <= 1.0:
-            raise ValueError(f"thinking_fraction={self.thinking_fraction}: expected a value in [0, 1]")
-        if self.n_train <= 0 or self.n_eval <= 0:
-            raise ValueError(f"n_train={self.n_train}, n_eval={self.n_eval}: expected positive integers")
-        if self.vocab_size < 264:
-            raise ValueError(f"vocab_size={self.vocab_size}: expected >= 264 (8 special tokens + 256 bytes)")
+        checks.fractions(self, "world", "thinking_fraction")
+        checks.positive_ints(self, "world", "n_train", "n_eval")
+        checks.non_negative_ints(self, "world", "seed")
+        checks.non_empty(self, "world", "difficulties")
+        bad = [d for d in self.difficulties if d not in DIFFICULTIES]
+        if bad:
+            raise ValueError(f"world.difficulties={list(self.difficulties)}: {bad[0]!r} is not one of {list(DIFFICULTIES)}")
+        if not (isinstance(self.vocab_size, int) and self.vocab_size >= 264):
+            raise ValueError(f"world.vocab_size={self.vocab_size}: expected >= 264 (8 special tokens + 256 bytes)")
 
 
 @dataclass

@@ -11,6 +11,7 @@ the same safetensors. Only safetensors are read; pickled weights are refused.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..errors import CheckpointError
 from ..utils.atomic import atomic_directory
 from ..utils.hashing import config_hash
 from .llama import HeteroLlamaForCausalLM, rope_inv_freq
+
+log = logging.getLogger("nemo_plugins.checkpoint")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -149,6 +152,22 @@ def check_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where: st
             raise CheckpointError(
                 f"{where}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape} from config.json"
             )
+        if state[name].dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {str(state[name].dtype).removeprefix('torch.')}, "
+                                  f"expected floating-point weights ({', '.join(_DTYPE_NAMES.values())})")  # fmt: skip
+
+
+def uniform_dtype(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """`state` with one dtype: a checkpoint mixing float dtypes (e.g. fp16 weights with fp32
+    norms) is upcast to float32, which holds each of them exactly, with a warning naming them."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in state.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    if len(by_dtype) <= 1:
+        return state
+    found = "; ".join(f"{len(n)} {_DTYPE_NAMES[d]} (e.g. {n[0]})" for d, n in by_dtype.items())
+    log.warning("%s: tensors of several dtypes (%s); loading them all as float32", where, found)
+    return {k: v.float() for k, v in state.items()}
 
 
 def load_checkpoint(
@@ -161,8 +180,7 @@ def load_checkpoint(
     cfg = read_config(ckpt)
     state = load_state_dict(ckpt)
     check_state_dict(cfg, state, where=str(ckpt))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    state = {k: v.to(dtype) for k, v in state.items()} if dtype is not None else uniform_dtype(state, str(ckpt))
     return model_from_state(cfg, {k: v.to(device) for k, v in state.items()})
 
 
@@ -201,6 +219,9 @@ def save_checkpoint(
     `choose_architecture`). Shards at `max_shard_bytes` when given. `extra_files` (e.g. the
     tokenizer.json) are written into the same directory.
     """
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes <= 0):  # fmt: skip
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive number of bytes, or None for one file")
     cfg = model.config
     architecture = choose_architecture(cfg, architecture)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..utils import checks
 from ..arch.config import ModelConfig, homogeneous
 from ..data.chat import BOS, EOS
 from ..data.tiny_world import World
@@ -44,11 +45,10 @@ class ParentConfig:
     path: str | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "hidden_size", "num_layers", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"parent.{name}={getattr(self, name)}: expected a positive integer")
-        if self.lr <= 0:
-            raise ValueError(f"parent.lr={self.lr}: expected a positive number")
+        checks.positive_ints(self, "parent", "steps", "batch_size", "hidden_size", "num_layers", "num_attention_heads",
+                             "num_kv_heads", "intermediate_size", "max_position_embeddings")  # fmt: skip
+        checks.non_negative_ints(self, "parent", "warmup_steps", "seed")
+        checks.positive_numbers(self, "parent", "lr", "rope_theta")
 
 
 def parent_model_config(p: ParentConfig, world: World) -> ModelConfig:

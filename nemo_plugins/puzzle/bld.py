@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..utils import checks
 from ..model.llama import Block, HeteroLlamaForCausalLM
 from ..model.train import TokenDataset, collate_with_validity
 from ..utils.atomic import write_bytes_atomic, write_json_atomic
@@ -50,8 +51,10 @@ class BLDConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"bld.steps={self.steps}, bld.batch_size={self.batch_size}: expected positive integers")
+        checks.positive_ints(self, "puzzle.bld", "steps", "batch_size", "world_size")
+        checks.non_negative_ints(self, "puzzle.bld", "warmup_steps", "wave_size", "seed")
+        checks.positive_numbers(self, "puzzle.bld", "lr")
+        checks.non_negative_numbers(self, "puzzle.bld", "weight_decay", "grad_clip")
         if self.processes < 0:
             raise ValueError(f"bld.processes={self.processes}: expected 0 (one per GPU) or a positive count")
         if not 0 <= self.rank < self.world_size:

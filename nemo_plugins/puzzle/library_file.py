@@ -62,6 +62,9 @@ def _explain(where: str, entry, needed) -> None:
         for k, v in values.items():
             if not _is_number(v):
                 raise LibraryError(f"{where}: {section}.{k} = {v!r} is not a finite number")
+            if section == "stats" and v < 0:
+                raise LibraryError(f"{where}: stats.{k} = {v!r} is negative; stats are costs (parameters, memory, "
+                                   "time, ...) and must be >= 0")  # fmt: skip
     for key, section, k in needed:
         if k not in entry[section]:
             raise LibraryError(f"{where}: has no {section}.{k} (needed for {key!r})")
@@ -71,7 +74,7 @@ def validate_library(library, keys: Iterable[str] = (), *, source: str = "librar
     """Check the structure and return `library` unchanged.
 
     Every group is a non-empty dict of variants; every variant has "stats" and "metrics" dicts of
-    finite numbers; every key in `keys` (objective and constraint keys) is present in every variant.
+    finite numbers, the stats (costs) >= 0; every key in `keys` (objective and constraint keys) is present in every variant.
     """
     scan_library(library, keys, source=source)
     return library
@@ -88,13 +91,14 @@ def scan_library(library, keys: Iterable[str] = (), *, source: str = "library") 
         if not all(type(variants) is dict and variants for variants in library.values()):
             raise TypeError
         entries = [entry for variants in library.values() for entry in variants.values()]
-        values: list = []
-        extend = values.extend
+        stats: list = []
+        metrics: list = []
         for entry in entries:
-            extend(entry["stats"].values())
-            extend(entry["metrics"].values())
+            stats.extend(entry["stats"].values())
+            metrics.extend(entry["metrics"].values())
         columns = [[entry[section][k] for entry in entries] for _, section, k in needed]
-        if _PLAIN.issuperset(map(type, values)) and math.isfinite(sum(values)):
+        values = stats + metrics
+        if _PLAIN.issuperset(map(type, values)) and math.isfinite(sum(values)) and min(stats, default=0) >= 0:
             return columns
     except Exception:
         pass

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..data.sft_data import (
@@ -29,6 +29,7 @@ from ..data.sft_data import (
     read_nemotron_jsonl,
     tokenize_examples,
 )
+from ..data.chat import THINK_START
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import is_correct
 from ..data.tiny_world import World
@@ -47,6 +48,7 @@ JSONL_FORMATS = {"messages": read_messages_jsonl, "nemotron": read_nemotron_json
 
 @dataclass
 class SFTStageConfig(SFTConfig):
+    decision_tokens: int = 0  # 0: the token count of the tokenizer's `<think>` (see SFTConfig)
     world_problems: int = 2000  # world.train problems used, each in both modes (0: none)
     val_problems: int = 64  # world.eval problems for the validation loss, each in both modes
     train_jsonl: list[str] = field(default_factory=list)  # extra SFT data files (real data)
@@ -182,6 +184,8 @@ def run_sft_stage(
     held-out problems of the toggle evaluation, whose answers `verify(text, problem)` checks."""
     chat, problems = chat or world.chat, problems or ProblemSet(world)
     out_dir = Path(out_dir)
+    if cfg.decision_tokens == 0:  # the mode is picked by the tokens that spell `<think>`
+        cfg = replace(cfg, decision_tokens=len(chat.encode(THINK_START)))
     train, val, counts = build_sft_data(world, cfg, chat, problems)
     start = fingerprint(model)
     key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), start)

@@ -49,7 +49,9 @@ Example = tuple[list[int], list[int]]  # (ids, loss_mask)
 # (ids, loss_mask, positions or None, segment_ids or None): one micro-batch
 MicroBatch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 # Fields that decide which rows each step sees: a resume with other values is another run.
-_RUN_DEFINING = ("batch_size", "grad_accum", "seed", "max_len", "pack", "loss_average", "decision_weight")
+_RUN_DEFINING = (
+    "batch_size", "grad_accum", "seed", "max_len", "pack", "loss_average", "decision_weight", "decision_tokens",
+)  # fmt: skip
 _PACK_SEED = 0x5F7  # second SeedSequence word of the packing shuffle (epochs use small ints)
 
 
@@ -77,9 +79,11 @@ class SFTConfig:
     # token: every response token weighs the same, so long thinking traces outweigh short direct
     # answers; example: each example's mean token loss weighs the same, whatever its length
     loss_average: str = "token"
-    # extra weight on each response's first target, the token that decides the mode (`<think>` or
-    # the answer): in units of one token ("token") or of one whole example ("example"). 0: none
+    # extra weight on each of a response's first `decision_tokens` targets, the ones that pick the
+    # mode (`<think>`, which a real tokenizer may spell in several tokens, or the answer): in units
+    # of one token ("token") or of one whole example ("example"). 0: none
     decision_weight: float = 0.0
+    decision_tokens: int = 1  # the sft stage sets 0 to the token count of the tokenizer's `<think>`
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_len", "grad_accum", "val_every", "ckpt_every", "keep_last"):
@@ -104,12 +108,19 @@ class SFTConfig:
             raise ValueError(f"sft.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"sft.pack={self.pack!r}: expected true or false")
+        if isinstance(self.decision_tokens, bool) or not isinstance(self.decision_tokens, int) or self.decision_tokens < 0:
+            raise ValueError(f"sft.decision_tokens={self.decision_tokens!r}: expected an integer >= 0")
         if isinstance(self.decision_weight, bool) or not (
             isinstance(self.decision_weight, (int, float)) and 0 <= self.decision_weight < math.inf
         ):
             raise ValueError(f"sft.decision_weight={self.decision_weight!r}: expected a finite number >= 0")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"sft.loss_average={self.loss_average!r}: expected one of {', '.join(LOSS_AVERAGES)}")
+
+    def weighting(self) -> dict:
+        """`target_weights`' keywords for this config."""
+        return {"loss_average": self.loss_average, "decision_weight": self.decision_weight,
+                "decision_tokens": self.decision_tokens}  # fmt: skip
 
     @property
     def rows_per_step(self) -> int:
@@ -171,19 +182,24 @@ def counted_tokens(loss_mask: torch.Tensor) -> int:
     return int(loss_mask[:, 1:].sum())
 
 
-def response_starts(counted: torch.Tensor) -> torch.Tensor:
-    """[rows, T-1] 1 on each response's first counted target (a counted target whose predecessor
-    is not counted; packing leaves every example's first token uncounted, so a response never
-    continues across examples)."""
-    before = torch.nn.functional.pad(counted[:, :-1], (1, 0))
-    return counted * (1 - before)
+def response_starts(counted: torch.Tensor, n: int = 1) -> torch.Tensor:
+    """[rows, T-1] 1 on each response's first `n` counted targets (a response is a run of counted
+    targets; packing leaves every example's first token uncounted, so no run spans two examples)."""
+    step = counted * (1 - F.pad(counted[:, :-1], (1, 0)))  # the first target of each run
+    marks = torch.zeros_like(counted)
+    for _ in range(max(1, n)):
+        marks = marks + step
+        step = F.pad(step[:, :-1], (1, 0)) * counted  # the next target, while the run lasts
+    return marks
 
 
-def target_weights(mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0) -> torch.Tensor:
+def target_weights(
+    mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0, decision_tokens: int = 1
+) -> torch.Tensor:
     """[rows, T-1] weight of each next-token target: 1 on the counted ones ("token"), or
     1 / (its example's counted targets) ("example": every example sums to 1), plus
-    `decision_weight` on each response's first target (`response_starts`). Examples are the
-    packed segments, or the rows when not packed."""
+    `decision_weight` on each response's first `decision_tokens` targets (`response_starts`).
+    Examples are the packed segments, or the rows when not packed."""
     _, loss_mask, _, segments = mb
     counted = loss_mask[:, 1:].float()
     if loss_average == "token":
@@ -196,32 +212,27 @@ def target_weights(mb: MicroBatch, loss_average: str = "token", decision_weight:
             0, example.reshape(-1), counted.reshape(-1)
         )
         weights = counted / per_example[example].clamp_min(1.0)
-    return weights + decision_weight * response_starts(counted) if decision_weight else weights
+    return weights + decision_weight * response_starts(counted, decision_tokens) if decision_weight else weights
 
 
-def micro_loss_sum(
-    model: HeteroLlamaForCausalLM, mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0
-) -> torch.Tensor:
+def micro_loss_sum(model: HeteroLlamaForCausalLM, mb: MicroBatch, weighting: dict | None = None) -> torch.Tensor:
     """Weighted sum of the next-token losses of one micro-batch (`target_weights`; packed rows
     get positions + block mask)."""
     ids, loss_mask, positions, segments = mb
     attn = packed_attention_mask(segments) if segments is not None else None
     logits = model(ids, positions=positions, attn_mask=attn)
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return (nll.view_as(ids[:, 1:]) * target_weights(mb, loss_average, decision_weight)).sum()
+    return (nll.view_as(ids[:, 1:]) * target_weights(mb, **(weighting or {}))).sum()
 
 
-def step_loss(
-    model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None, loss_average: str = "token",
-    decision_weight: float = 0.0,
-) -> float:  # fmt: skip
-    """The step's weighted mean loss (`target_weights`: over its counted tokens or its examples,
-    decision targets weighted up); each micro-batch's share is backpropagated separately through
-    `backward` (e.g. Lightning's manual_backward) if given."""
-    total_weight = max(1.0, sum(float(target_weights(mb, loss_average, decision_weight).sum()) for mb in batch))
+def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backward=None, **weighting) -> float:
+    """The step's weighted mean loss (`target_weights(mb, **weighting)`: over its counted tokens
+    or its examples, decision targets weighted up); each micro-batch's share is backpropagated
+    separately through `backward` (e.g. Lightning's manual_backward) if given."""
+    total_weight = max(1.0, sum(float(target_weights(mb, **weighting).sum()) for mb in batch))
     total = 0.0
     for mb in batch:
-        loss = micro_loss_sum(model, mb, loss_average, decision_weight) / total_weight
+        loss = micro_loss_sum(model, mb, weighting) / total_weight
         if backward is not None:
             backward(loss)
         total += float(loss.detach())
@@ -244,7 +255,7 @@ class SFTModule(StepModule):
     def training_step(self, batch, batch_idx):
         if self.step_count == 0 and not self.val_history:
             self.validate()  # step-0 baseline
-        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward, self.cfg.loss_average, self.cfg.decision_weight))
+        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward, **self.cfg.weighting()))
         if validate:
             self.validate()
         if save:
