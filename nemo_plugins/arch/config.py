@@ -146,17 +146,28 @@ def homogeneous(
 # ----------------------------------------------------------------------------- validation
 
 
+# The largest size of any one dimension a config may give (vocabulary, widths, positions): far
+# above any real Llama (405B: FFN 53,248, vocabulary 128,256), far below the sizes that overflow
+# the parameter and byte counts.
+MAX_DIM = 2**24
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _dim_ok(v) -> bool:
+    return _is_int(v) and 0 < v <= MAX_DIM
 
 
 def _check_ffn(where: str, f: FFNConfig, inside_parallel: bool = False) -> None:
     if f.kind not in FFN_KINDS:
         raise ArchConfigError(f"{where}.kind={f.kind!r}: unknown FFN kind (expected one of {', '.join(FFN_KINDS)})")
     if f.kind == "swiglu":
-        if not _is_int(f.intermediate_size) or f.intermediate_size <= 0:
+        if not _dim_ok(f.intermediate_size):
             raise ArchConfigError(
-                f"{where}.intermediate_size={f.intermediate_size!r}: expected a positive integer for a swiglu FFN"
+                f"{where}.intermediate_size={f.intermediate_size!r}: expected a positive integer up to {MAX_DIM:,} "
+                "for a swiglu FFN"
             )
     elif f.intermediate_size is not None:
         raise ArchConfigError(
@@ -185,8 +196,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     """Check a config; raise `ArchConfigError` naming the layer, field, value and expectation."""
     for name in ("vocab_size", "hidden_size", "num_attention_heads", "max_position_embeddings"):
         v = getattr(cfg, name)
-        if not _is_int(v) or v <= 0:
-            raise ArchConfigError(f"{name}={v!r}: expected a positive integer")
+        if not _dim_ok(v):
+            raise ArchConfigError(f"{name}={v!r}: expected a positive integer up to {MAX_DIM:,}")
     if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
         raise ArchConfigError(
             f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}"

@@ -15,6 +15,7 @@ from .config import (
     ArchConfigError,
     AttentionConfig,
     BlockConfig,
+    MAX_DIM,
     FFNConfig,
     ModelConfig,
     RopeScaling,
@@ -150,7 +151,11 @@ def _ffn_from_hf(i: int, f: dict, hidden: int) -> FFNConfig:
         return FFNConfig(kind)
     if not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m) or m <= 0:
         raise ArchConfigError(f"{where}.ffn_mult={m!r}: expected a positive number")
-    return FFNConfig("swiglu", ffn_mult_to_intermediate_size(m, hidden), ffn_mult=m)
+    size = ffn_mult_to_intermediate_size(m, hidden)
+    if size > MAX_DIM:
+        raise ArchConfigError(f"{where}.ffn_mult={m!r}: gives an FFN of {size:,} units at hidden size {hidden}, "
+                              f"above the {MAX_DIM:,} a config may give")  # fmt: skip
+    return FFNConfig("swiglu", size, ffn_mult=m)
 
 
 def from_hf_config(d: dict) -> ModelConfig:

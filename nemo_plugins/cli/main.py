@@ -19,6 +19,7 @@ wrong and exit 2 (an infeasible budget too: the message names the binding bound 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -30,11 +31,13 @@ from ..config import DEFAULT_CONFIGS, ConfigError, load_config, preset_path, to_
 from ..data.chat_tokenizer import ChatTemplateError
 from ..data.sft_data import BadRecord, RecordError
 from ..data.sources import DataError
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputFileError
 from ..puzzle.library_file import MipError, resolve_key
 
 USER_ERRORS = (ConfigError, ArchConfigError, CheckpointError, ChatTemplateError, DataError, RecordError, BadRecord, MipError,
-               FileNotFoundError)
+               InputFileError, FileNotFoundError)
+# A disk the user pointed at that cannot take the output: read-only, full, over quota, not ours.
+DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
 STAGE_COMMANDS = {
     "puzzle": ("world", "parent", "puzzle"),
     "fusion": ("world", "parent", "puzzle", "fusion"),
@@ -255,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
         return 0
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e} (a read-only or full disk? choose another "
+              "output_dir / cache_dir, or free space)", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ from .chat import (
     system_prompt,
 )
 from .reasoning_world import Problem, direct_response, has_think_block, reasoning_response
+from ..errors import InputFileError
 from .chat_tokenizer import ChatTokenizer, as_chat
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,10 @@ class ReadReport:
     def lines(self, path: Path) -> Iterator[tuple[int, bytes]]:
         """(line number, raw line) of each non-blank line of a JSONL file, counted as read (blank
         lines are counted apart)."""
+        if path.is_dir():
+            raise InputFileError(f"{path}: is a directory; expected a JSONL file (one JSON record a line)")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such JSONL file")
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -467,6 +472,8 @@ def load_json_object(raw: bytes) -> dict:
         rec = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError("bad_json", str(e)) from None
+    except RecursionError:  # e.g. 100,000 nested "[": no record of ours is nested that deep
+        raise RecordError("bad_json", "nested deeper than the JSON parser can follow") from None
     if not isinstance(rec, dict):
         raise RecordError("not_object", f"the line holds a JSON {type(rec).__name__}, expected an object")
     return rec

@@ -49,6 +49,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import InputFileError
 from .sft_data import ReadReport, RecordError, load_json_object
 
 OnError = Literal["skip", "raise"]
@@ -102,7 +103,7 @@ def expand_paths(paths: PathsLike, suffixes: Sequence[str] = TEXT_SUFFIXES) -> l
     def add(p: Path, named: bool) -> None:
         if p.suffix not in suffixes:
             if named:
-                raise ValueError(f"{p}: unsupported file type {p.suffix!r}; expected one of {tuple(suffixes)}")
+                raise InputFileError(f"{p}: unsupported file type {p.suffix!r}; expected one of {tuple(suffixes)}")
             return
         key = p.resolve()
         if key not in seen:
