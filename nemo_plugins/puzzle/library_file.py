@@ -29,6 +29,19 @@ class LibraryError(MipError):
     """The library (file or dict) is malformed; the message names the group, variant and key."""
 
 
+class InfeasibleBudgetError(MipError):
+    """No choice meets the bounds. `key`/`sense`/`bound`: the binding constraint;
+    `best_value`: the smallest (sense "max") or largest (sense "min") value it can take."""
+
+    def __init__(self, message: str, *, key: str, sense: str, bound: float, best_value: float | None):
+        super().__init__(message)
+        self.key, self.sense, self.bound, self.best_value = key, sense, bound, best_value
+
+
+class MipTimeoutError(MipError):
+    """The time limit passed before any feasible choice was found."""
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -47,6 +60,11 @@ def resolve_key(library: dict, key: str) -> tuple[str, str]:
     if len(found) == 2:
         raise LibraryError(f"key {key!r} is ambiguous: write stats.{key} or metrics.{key}")
     raise LibraryError(f"key {key!r}: no variant has stats.{key} or metrics.{key} (write 'stats.KEY' or 'metrics.KEY')")
+
+
+def canonical_key(library: dict, key: str) -> str:
+    """`key` as "stats.KEY" or "metrics.KEY" (see `resolve_key`)."""
+    return ".".join(resolve_key(library, key))
 
 
 def _explain(where: str, entry, needed) -> None:
