@@ -10,7 +10,7 @@ import torch
 
 from nemo_plugins.arch import homogeneous
 from nemo_plugins.distill import RecoveryConfig, RecoveryLossConfig, run_recovery
-from nemo_plugins.distill.recovery import RecoveryModule
+from nemo_plugins.utils.training import LossModule
 from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model import train as train_mod
 from nemo_plugins.puzzle import bld as bld_mod
@@ -55,7 +55,7 @@ def fit_recovery(out):
 LOOPS = {  # loop: (how it runs, its Lightning module)
     "parent": (fit_parent, train_mod.LMTrainingModule),
     "bld": (fit_bld, bld_mod.BLDModule),
-    "recovery": (fit_recovery, RecoveryModule),
+    "recovery": (fit_recovery, LossModule),
 }
 
 

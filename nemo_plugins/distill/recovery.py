@@ -1,8 +1,8 @@
 """Recovery after compression: distill the frozen teacher (the parent) into the student (the
 Puzzle/FFN-Fusion child), or continue pre-training it on the data (`loss.mode=cpt`).
 
-The loop runs on a Lightning Trainer with manual optimization; one Lightning batch is one
-optimizer step, i.e. `grad_accum` micro-batches of `batch_size` examples. Each micro-batch is
+The loop is `utils.training.LossModule` (shared with SFT) given this file's `step_loss`, on a
+Lightning Trainer with manual optimization; one Lightning batch is one optimizer step, i.e. `grad_accum` micro-batches of `batch_size` examples. Each micro-batch is
 backpropagated separately (real accumulation: memory of one micro-batch) and weighted by its
 share of the step's counted tokens, so accumulating 2×B equals one step of 2B.
 
@@ -17,6 +17,7 @@ checkpointed history, so a resumed run never duplicates rows), `recovery_summary
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -31,11 +32,7 @@ from ..model.llama import HeteroLlamaForCausalLM
 from ..model.losses import next_token_mask
 from ..model.metrics import logits_and_hidden, val_metrics
 from ..model.train import TokenDataset, micro_batches
-from ..utils.plots import plot_training_curves
-from ..utils.resume import TrainingState
-from ..utils.training import (
-    PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
-)  # fmt: skip
+from ..utils.training import PRECISIONS, LossModule, RunPaths, StepSampler, fit_steps, resume_or_seed, run_summary
 from .losses import RecoveryLossConfig, recovery_loss
 
 log = logging.getLogger("nemo_plugins.distill")
@@ -92,75 +89,30 @@ class RecoveryConfig:
 
 
 
-# ----------------------------------------------------------------------------- Lightning module
+# ----------------------------------------------------------------------------- loss
 
 
-class RecoveryModule(StepModule):
-    """Student trained against a frozen teacher; one batch = one optimizer step (a list of
-    micro-batches). Validates and checkpoints itself at step boundaries."""
+def micro_loss(student, teacher, loss_cfg: RecoveryLossConfig, ids, loss_mask):
+    """(token-sum loss, {term: token sum}) of one micro-batch; the teacher runs without gradients."""
+    logits, hidden = logits_and_hidden(student, ids)
+    t_logits = t_hidden = None
+    if loss_cfg.needs_teacher:
+        with torch.no_grad():
+            t_logits, t_hidden = logits_and_hidden(teacher, ids)
+    return recovery_loss(loss_cfg, ids, loss_mask, logits, hidden, t_logits, t_hidden, reduction="sum")
 
-    def __init__(
-        self, student, teacher, cfg: RecoveryConfig, val_batches, paths: RunPaths,
-        resume: TrainingState | None, num_train_examples: int,
-    ):  # fmt: skip
-        super().__init__(student, cfg, paths, resume)
-        self.student = student
-        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
-        self.val_batches = val_batches
-        self.num_train_examples = num_train_examples  # recorded so a resume can check it
 
-    def train(self, mode: bool = True):
-        """Lightning puts the whole module in train mode; the teacher stays in eval."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    # -- one step
-
-    def micro_loss(self, ids, loss_mask):
-        """(token-sum loss, {term: token sum}) of one micro-batch."""
-        logits, hidden = logits_and_hidden(self.student, ids)
-        t_logits = t_hidden = None
-        if self.cfg.loss.needs_teacher:
-            with torch.no_grad():
-                t_logits, t_hidden = logits_and_hidden(self.teacher, ids)
-        return recovery_loss(self.cfg.loss, ids, loss_mask, logits, hidden, t_logits, t_hidden, reduction="sum")
-
-    def training_step(self, batch, batch_idx):
-        if self.step_count == 0 and not self.val_history:
-            self.validate()  # step-0 baseline
-        n_tokens = max(1, sum(int(next_token_mask(m).sum()) for _, m in batch))
-        total = 0.0
-        for ids, loss_mask in batch:
-            loss, _ = self.micro_loss(ids, loss_mask)
-            self.manual_backward(loss / n_tokens)
-            total += float(loss.detach()) / n_tokens
-        validate, save = self.optimizer_step_done(total)
-        if validate:
-            self.validate()
-        if save:
-            self.save()
-
-    # -- validation and checkpoints
-
-    def validate(self):
-        was_training = self.student.training
-        self.student.eval()
-        metrics = val_metrics(self.student, self.teacher, self.val_batches)
-        self.student.train(was_training)
-        self.val_history.append({"step": self.step_count, **metrics, "lr": self.current_lr()})
-        if self.logger:
-            logged = {f"val/{k[4:]}": v for k, v in metrics.items() if v is not None}
-            self.logger.log_metrics(logged, step=self.step_count)
-        self.write_reports()
-
-    def write_reports(self):
-        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, ("val_kl", "val_lm_loss", "lr"))
-        plot_training_curves(self.train_losses, self.val_history, self.paths.plot)
-
-    def save(self):
-        self.save_state(asdict(self.cfg), num_train_examples=self.num_train_examples)
+def step_loss(student, teacher, loss_cfg: RecoveryLossConfig, batch, backward=None) -> float:
+    """The step's loss per counted token; each micro-batch's share is backpropagated on its own
+    through `backward` (real accumulation: the memory of one micro-batch)."""
+    n_tokens = max(1, sum(int(next_token_mask(m).sum()) for _, m in batch))
+    total = 0.0
+    for ids, loss_mask in batch:
+        loss, _ = micro_loss(student, teacher, loss_cfg, ids, loss_mask)
+        if backward is not None:
+            backward(loss / n_tokens)
+        total += float(loss.detach()) / n_tokens
+    return total
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -191,14 +143,20 @@ def run_recovery(
     start = resume.step if resume is not None else 0
     n_val = cfg.val_batches * cfg.batch_size or len(val_examples)
     val_batches = micro_batches(list(val_examples)[:n_val], cfg.batch_size, pad_id)
-    module = RecoveryModule(student, teacher, cfg, val_batches, paths, resume, len(train_examples))
+    module = LossModule(
+        student, cfg, paths, resume,
+        step_loss=functools.partial(step_loss, student, teacher, cfg.loss),
+        val_metrics=lambda: val_metrics(student, teacher, val_batches), columns=("val_kl", "val_lm_loss"),
+        config=asdict(cfg), recorded={"num_train_examples": len(train_examples)},
+        frozen=[teacher] if teacher is not None else [],
+    )  # fmt: skip
     if start < cfg.steps:
         _fit(module, train_examples, cfg, start, pad_id, progress, callbacks)
     student.eval()
     return run_summary(module, start)
 
 
-def _fit(module: RecoveryModule, train_examples, cfg: RecoveryConfig, start: int, pad_id, progress, callbacks):
+def _fit(module: LossModule, train_examples, cfg: RecoveryConfig, start: int, pad_id, progress, callbacks):
     sampler = StepSampler(len(train_examples), cfg.examples_per_step, cfg.seed, start, cfg.steps)
     loader = DataLoader(
         TokenDataset(train_examples), batch_sampler=sampler,

@@ -1,7 +1,7 @@
 """Reasoning-toggle SFT: masked next-token loss on response tokens, on a resumable Lightning loop.
 
-The loop follows distill/recovery.py: manual optimization, one Lightning batch = one optimizer
-step = `grad_accum` micro-batches of `batch_size` rows, each micro-batch backpropagated on its
+The loop is `utils.training.LossModule`, the one recovery runs, given this file's `step_loss`:
+manual optimization, one Lightning batch = one optimizer step = `grad_accum` micro-batches of `batch_size` rows, each micro-batch backpropagated on its
 own (real accumulation) and weighted by its share of the step's counted tokens, so accumulating
 2×B rows equals one step of 2B rows.
 
@@ -37,11 +37,7 @@ from ..data.sft_data import first_fit, pack_examples, packed_attention_mask
 from ..model.llama import HeteroLlamaForCausalLM
 from ..model.metrics import val_metrics
 from ..model.train import TokenDataset, collate_with_validity, micro_batches
-from ..utils.plots import plot_training_curves
-from ..utils.resume import TrainingState
-from ..utils.training import (
-    PRECISIONS, RunPaths, StepModule, StepSampler, fit_steps, resume_or_seed, run_summary, write_metrics_csv,
-)  # fmt: skip
+from ..utils.training import PRECISIONS, LossModule, RunPaths, StepSampler, fit_steps, resume_or_seed, run_summary
 
 log = logging.getLogger("nemo_plugins.sft")
 
@@ -239,44 +235,6 @@ def step_loss(model: HeteroLlamaForCausalLM, batch: Sequence[MicroBatch], backwa
     return total
 
 
-# ----------------------------------------------------------------------------- Lightning module
-
-
-class SFTModule(StepModule):
-    """One batch = one optimizer step (a list of micro-batches); validates and checkpoints
-    itself at step boundaries. `step_count` is the number of optimizer steps done."""
-
-    def __init__(self, model, cfg: SFTConfig, val_batches, paths: RunPaths, resume: TrainingState | None, data: dict):
-        super().__init__(model, cfg, paths, resume)
-        self.model = model
-        self.val_batches = val_batches
-        self.data = data  # example / row counts, recorded so a resume can check them
-
-    def training_step(self, batch, batch_idx):
-        if self.step_count == 0 and not self.val_history:
-            self.validate()  # step-0 baseline
-        validate, save = self.optimizer_step_done(step_loss(self.model, batch, self.manual_backward, **self.cfg.weighting()))
-        if validate:
-            self.validate()
-        if save:
-            self.save()
-
-    def validate(self):
-        was_training = self.model.training
-        self.model.eval()
-        metrics = val_metrics(self.model, None, self.val_batches)
-        self.model.train(was_training)
-        self.val_history.append({"step": self.step_count, "val_lm_loss": metrics["val_lm_loss"], "lr": self.current_lr()})
-        self.write_reports()
-
-    def write_reports(self):
-        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, ("val_lm_loss", "lr"))
-        plot_training_curves(self.train_losses, self.val_history, self.paths.plot)
-
-    def save(self):
-        self.save_state(self.cfg.train_fields(), data=self.data)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -307,11 +265,16 @@ def run_sft(
     start = resume.step if resume is not None else 0
     n_val = cfg.val_batches * cfg.batch_size or len(val_examples)
     val_batches = micro_batches(list(val_examples)[:n_val], cfg.batch_size, pad_id)
-    module = SFTModule(model, cfg, val_batches, paths, resume, data)
+    module = LossModule(
+        model, cfg, paths, resume,
+        step_loss=lambda batch, backward: step_loss(model, batch, backward, **cfg.weighting()),
+        val_metrics=lambda: {"val_lm_loss": val_metrics(model, None, val_batches)["val_lm_loss"]},
+        columns=("val_lm_loss",), config=cfg.train_fields(), recorded={"data": data},
+    )  # fmt: skip
     if start < cfg.steps:
         _fit(module, train_examples, rows, cfg, start, pad_id, progress, callbacks)
     model.eval()
-    return run_summary(module, start, data=module.data)
+    return run_summary(module, start, data=data)
 
 
 def _data_stats(examples: Sequence[Example], rows: list[list[int]], cfg: SFTConfig) -> dict:
@@ -320,7 +283,7 @@ def _data_stats(examples: Sequence[Example], rows: list[list[int]], cfg: SFTConf
     return {"examples": len(examples), "tokens": tokens, "rows": len(rows), "pack_fill": fill}
 
 
-def _fit(module: SFTModule, examples, rows, cfg: SFTConfig, start: int, pad_id, progress, callbacks):
+def _fit(module: LossModule, examples, rows, cfg: SFTConfig, start: int, pad_id, progress, callbacks):
     sampler = StepSampler(len(rows), cfg.rows_per_step, cfg.seed, start, cfg.steps)
     loader = DataLoader(
         TokenDataset(range(len(rows))), batch_sampler=sampler,

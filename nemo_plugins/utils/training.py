@@ -19,7 +19,7 @@ import io
 import logging
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from .atomic import write_json_atomic, write_text_atomic
+from .plots import plot_training_curves
 from ..errors import CheckpointError
 from .resume import (
     TrainingState, clean_checkpoint_debris, latest, list_checkpoints, load_training_state, restore_rng_state,
@@ -247,6 +248,59 @@ class StepModule(L.LightningModule):
 
     def current_lr(self) -> float | None:
         return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
+
+
+class LossModule(StepModule):
+    """The loop recovery and SFT share, given a loss: one Lightning batch is one optimizer step (a
+    list of micro-batches). `step_loss(batch, backward)` backpropagates each micro-batch's share
+    through `backward` and returns the step's loss; `val_metrics()` measures the model (at step 0,
+    every `val_every` steps and at the end; `columns` of it go to metrics.csv); each checkpoint
+    records `config` and `recorded` (e.g. data sizes) for a resume to compare. `frozen` modules
+    (a teacher) move with the model but stay in eval mode."""
+
+    def __init__(
+        self, model: nn.Module, cfg, paths: RunPaths, resume: TrainingState | None, *,
+        step_loss: Callable[[list, Callable], float], val_metrics: Callable[[], dict], columns: Sequence[str],
+        config: dict, recorded: dict, frozen: Sequence[nn.Module] = (),
+    ):  # fmt: skip
+        super().__init__(model, cfg, paths, resume)
+        self.model = model
+        self.frozen = nn.ModuleList([m.requires_grad_(False).eval() for m in frozen])
+        self.step_loss, self.val_metrics, self.columns = step_loss, val_metrics, tuple(columns)
+        self.config, self.recorded = config, recorded
+
+    def train(self, mode: bool = True):
+        """Lightning puts the whole module in train mode; the frozen ones stay in eval."""
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def training_step(self, batch, batch_idx):
+        if self.step_count == 0 and not self.val_history:
+            self.validate()  # step-0 baseline
+        validate, save = self.optimizer_step_done(self.step_loss(batch, self.manual_backward))
+        if validate:
+            self.validate()
+        if save:
+            self.save()
+
+    def validate(self):
+        was_training = self.model.training
+        self.model.eval()
+        metrics = self.val_metrics()
+        self.model.train(was_training)
+        self.val_history.append({"step": self.step_count, **metrics, "lr": self.current_lr()})
+        if self.logger:
+            logged = {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items() if v is not None}
+            self.logger.log_metrics(logged, step=self.step_count)
+        self.write_reports()
+
+    def write_reports(self):
+        write_metrics_csv(self.paths.metrics_csv, self.train_losses, self.val_history, (*self.columns, "lr"))
+        plot_training_curves(self.train_losses, self.val_history, self.paths.plot)
+
+    def save(self):
+        self.save_state(self.config, **self.recorded)
 
 
 def resume_latest(checkpoints: Path, model: nn.Module, name: str) -> TrainingState | None:
