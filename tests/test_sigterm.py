@@ -157,6 +157,56 @@ def test_sigterm_in_bld_keeps_finished_waves_exits_143_and_a_rerun_trains_the_re
                        progress=False)) == {second.key}  # fmt: skip
 
 
+def test_a_bld_wave_killed_midway_resumes_from_its_checkpoint_bit_exactly(tmp_path, monkeypatch, sigterm_guard):
+    """SIGTERM at step 3 of a 6-step wave (checkpoints every 2 steps and on SIGTERM): the rerun
+    trains steps 4-6 only and saves the weights an uninterrupted wave does."""
+    from safetensors.torch import load_file
+
+    parent = tiny().eval()
+    lib = LibraryConfig(kv_heads=[1], ffn_fractions=[0.5], ffn_multiple=16)
+    vs = [v for v in build_variants(parent.config, lib) if v.group == "1.attention" and v.name in ("linear", "gqa_kv1")]
+    calib = [(torch.randint(1, VOCAB, (4, 10), generator=torch.Generator().manual_seed(2)), torch.ones(4, 10, dtype=torch.bool))]
+    cfg = BLDConfig(steps=6, batch_size=4, ckpt_every=2)  # 16 examples: 4 batches an epoch, so 2 epochs
+
+    def run(out):
+        return run_bld(parent, build_students(parent, vs, calib, InitConfig()), examples(16, 0), out, cfg, progress=False)
+
+    run(tmp_path / "clean")
+    steps = []
+    sigterm_at(bld_mod.BLDModule, monkeypatch, lambda m, i: steps.append(m.step_count) or m.step_count == 3)
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path / "killed")
+    assert stopped.value.code == EXIT_SIGTERM and steps == [1, 2, 3]
+    assert latest(tmp_path / "killed" / "wave-rank0").name == "step-00000003"
+    assert not any(variant_path(tmp_path / "killed", v).is_file() for v in vs)
+
+    monkeypatch.undo()
+    resumed_steps = []
+    sigterm_at(bld_mod.BLDModule, monkeypatch, lambda m, i: resumed_steps.append(m.step_count) and False)
+    run(tmp_path / "killed")
+    assert resumed_steps == [4, 5, 6]  # it continued, it did not start over
+    assert not (tmp_path / "killed" / "wave-rank0").exists()  # the finished wave needs no checkpoint
+    for v in vs:
+        want, got = load_file(variant_path(tmp_path / "clean", v)), load_file(variant_path(tmp_path / "killed", v))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), v.key
+
+
+def test_wave_batches_are_the_batches_lightning_drew_from_the_shuffled_loader():
+    """WaveBatches reproduces, over several epochs, DataLoader(shuffle=True, drop_last=True, seeded
+    generator) read as Lightning reads it (len(loader) batches an epoch, the iterator never
+    exhausted): the order BLD trained in before waves could resume. It starts midway when asked."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    for n, bs, seed in [(16, 4, 0), (19, 4, 0), (19, 5, 3), (7, 7, 1)]:
+        loader = DataLoader(range(n), batch_size=bs, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        want = [b.tolist() for _ in range(11) for b in itertools.islice(iter(loader), len(loader))][:11]
+        assert list(bld_mod.WaveBatches(n, bs, seed, 0, 11)) == want
+        assert list(bld_mod.WaveBatches(n, bs, seed, 6, 11)) == want[6:]
+
+
 def test_sigterm_in_parent_training_exits_143_after_the_step(monkeypatch, sigterm_guard):
     steps = []
     sigterm_at(train_mod.LMTrainingModule, monkeypatch, lambda m, i: steps.append(i) or i == 0)

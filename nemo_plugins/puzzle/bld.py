@@ -4,7 +4,10 @@ Each batch runs the frozen parent once; every variant then learns, from the pare
 activations, to reproduce the parent sub-block's output (normalized MSE
 `mse(y, t) / mse(t, 0)` over real tokens). Variants share no parameters, so one summed loss
 trains them all independently (gradients are clipped per variant). Variants are trained in
-waves; each finished variant is saved at once, and a restarted run skips the saved ones.
+waves; each finished variant is saved at once, and a restarted run skips the saved ones. Within a
+wave, the students and their optimizer are checkpointed every `ckpt_every` steps and on SIGTERM
+(`wave-rank<r>/` in the library directory), so a killed wave resumes from its last checkpoint and
+ends with the weights an uninterrupted one would have.
 Several processes split the library: each takes every `world_size`-th variant (`shard`) and
 all write into the same directory. `puzzle.launch.run_bld_processes` starts one per local GPU
 (`bld.processes`); `rank` / `world_size` let an outside launcher (torchrun, Slurm, NeMo-Run)
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +27,16 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, Sampler
 
+from ..errors import CheckpointError
 from ..utils import checks
 from ..model.llama import Block, HeteroLlamaForCausalLM
 from ..model.train import TokenDataset, collate_with_validity
 from ..utils.atomic import write_bytes_atomic, write_json_atomic
-from ..utils.training import OptimConfig, cosine_schedule, fit_module, stop_if_terminated
+from ..utils.resume import TrainingState, latest, list_checkpoints, load_training_state, save_training_state
+from ..utils.training import OptimConfig, cosine_schedule, fit_module, resume_latest, stop_if_terminated
 from .activations import capture, run_student, student_io
 from .library import Variant
 
@@ -49,10 +56,11 @@ class BLDConfig:
     rank: int = 0  # this process's share when an outside launcher splits the library
     world_size: int = 1
     seed: int = 0
+    ckpt_every: int = 100  # steps between a wave's checkpoints (0: only on SIGTERM)
 
     def __post_init__(self):
         checks.positive_ints(self, "puzzle.bld", "steps", "batch_size", "world_size")
-        checks.non_negative_ints(self, "puzzle.bld", "warmup_steps", "wave_size", "seed")
+        checks.non_negative_ints(self, "puzzle.bld", "warmup_steps", "wave_size", "seed", "ckpt_every")
         checks.positive_numbers(self, "puzzle.bld", "lr")
         checks.non_negative_numbers(self, "puzzle.bld", "weight_decay", "grad_clip")
         if self.processes < 0:
@@ -116,23 +124,58 @@ def _module_key(v: Variant) -> str:
     return v.key.replace(".", "_").replace("/", "__")
 
 
+class WaveBatches(Sampler):
+    """The batches of a wave from step `start` on: what Lightning drew from `DataLoader(shuffle=True,
+    drop_last=True, generator=torch.Generator().manual_seed(seed))` over as many epochs as `steps`
+    needs, so a resumed wave sees the batches the interrupted one would have (and BLD trains as it
+    did before waves could resume). Per epoch the loader's iterator draws its base seed, then the
+    sampler its `randperm`; Lightning takes `len(loader)` batches and never exhausts the iterator,
+    so the sampler's last (empty) `randperm` is never drawn."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, start: int, steps: int):
+        if num_examples < batch_size:
+            raise ValueError(f"{num_examples} BLD examples < puzzle.bld.batch_size={batch_size}")
+        self.n, self.batch_size, self.seed, self.start, self.steps = num_examples, batch_size, seed, start, steps
+
+    def __iter__(self):
+        g, step = torch.Generator().manual_seed(self.seed), 0
+        while step < self.steps:
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader iterator's base seed
+            perm = torch.randperm(self.n, generator=g).tolist()
+            for i in range(0, self.n - self.batch_size + 1, self.batch_size):
+                if step >= self.start:
+                    yield perm[i : i + self.batch_size]
+                step += 1
+                if step == self.steps:
+                    return
+
+    def __len__(self):
+        return self.steps - self.start
+
+
 class BLDModule(L.LightningModule):
     """Frozen parent + the students of one wave.
 
     Each student's loss depends only on its own weights (its input and target are the frozen
     parent's activations), so each one backpropagates as soon as it is computed: one student's
     graph is alive at a time instead of the whole wave's, with the same gradients as summing the
-    losses (manual optimization, one optimizer step per batch)."""
+    losses (manual optimization, one optimizer step per batch). `checkpoints`: where the wave
+    saves itself every `cfg.ckpt_every` steps and on SIGTERM; `resume`: what it continues."""
 
-    def __init__(self, parent: HeteroLlamaForCausalLM, students: dict[Variant, Block], cfg: BLDConfig):
+    def __init__(
+        self, parent: HeteroLlamaForCausalLM, students: dict[Variant, Block], cfg: BLDConfig, checkpoints: Path,
+        resume: TrainingState | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.parent = parent.requires_grad_(False).eval()
         self.variants = {_module_key(v): v for v in students}
         self.students = nn.ModuleDict({_module_key(v): b for v, b in students.items()})
-        self.cfg = cfg
-        self.last_losses: dict[str, float] = {}
-        self.tokens = 0  # real (non-pad) tokens trained on, for the throughput figure
+        self.cfg, self.checkpoints, self.resume = cfg, Path(checkpoints), resume
+        extra = resume.extra if resume is not None else {}
+        self.step_count = resume.step if resume is not None else 0
+        self.last_losses: dict[str, float] = dict(extra.get("last_losses", {}))
+        self.tokens = 0  # real (non-pad) tokens trained on in this process, for the throughput figure
 
     def training_step(self, batch, batch_idx):
         ids, valid = batch
@@ -150,15 +193,53 @@ class BLDModule(L.LightningModule):
             self.last_losses[key] = float(loss.detach())
         opt.step()
         sched.step()
+        self.step_count += 1
         mean = sum(self.last_losses[k] for k in self.students) / max(1, len(self.students))
         self.log("bld_loss", mean, prog_bar=True, on_step=True)
+        if self.cfg.ckpt_every and self.step_count % self.cfg.ckpt_every == 0 and self.step_count < self.cfg.steps:
+            self.save()
 
     def configure_optimizers(self):
         params = [p for b in self.students.values() for p in b.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.95), weight_decay=self.cfg.weight_decay)
         sched_cfg = OptimConfig(lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, self.cfg.steps, sched_cfg))
+        if self.resume is not None:
+            opt.load_state_dict(self.resume.optimizer)
+            sched.load_state_dict(self.resume.scheduler)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def save(self) -> None:
+        """Checkpoint the wave at the current step (the students, their optimizer and schedule)."""
+        extra = {"variants": sorted(self.variants), "last_losses": self.last_losses}
+        save_training_state(self.checkpoints, self.step_count, self.students, self.optimizers(), self.lr_schedulers(),
+                            extra, keep_last=1)  # fmt: skip
+
+
+class _SaveWaveOnSigterm(L.Callback):
+    """Checkpoint the wave when Lightning stops the fit on SIGTERM (between steps, optimizers
+    still attached), so the rerun continues from that step."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and pl_module.step_count < pl_module.cfg.steps:
+            log.warning("BLD: SIGTERM, checkpointing the wave at step %d", pl_module.step_count)
+            pl_module.save()
+
+
+def _resume_wave(checkpoints: Path, students: nn.ModuleDict, keys: list[str]) -> TrainingState | None:
+    """The wave's checkpoint loaded into `students` when it is of these variants; a checkpoint of
+    another wave (the library split differently) is removed."""
+    if not list_checkpoints(checkpoints):
+        return None
+    try:  # the state alone (no weights loaded yet): which wave it is
+        variants = load_training_state(latest(checkpoints), restore_rng=False).extra.get("variants")
+    except CheckpointError as e:
+        variants = f"unreadable: {e}"
+    if variants != sorted(keys):
+        log.warning("BLD: %s holds another wave (%s); starting this one afresh", checkpoints, variants)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return None
+    return resume_latest(checkpoints, students, "BLD")
 
 
 def run_bld(
@@ -179,8 +260,9 @@ def run_bld(
     caller passes students already initialized from the parent.
 
     On SIGTERM, raises `TrainingInterrupted` (exit status 143) after the current step: the
-    interrupted wave is not saved (a half-trained variant would pass for a finished one), the
-    waves saved before it are, and a rerun trains only what is missing.
+    interrupted wave is checkpointed, not saved as variants (a half-trained variant would pass
+    for a finished one); the waves before it are saved, and a rerun trains only what is missing,
+    continuing the interrupted wave from its checkpoint.
     """
     mine = shard(students, cfg.rank, cfg.world_size)
     todo = [v for v in mine if not variant_path(library_dir, v).is_file()]
@@ -195,25 +277,30 @@ def run_bld(
     losses: dict[str, float] = {}
     speed_file = speed_path(library_dir, cfg.rank)  # accumulated over resumed runs
     speed = json.loads(speed_file.read_text()) if speed_file.is_file() else dict.fromkeys(SPEED_KEYS, 0)
+    checkpoints = Path(library_dir) / f"wave-rank{cfg.rank}"
     for start in range(0, len(todo), wave):
         started = time.perf_counter()
         chunk = {v: students[v] for v in todo[start : start + wave]}
         L.seed_everything(cfg.seed, verbose=False)
-        module = BLDModule(parent, chunk, cfg)
+        keys = [_module_key(v) for v in chunk]
+        resume = _resume_wave(checkpoints, nn.ModuleDict({_module_key(v): b for v, b in chunk.items()}), keys)
+        module = BLDModule(parent, chunk, cfg, checkpoints, resume)
         loader = DataLoader(
-            TokenDataset(examples), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            TokenDataset(examples), batch_sampler=WaveBatches(len(examples), cfg.batch_size, cfg.seed,
+                                                               module.step_count, cfg.steps),
             collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real)
-            generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
         trainer = fit_module(
-            module, loader, accelerator="auto", devices=1, max_steps=cfg.steps,
-            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-            num_sanity_val_steps=0,
+            module, loader, callbacks=[_SaveWaveOnSigterm()], accelerator="auto", devices=1,
+            max_steps=cfg.steps - module.step_count, max_epochs=1, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+            use_distributed_sampler=False,
         )  # fmt: skip
         for key, v in module.variants.items():
             loss = module.last_losses.get(key, float("nan"))
             save_variant(library_dir, v, module.students[key], {"bld_loss": loss, "trained": "true"})
             losses[v.key] = loss
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the wave is saved as variants
         speed["seconds"] += time.perf_counter() - started
         speed["variants"] += len(chunk)
         speed["tokens"] += module.tokens
