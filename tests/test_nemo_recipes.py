@@ -264,9 +264,26 @@ def test_bad_overrides_fail_naming_key_value_and_type(nr, override, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_strategy_keys_that_nemo_run_lets_through_are_caught(nr):
+    """MegatronStrategy takes **kwargs, so NeMo-Run's parser keeps a misspelt key; check_recipe
+    names it. torch DDP's arguments, where those **kwargs go, are real keys."""
+    R = nr.recipes
+    typo = nr.run.cli.parse_cli_args(R.recovery_recipe(data_paths=TEXT),
+                                     ["trainer.strategy.tensor_model_paralel_size=4"])  # fmt: skip
+    assert typo.trainer.strategy.tensor_model_paralel_size == 4
+    with pytest.raises(R.RecipeError, match=r"trainer.strategy.tensor_model_paralel_size=4: MegatronStrategy has "
+                                            r"no parameter .*did you mean tensor_model_parallel_size"):  # fmt: skip
+        R.check_recipe(typo)
+    ddp = R.apply_overrides(R.recovery_recipe(data_paths=TEXT), ["trainer.strategy.gradient_as_bucket_view=False",
+                                                                 "trainer.strategy.bucket_cap_mb=50"])  # fmt: skip
+    R.check_recipe(ddp)
+    assert ddp.trainer.strategy.bucket_cap_mb == 50
+
+
 def test_inconsistent_overrides_are_caught_before_launch(nr):
     R = nr.recipes
-    with pytest.raises(R.RecipeError, match=r"trainer: tp\*pp\*cp=8\*3\*1=24 does not divide the 32 GPUs"):
+    with pytest.raises(R.RecipeError, match=r"trainer: tp\*pp\*cp=8\*3\*1=24 does not divide the 32 GPUs.*"
+                                            r"trainer.strategy.pipeline_model_parallel_size=3"):  # fmt: skip
         R.check_recipe(R.apply_overrides(R.recovery_recipe(data_paths=TEXT), ["trainer.strategy.pipeline_model_parallel_size=3"]))
     with pytest.raises(R.RecipeError, match="global_batch_size=102"):
         R.check_recipe(R.apply_overrides(R.recovery_recipe(parent_size="8b", data_paths=TEXT), ["data.global_batch_size=102"]))

@@ -182,9 +182,11 @@ def _check_batch(layout: Parallelism, num_gpus_per_node: int, global_batch_size:
 
 
 def check_recipe(recipe: run.Partial) -> None:
-    """Consistency of a built (and possibly overridden) training recipe: the parallel layout tiles
-    the trainer's GPUs and the batch sizes divide. Raises RecipeError naming the fields."""
+    """Consistency of a built (and possibly overridden) training recipe: the strategy knows every
+    key it is given, the parallel layout tiles the trainer's GPUs and the batch sizes divide.
+    Raises RecipeError naming the fields."""
     tr, st, data = recipe.trainer, recipe.trainer.strategy, recipe.data
+    check_strategy_keys(st)
     try:
         devices = int(tr.devices)
     except (TypeError, ValueError):
@@ -196,8 +198,35 @@ def check_recipe(recipe: run.Partial) -> None:
     try:
         check_parallelism(layout, devices)
     except ValueError as e:
-        raise RecipeError(f"trainer: {e}") from None
+        keys = ", ".join(f"trainer.{k}={v!r}" for k, v in (
+            ("strategy.tensor_model_parallel_size", layout.tp), ("strategy.pipeline_model_parallel_size", layout.pp),
+            ("strategy.context_parallel_size", layout.cp), ("num_nodes", layout.nodes), ("devices", tr.devices),
+        ))  # fmt: skip
+        raise RecipeError(f"trainer: {e} (from {keys})") from None
     _check_batch(layout, devices, data.global_batch_size, data.micro_batch_size)
+
+
+def check_strategy_keys(strategy) -> None:
+    """Raise RecipeError for a key of the trainer's strategy config that the strategy does not
+    take. MegatronStrategy has **kwargs (on to torch's DistributedDataParallel), so fiddle and
+    NeMo-Run accept a misspelt key, which would fail only once the job starts on the cluster."""
+    fn = getattr(strategy, "__fn_or_cls__", None)
+    if fn is None:
+        raise RecipeError(f"trainer.strategy={strategy!r}: expected a MegatronStrategy config")
+    names = _parameters(fn)
+    for key, value in strategy.__arguments__.items():
+        if key not in names:
+            raise RecipeError(
+                f"trainer.strategy.{key}={value!r}: {_type_name(fn)} has no parameter {key!r}; expected one of "
+                f"its parameters{_did_you_mean(key, names)}"
+            )
+
+
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def apply_overrides(recipe, overrides: list[str]):
@@ -226,12 +255,9 @@ def apply_overrides(recipe, overrides: list[str]):
             raise RecipeError(f"override {arg!r}: unknown key {key!r} (nothing configurable at {where!r})")
         names = _parameters(fn)
         if parts[-1] not in names:
-            import difflib
-
-            close = difflib.get_close_matches(parts[-1], sorted(names), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise RecipeError(
-                f"override {arg!r}: unknown key {key!r} ({_type_name(fn)} has no parameter {parts[-1]!r}){hint}"
+                f"override {arg!r}: unknown key {key!r} ({_type_name(fn)} has no parameter {parts[-1]!r})"
+                f"{_did_you_mean(parts[-1], names)}"
             )
         was_disabled, quiet.disabled = quiet.disabled, True  # NeMo-Run logs every failure at length
         try:
@@ -248,10 +274,16 @@ def apply_overrides(recipe, overrides: list[str]):
 
 def _parameters(fn) -> dict:
     """{name: inspect.Parameter} of a function, or of a class's __init__ along its MRO (where
-    **kwargs go); the most derived definition wins."""
+    **kwargs go); the most derived definition wins. A Lightning DDPStrategy (MegatronStrategy)
+    also takes the arguments of torch's DistributedDataParallel, where its **kwargs end up
+    (e.g. gradient_as_bucket_view)."""
     import inspect
 
+    from lightning.pytorch.strategies import DDPStrategy
+
     inits = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c)] if inspect.isclass(fn) else [fn]
+    if inspect.isclass(fn) and issubclass(fn, DDPStrategy):
+        inits.append(torch.nn.parallel.DistributedDataParallel.__init__)
     out: dict = {}
     for init in inits:
         try:
