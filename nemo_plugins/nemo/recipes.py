@@ -16,12 +16,18 @@ Paths default to a mount convention inside the container: parent/child NeMo chec
 /checkpoints, data under /data. Training uses MegatronStrategy with the TP/PP of the parent's
 size (executors.PARALLELISM), bf16-mixed, distributed Adam with a cosine schedule.
 
+On that path a recipe of these factories is checked once every `key=value` override is applied
+and before the dry run or launch (`RecipeRunContext`, installed on NeMo's training entrypoints):
+strategy keys, parallel sizes against the trainer's GPUs, the executor against the trainer.
+
 Values that exist only on the cluster (the newest checkpoint of an earlier stage, the KD config
 file) are `run.Config`s of small functions here, resolved when the job builds its config.
 """
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +43,9 @@ from nemo import lightning as nl  # noqa: E402
 from nemo.collections.llm.recipes.optim.adam import distributed_fused_adam_with_cosine_annealing  # noqa: E402
 
 from .data import TextDataModule, ToggleChatDataModule  # noqa: E402
-from .executors import GPUS_PER_H100_NODE, Parallelism, check_parallelism, parallelism_for  # noqa: E402
+from .executors import (  # noqa: E402
+    GPUS_PER_H100_NODE, Parallelism, check_fits_trainer, check_parallelism, parallelism_for,
+)  # fmt: skip
 
 CHECKPOINTS = "/checkpoints"
 DATA = "/data"
@@ -596,6 +604,66 @@ def toggle_sft_recipe(
         peft=None,
         tokenizer="model",
     )
+
+
+# ============================================================================ checks on the `nemo llm` path
+
+TRAINING_FACTORIES = {
+    "puzzle_recovery": recovery_recipe, "puzzle_cpt": cpt_recipe, "puzzle_toggle_sft": toggle_sft_recipe,
+}  # fmt: skip
+
+
+def check_launch(recipe: run.Partial, executor: Optional[run.Executor] = None) -> None:
+    """What a training recipe must pass before it runs: `check_recipe`, and an executor (when
+    there is one) that starts the trainer's nodes x GPUs processes."""
+    check_recipe(recipe)
+    if executor is not None:
+        check_fits_trainer(executor, recipe.trainer.num_nodes, int(recipe.trainer.devices))
+
+
+class RecipeRunContext(run.cli.RunContext):
+    """NeMo-Run's run context for `nemo llm distill|pretrain|finetune`, checking a recipe of this
+    project (`--factory puzzle_*`) with `check_launch` once every override is applied.
+
+    NeMo-Run 0.11 builds the executor (`run.executor=...`) first, then `parse_fn` calls the
+    factory and applies the `key=value` overrides; the dry run, the direct run and the launch all
+    follow it. A `run.Plugin` would run only on a launch through an executor, and a factory runs
+    before the overrides, so this is where the checks see what will actually run."""
+
+    def parse_fn(self, fn, args, **default_kwargs):
+        task = super().parse_fn(fn, args, **default_kwargs)
+        if _from_training_factory(self.factory):
+            check_launch(task, getattr(self, "executor", None))
+        return task
+
+
+def _from_training_factory(factory) -> bool:
+    """Whether `--factory` names one of TRAINING_FACTORIES: by registered name, e.g.
+    "puzzle_cpt(data_paths=[...])", or by dotted path to the function."""
+    if callable(factory):
+        return any(factory is f for f in TRAINING_FACTORIES.values())
+    match = re.match(r"\s*([\w.]+)", factory or "")
+    module, _, name = (match.group(1) if match else "").rpartition(".")
+    found = getattr(sys.modules.get(module), name, None) if module else TRAINING_FACTORIES.get(name)
+    return any(found is f for f in TRAINING_FACTORIES.values())
+
+
+def _check_on_the_cli() -> None:
+    """Give NeMo's training entrypoints RecipeRunContext. The `nemo` command loads this module
+    (the `nemo_run.cli` entry point) before it builds its commands, which take the run context
+    class from the entrypoint; a run context of someone else's is left alone, with a warning."""
+    for fn in (llm.distill, llm.pretrain, llm.finetune):
+        entry = fn.cli_entrypoint
+        if entry.run_ctx_cls is run.cli.RunContext:
+            entry.run_ctx_cls = RecipeRunContext
+        elif not issubclass(entry.run_ctx_cls, RecipeRunContext):
+            logging.getLogger(__name__).warning(
+                "nemo llm %s has its own run context (%s): the puzzle_* recipes are not checked before launch",
+                entry.name, entry.run_ctx_cls.__qualname__,
+            )  # fmt: skip
+
+
+_check_on_the_cli()
 
 
 # ============================================================================ the other NeMo-Run modules
