@@ -554,8 +554,8 @@ def test_nemo_console_script_rejects_a_bad_override(nr, tmp_path):
     if not [ep for ep in importlib.metadata.entry_points().select(group="nemo_run.cli") if ep.name == "nemo_plugins"]:
         pytest.skip("nemo_run.cli entry point not installed (setup.py entry_points)")
     script = "import sys; sys.argv[0] = 'nemo'; from nemo_run.__main__ import app; app()"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "NEMORUN_HOME": str(tmp_path / "home")}  # fmt: skip
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]  # this checkout first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "NEMORUN_HOME": str(tmp_path / "home")}
     proc = subprocess.run([sys.executable, "-c", script, "llm", "finetune", "--factory", NEMO_LLM["finetune"],
                            "trainer.strategy.pipeline_model_parallel_size=3", "--dryrun", "--yes"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)  # fmt: skip
