@@ -264,9 +264,26 @@ def test_bad_overrides_fail_naming_key_value_and_type(nr, override, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_strategy_keys_that_nemo_run_lets_through_are_caught(nr):
+    """MegatronStrategy takes **kwargs, so NeMo-Run's parser keeps a misspelt key; check_recipe
+    names it. torch DDP's arguments, where those **kwargs go, are real keys."""
+    R = nr.recipes
+    typo = nr.run.cli.parse_cli_args(R.recovery_recipe(data_paths=TEXT),
+                                     ["trainer.strategy.tensor_model_paralel_size=4"])  # fmt: skip
+    assert typo.trainer.strategy.tensor_model_paralel_size == 4
+    with pytest.raises(R.RecipeError, match=r"trainer.strategy.tensor_model_paralel_size=4: MegatronStrategy has "
+                                            r"no parameter .*did you mean tensor_model_parallel_size"):  # fmt: skip
+        R.check_recipe(typo)
+    ddp = R.apply_overrides(R.recovery_recipe(data_paths=TEXT), ["trainer.strategy.gradient_as_bucket_view=False",
+                                                                 "trainer.strategy.bucket_cap_mb=50"])  # fmt: skip
+    R.check_recipe(ddp)
+    assert ddp.trainer.strategy.bucket_cap_mb == 50
+
+
 def test_inconsistent_overrides_are_caught_before_launch(nr):
     R = nr.recipes
-    with pytest.raises(R.RecipeError, match=r"trainer: tp\*pp\*cp=8\*3\*1=24 does not divide the 32 GPUs"):
+    with pytest.raises(R.RecipeError, match=r"trainer: tp\*pp\*cp=8\*3\*1=24 does not divide the 32 GPUs.*"
+                                            r"trainer.strategy.pipeline_model_parallel_size=3"):  # fmt: skip
         R.check_recipe(R.apply_overrides(R.recovery_recipe(data_paths=TEXT), ["trainer.strategy.pipeline_model_parallel_size=3"]))
     with pytest.raises(R.RecipeError, match="global_batch_size=102"):
         R.check_recipe(R.apply_overrides(R.recovery_recipe(parent_size="8b", data_paths=TEXT), ["data.global_batch_size=102"]))
@@ -458,6 +475,92 @@ def test_cli_needs_data_for_training(nr, tmp_path, monkeypatch, stdin):
     status, out, err = run_cli(nr, nr.llm.distill, ["--factory", "puzzle_recovery(mock=True)", "--dryrun", "--yes"])
     assert status == 0 and "MockDataModule" in out, (out + err)[-2000:]
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- checks on the `nemo llm` path
+
+
+def nemo_cmd(args: list[str]) -> tuple[int, str]:
+    """(status, stdout and stderr) of the `nemo` command with `args`, in this process: NeMo-Run's
+    console script is `create_cli()` (which loads the `nemo_run.cli` entry points and builds a
+    command per entrypoint, reading sys.argv) called on the arguments."""
+    from nemo_run.cli.api import create_cli
+
+    old, out = sys.argv, io.StringIO()
+    sys.argv = ["nemo", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            status = create_cli()(args, standalone_mode=False)
+    finally:
+        sys.argv = old
+    return status or 0, out.getvalue()
+
+
+NEMO_LLM = {  # `nemo llm <command> --factory ...` for each training recipe (70b default: 4 nodes x 8 GPUs, tp 8 x pp 4)
+    "distill": "puzzle_recovery(data_paths=['/data/mix_text_document'])",
+    "pretrain": "puzzle_cpt(data_paths=['/data/mix_text_document'])",
+    "finetune": "puzzle_toggle_sft(data_paths=['/data/sft.jsonl'])",
+}
+# issue 17: each was accepted with exit 0; each must fail naming the key, its value and what was expected
+BAD_NEMO_LLM_OVERRIDES = {
+    "strategy typo": (["trainer.strategy.tensor_model_paralel_size=4"],
+                      ["trainer.strategy.tensor_model_paralel_size=4", "did you mean tensor_model_parallel_size"]),
+    "pp vs GPUs": (["trainer.strategy.pipeline_model_parallel_size=3"],
+                   ["does not divide the 32 GPUs", "trainer.strategy.pipeline_model_parallel_size=3"]),
+    "executor nodes": (["run.executor.nodes=2"], ["run.executor.nodes=2: expected 4", "trainer.num_nodes"]),
+    "local executor": (["run.executor=local_gpus", "run.executor.gpus=2"],
+                       ["run.executor.gpus=2: expected 8", "trainer.devices", "trainer.num_nodes=4"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(NEMO_LLM))
+@pytest.mark.parametrize("case", sorted(BAD_NEMO_LLM_OVERRIDES))
+def test_nemo_llm_rejects_bad_overrides_naming_the_key(nr, tmp_path, monkeypatch, stdin, command, case):
+    monkeypatch.chdir(tmp_path)
+    bad, words = BAD_NEMO_LLM_OVERRIDES[case]
+    executor = [] if any(a.startswith("run.executor=") for a in bad) else SLURM_ARGS
+    status, out = nemo_cmd(["llm", command, "--factory", NEMO_LLM[command], *executor, *bad, "--dryrun", "--yes"])
+    assert status == 1, out[-3000:]
+    assert all(w in out for w in words), out[-3000:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_nemo_llm_checks_before_launch_and_runs_good_overrides(nr, tmp_path, monkeypatch, stdin):
+    """Without --dryrun: a bad override stops before NeMo-Run launches anything; good ones launch
+    (run.run recorded instead), with an executor or directly."""
+    monkeypatch.chdir(tmp_path)
+    launched = []
+    monkeypatch.setattr(nr.run, "run", lambda fn_or_script, **kw: launched.append((fn_or_script, kw)))
+    sft = NEMO_LLM["finetune"]
+    status, out = nemo_cmd(["llm", "finetune", "--factory", sft, *SLURM_ARGS, "run.executor.nodes=2", "--yes"])
+    assert status == 1 and "run.executor.nodes=2" in out and launched == [], out[-3000:]
+    good = ["trainer.strategy.tensor_model_parallel_size=4", "trainer.strategy.gradient_as_bucket_view=False"]
+    status, out = nemo_cmd(["llm", "finetune", "--factory", sft, *SLURM_ARGS, "run.executor.nodes=4", *good, "--yes"])
+    assert status == 0 and len(launched) == 1, out[-3000:]
+    task, kw = launched[0]
+    assert task.trainer.strategy.tensor_model_parallel_size == 4 and kw["executor"].nodes == 4
+    small = "puzzle_toggle_sft(parent_size='8b', data_paths=['/data/sft.jsonl'])"  # one node: tp 2
+    for args in (["run.executor=local_gpus"], ["trainer.max_steps=5"]):  # torchrun here, or in this process
+        status, out = nemo_cmd(["llm", "finetune", "--factory", small, *args, "--yes"])
+        assert status == 0, out[-3000:]
+    assert [kw["executor"] is None for _, kw in launched[1:]] == [False, True]
+    for fn in (nr.llm.distill, nr.llm.pretrain, nr.llm.finetune):
+        assert fn.cli_entrypoint.run_ctx_cls is nr.recipes.RecipeRunContext
+
+
+def test_nemo_console_script_rejects_a_bad_override(nr, tmp_path):
+    """The `nemo` console script itself, in a fresh process: NeMo-Run finds this project through
+    its entry point and fails the override with exit 1."""
+    if not [ep for ep in importlib.metadata.entry_points().select(group="nemo_run.cli") if ep.name == "nemo_plugins"]:
+        pytest.skip("nemo_run.cli entry point not installed (setup.py entry_points)")
+    script = "import sys; sys.argv[0] = 'nemo'; from nemo_run.__main__ import app; app()"
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]  # this checkout first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "NEMORUN_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", script, "llm", "finetune", "--factory", NEMO_LLM["finetune"],
+                           "trainer.strategy.pipeline_model_parallel_size=3", "--dryrun", "--yes"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)  # fmt: skip
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert "trainer.strategy.pipeline_model_parallel_size=3" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_pipeline_needs_recovery_data(nr):

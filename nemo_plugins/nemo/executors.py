@@ -269,6 +269,30 @@ def for_trainer(executor: run.Executor, recipe: run.Partial) -> run.Executor:
     return ex
 
 
+def check_fits_trainer(executor: run.Executor, num_nodes: int, devices: int) -> None:
+    """Raise ExecutorConfigError unless `executor` starts the trainer's num_nodes x devices
+    processes (one per GPU), naming the executor's setting, its value and the trainer's: a
+    mismatch would otherwise hang or fail in Megatron's process-group set-up on the cluster."""
+    try:
+        nodes, procs = executor.nnodes(), executor.nproc_per_node()
+    except NotImplementedError:  # an executor that does not say how many it starts
+        return
+    local = isinstance(executor, run.LocalExecutor)
+    errors = []
+    if nodes != num_nodes and local:
+        errors.append(
+            f"run.executor: a local executor runs {nodes} node: expected trainer.num_nodes={num_nodes} "
+            f"(run.executor=slurm_h100 run.executor.nodes={num_nodes}, or a layout for one node)"
+        )
+    elif nodes != num_nodes:
+        errors.append(f"run.executor.nodes={nodes}: expected {num_nodes}, the trainer's trainer.num_nodes")
+    if procs != devices:
+        key = "run.executor.gpus" if local else "run.executor.gpus_per_node"
+        errors.append(f"{key}={procs}: expected {devices} processes per node, one per GPU of trainer.devices")
+    if errors:
+        raise ExecutorConfigError("; ".join(errors))
+
+
 # ============================================================================ dry runs
 
 

@@ -16,12 +16,18 @@ Paths default to a mount convention inside the container: parent/child NeMo chec
 /checkpoints, data under /data. Training uses MegatronStrategy with the TP/PP of the parent's
 size (executors.PARALLELISM), bf16-mixed, distributed Adam with a cosine schedule.
 
+On that path a recipe of these factories is checked once every `key=value` override is applied
+and before the dry run or launch (`RecipeRunContext`, installed on NeMo's training entrypoints):
+strategy keys, parallel sizes against the trainer's GPUs, the executor against the trainer.
+
 Values that exist only on the cluster (the newest checkpoint of an earlier stage, the KD config
 file) are `run.Config`s of small functions here, resolved when the job builds its config.
 """
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +43,9 @@ from nemo import lightning as nl  # noqa: E402
 from nemo.collections.llm.recipes.optim.adam import distributed_fused_adam_with_cosine_annealing  # noqa: E402
 
 from .data import TextDataModule, ToggleChatDataModule  # noqa: E402
-from .executors import GPUS_PER_H100_NODE, Parallelism, check_parallelism, parallelism_for  # noqa: E402
+from .executors import (  # noqa: E402
+    GPUS_PER_H100_NODE, Parallelism, check_fits_trainer, check_parallelism, parallelism_for,
+)  # fmt: skip
 
 CHECKPOINTS = "/checkpoints"
 DATA = "/data"
@@ -182,9 +190,11 @@ def _check_batch(layout: Parallelism, num_gpus_per_node: int, global_batch_size:
 
 
 def check_recipe(recipe: run.Partial) -> None:
-    """Consistency of a built (and possibly overridden) training recipe: the parallel layout tiles
-    the trainer's GPUs and the batch sizes divide. Raises RecipeError naming the fields."""
+    """Consistency of a built (and possibly overridden) training recipe: the strategy knows every
+    key it is given, the parallel layout tiles the trainer's GPUs and the batch sizes divide.
+    Raises RecipeError naming the fields."""
     tr, st, data = recipe.trainer, recipe.trainer.strategy, recipe.data
+    check_strategy_keys(st)
     try:
         devices = int(tr.devices)
     except (TypeError, ValueError):
@@ -196,8 +206,35 @@ def check_recipe(recipe: run.Partial) -> None:
     try:
         check_parallelism(layout, devices)
     except ValueError as e:
-        raise RecipeError(f"trainer: {e}") from None
+        keys = ", ".join(f"trainer.{k}={v!r}" for k, v in (
+            ("strategy.tensor_model_parallel_size", layout.tp), ("strategy.pipeline_model_parallel_size", layout.pp),
+            ("strategy.context_parallel_size", layout.cp), ("num_nodes", layout.nodes), ("devices", tr.devices),
+        ))  # fmt: skip
+        raise RecipeError(f"trainer: {e} (from {keys})") from None
     _check_batch(layout, devices, data.global_batch_size, data.micro_batch_size)
+
+
+def check_strategy_keys(strategy) -> None:
+    """Raise RecipeError for a key of the trainer's strategy config that the strategy does not
+    take. MegatronStrategy has **kwargs (on to torch's DistributedDataParallel), so fiddle and
+    NeMo-Run accept a misspelt key, which would fail only once the job starts on the cluster."""
+    fn = getattr(strategy, "__fn_or_cls__", None)
+    if fn is None:
+        raise RecipeError(f"trainer.strategy={strategy!r}: expected a MegatronStrategy config")
+    names = _parameters(fn)
+    for key, value in strategy.__arguments__.items():
+        if key not in names:
+            raise RecipeError(
+                f"trainer.strategy.{key}={value!r}: {_type_name(fn)} has no parameter {key!r}; expected one of "
+                f"its parameters{_did_you_mean(key, names)}"
+            )
+
+
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def apply_overrides(recipe, overrides: list[str]):
@@ -226,12 +263,9 @@ def apply_overrides(recipe, overrides: list[str]):
             raise RecipeError(f"override {arg!r}: unknown key {key!r} (nothing configurable at {where!r})")
         names = _parameters(fn)
         if parts[-1] not in names:
-            import difflib
-
-            close = difflib.get_close_matches(parts[-1], sorted(names), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise RecipeError(
-                f"override {arg!r}: unknown key {key!r} ({_type_name(fn)} has no parameter {parts[-1]!r}){hint}"
+                f"override {arg!r}: unknown key {key!r} ({_type_name(fn)} has no parameter {parts[-1]!r})"
+                f"{_did_you_mean(parts[-1], names)}"
             )
         was_disabled, quiet.disabled = quiet.disabled, True  # NeMo-Run logs every failure at length
         try:
@@ -248,10 +282,16 @@ def apply_overrides(recipe, overrides: list[str]):
 
 def _parameters(fn) -> dict:
     """{name: inspect.Parameter} of a function, or of a class's __init__ along its MRO (where
-    **kwargs go); the most derived definition wins."""
+    **kwargs go); the most derived definition wins. A Lightning DDPStrategy (MegatronStrategy)
+    also takes the arguments of torch's DistributedDataParallel, where its **kwargs end up
+    (e.g. gradient_as_bucket_view)."""
     import inspect
 
+    from lightning.pytorch.strategies import DDPStrategy
+
     inits = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c)] if inspect.isclass(fn) else [fn]
+    if inspect.isclass(fn) and issubclass(fn, DDPStrategy):
+        inits.append(torch.nn.parallel.DistributedDataParallel.__init__)
     out: dict = {}
     for init in inits:
         try:
@@ -564,6 +604,66 @@ def toggle_sft_recipe(
         peft=None,
         tokenizer="model",
     )
+
+
+# ============================================================================ checks on the `nemo llm` path
+
+TRAINING_FACTORIES = {
+    "puzzle_recovery": recovery_recipe, "puzzle_cpt": cpt_recipe, "puzzle_toggle_sft": toggle_sft_recipe,
+}  # fmt: skip
+
+
+def check_launch(recipe: run.Partial, executor: Optional[run.Executor] = None) -> None:
+    """What a training recipe must pass before it runs: `check_recipe`, and an executor (when
+    there is one) that starts the trainer's nodes x GPUs processes."""
+    check_recipe(recipe)
+    if executor is not None:
+        check_fits_trainer(executor, recipe.trainer.num_nodes, int(recipe.trainer.devices))
+
+
+class RecipeRunContext(run.cli.RunContext):
+    """NeMo-Run's run context for `nemo llm distill|pretrain|finetune`, checking a recipe of this
+    project (`--factory puzzle_*`) with `check_launch` once every override is applied.
+
+    NeMo-Run 0.11 builds the executor (`run.executor=...`) first, then `parse_fn` calls the
+    factory and applies the `key=value` overrides; the dry run, the direct run and the launch all
+    follow it. A `run.Plugin` would run only on a launch through an executor, and a factory runs
+    before the overrides, so this is where the checks see what will actually run."""
+
+    def parse_fn(self, fn, args, **default_kwargs):
+        task = super().parse_fn(fn, args, **default_kwargs)
+        if _from_training_factory(self.factory):
+            check_launch(task, getattr(self, "executor", None))
+        return task
+
+
+def _from_training_factory(factory) -> bool:
+    """Whether `--factory` names one of TRAINING_FACTORIES: by registered name, e.g.
+    "puzzle_cpt(data_paths=[...])", or by dotted path to the function."""
+    if callable(factory):
+        return any(factory is f for f in TRAINING_FACTORIES.values())
+    match = re.match(r"\s*([\w.]+)", factory or "")
+    module, _, name = (match.group(1) if match else "").rpartition(".")
+    found = getattr(sys.modules.get(module), name, None) if module else TRAINING_FACTORIES.get(name)
+    return any(found is f for f in TRAINING_FACTORIES.values())
+
+
+def _check_on_the_cli() -> None:
+    """Give NeMo's training entrypoints RecipeRunContext. The `nemo` command loads this module
+    (the `nemo_run.cli` entry point) before it builds its commands, which take the run context
+    class from the entrypoint; a run context of someone else's is left alone, with a warning."""
+    for fn in (llm.distill, llm.pretrain, llm.finetune):
+        entry = fn.cli_entrypoint
+        if entry.run_ctx_cls is run.cli.RunContext:
+            entry.run_ctx_cls = RecipeRunContext
+        elif not issubclass(entry.run_ctx_cls, RecipeRunContext):
+            logging.getLogger(__name__).warning(
+                "nemo llm %s has its own run context (%s): the puzzle_* recipes are not checked before launch",
+                entry.name, entry.run_ctx_cls.__qualname__,
+            )  # fmt: skip
+
+
+_check_on_the_cli()
 
 
 # ============================================================================ the other NeMo-Run modules
