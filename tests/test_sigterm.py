@@ -192,7 +192,7 @@ def test_a_bld_wave_killed_midway_resumes_from_its_checkpoint_bit_exactly(tmp_pa
 
 
 def test_wave_batches_are_the_batches_lightning_drew_from_the_shuffled_loader():
-    """WaveBatches reproduces, over several epochs, DataLoader(shuffle=True, drop_last=True, seeded
+    """ShuffledBatches reproduces, over several epochs, DataLoader(shuffle=True, drop_last=True, seeded
     generator) read as Lightning reads it (len(loader) batches an epoch, the iterator never
     exhausted): the order BLD trained in before waves could resume. It starts midway when asked."""
     import itertools
@@ -203,8 +203,8 @@ def test_wave_batches_are_the_batches_lightning_drew_from_the_shuffled_loader():
         loader = DataLoader(range(n), batch_size=bs, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(seed))  # fmt: skip
         want = [b.tolist() for _ in range(11) for b in itertools.islice(iter(loader), len(loader))][:11]
-        assert list(bld_mod.WaveBatches(n, bs, seed, 0, 11)) == want
-        assert list(bld_mod.WaveBatches(n, bs, seed, 6, 11)) == want[6:]
+        assert list(train_mod.ShuffledBatches(n, bs, seed, 0, 11)) == want
+        assert list(train_mod.ShuffledBatches(n, bs, seed, 6, 11)) == want[6:]
 
 
 def test_sigterm_in_parent_training_exits_143_after_the_step(monkeypatch, sigterm_guard):
@@ -214,3 +214,31 @@ def test_sigterm_in_parent_training_exits_143_after_the_step(monkeypatch, sigter
         train_mod.fit_lm(tiny(), examples(32, 0), steps=5, batch_size=4, progress=False)
     assert stopped.value.code == EXIT_SIGTERM
     assert steps == [0]  # stopped after the step it was in
+
+
+def test_parent_training_killed_midway_resumes_from_its_checkpoint_bit_exactly(tmp_path, monkeypatch, sigterm_guard):
+    """SIGTERM after step 3 of 7 (19 examples, 4 a batch: the run crosses two epochs) saves that
+    step; the rerun trains steps 4-7 only and ends with the weights and losses of an
+    uninterrupted run."""
+    from nemo_plugins.utils.training import OptimConfig
+
+    kw = dict(steps=7, batch_size=4, optim=OptimConfig(lr=1e-2, warmup_steps=2), progress=False, ckpt_every=2)
+    clean = tiny()
+    clean_losses = train_mod.fit_lm(clean, examples(19, 0), checkpoints=tmp_path / "clean", **kw)
+    assert latest(tmp_path / "clean").name == "step-00000006"  # saved every 2 steps, the newest kept
+
+    sigterm_at(train_mod.LMTrainingModule, monkeypatch, lambda m, i: m.step_count == 2)  # in step 3
+    with pytest.raises(SystemExit) as stopped:
+        train_mod.fit_lm(tiny(), examples(19, 0), checkpoints=tmp_path / "run", **kw)
+    assert stopped.value.code == EXIT_SIGTERM
+    assert latest(tmp_path / "run").name == "step-00000003"
+
+    monkeypatch.undo()
+    started = []
+    sigterm_at(train_mod.LMTrainingModule, monkeypatch, lambda m, i: started.append(m.step_count) and False)
+    resumed = tiny(seed=5)  # other initial weights: the checkpoint must replace them
+    losses = train_mod.fit_lm(resumed, examples(19, 0), checkpoints=tmp_path / "run", **kw)
+    assert started == [3, 4, 5, 6]  # step counts before each step it trained: it did not start over
+    assert losses == clean_losses
+    for k, v in clean.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k

@@ -8,6 +8,7 @@ over 4 KV heads leave 2 and 1 KV heads as cheaper variants.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,11 +44,12 @@ class ParentConfig:
     # sharded, with tokenizer.json and its chat template) to use instead of training the tiny
     # parent; the fields above are then unused.
     path: str | None = None
+    ckpt_every: int = 100  # steps between checkpoints of the training (a killed one resumes from the last)
 
     def __post_init__(self):
         checks.positive_ints(self, "parent", "steps", "batch_size", "hidden_size", "num_layers", "num_attention_heads",
                              "num_kv_heads", "intermediate_size", "max_position_embeddings")  # fmt: skip
-        checks.non_negative_ints(self, "parent", "warmup_steps", "seed")
+        checks.non_negative_ints(self, "parent", "warmup_steps", "seed", "ckpt_every")
         checks.positive_numbers(self, "parent", "lr", "rope_theta")
 
 
@@ -71,7 +73,7 @@ def parent_model_config(p: ParentConfig, world: World) -> ModelConfig:
 
 def parent_dir(world: World, p: ParentConfig) -> Path:
     """The cache directory of the tiny parent trained with `p` (keyed by its training fields)."""
-    fields = {k: v for k, v in asdict(p).items() if k != "path"}
+    fields = {k: v for k, v in asdict(p).items() if k not in ("path", "ckpt_every")}
     return world.directory / f"parent-{config_hash(fields)}"
 
 
@@ -86,12 +88,14 @@ def train_parent(world: World, p: ParentConfig | None = None, *, progress: bool 
     torch.manual_seed(p.seed)
     model = HeteroLlamaForCausalLM(parent_model_config(p, world))
     optim = OptimConfig(lr=p.lr, warmup_steps=p.warmup_steps)
+    run = out.with_name(out.name + ".run")  # checkpoints of an unfinished training, resumed by a rerun
     losses = fit_lm(
         model, world.training_examples(), steps=p.steps, batch_size=p.batch_size, optim=optim,
-        seed=p.seed, progress=progress,
+        seed=p.seed, progress=progress, checkpoints=run / "checkpoints", ckpt_every=p.ckpt_every,
     )  # fmt: skip
     save_checkpoint(model, out, extra_files=world.chat.files())
     write_json_atomic(out / "train_log.json", {"config": asdict(p), "losses": losses})
+    shutil.rmtree(run, ignore_errors=True)
     return out
 
 

@@ -28,12 +28,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError
 from ..utils import checks
 from ..model.llama import Block, HeteroLlamaForCausalLM
-from ..model.train import TokenDataset, collate_with_validity
+from ..model.train import ShuffledBatches, TokenDataset, collate_with_validity
 from ..utils.atomic import write_bytes_atomic, write_json_atomic
 from ..utils.resume import TrainingState, latest, list_checkpoints, load_training_state, save_training_state
 from ..utils.training import OptimConfig, cosine_schedule, fit_module, resume_latest, stop_if_terminated
@@ -122,35 +122,6 @@ def load_variant_state(library_dir: Path, v: Variant) -> dict[str, torch.Tensor]
 
 def _module_key(v: Variant) -> str:
     return v.key.replace(".", "_").replace("/", "__")
-
-
-class WaveBatches(Sampler):
-    """The batches of a wave from step `start` on: what Lightning drew from `DataLoader(shuffle=True,
-    drop_last=True, generator=torch.Generator().manual_seed(seed))` over as many epochs as `steps`
-    needs, so a resumed wave sees the batches the interrupted one would have (and BLD trains as it
-    did before waves could resume). Per epoch the loader's iterator draws its base seed, then the
-    sampler its `randperm`; Lightning takes `len(loader)` batches and never exhausts the iterator,
-    so the sampler's last (empty) `randperm` is never drawn."""
-
-    def __init__(self, num_examples: int, batch_size: int, seed: int, start: int, steps: int):
-        if num_examples < batch_size:
-            raise ValueError(f"{num_examples} BLD examples < puzzle.bld.batch_size={batch_size}")
-        self.n, self.batch_size, self.seed, self.start, self.steps = num_examples, batch_size, seed, start, steps
-
-    def __iter__(self):
-        g, step = torch.Generator().manual_seed(self.seed), 0
-        while step < self.steps:
-            torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader iterator's base seed
-            perm = torch.randperm(self.n, generator=g).tolist()
-            for i in range(0, self.n - self.batch_size + 1, self.batch_size):
-                if step >= self.start:
-                    yield perm[i : i + self.batch_size]
-                step += 1
-                if step == self.steps:
-                    return
-
-    def __len__(self):
-        return self.steps - self.start
 
 
 class BLDModule(L.LightningModule):
@@ -286,7 +257,7 @@ def run_bld(
         resume = _resume_wave(checkpoints, nn.ModuleDict({_module_key(v): b for v, b in chunk.items()}), keys)
         module = BLDModule(parent, chunk, cfg, checkpoints, resume)
         loader = DataLoader(
-            TokenDataset(examples), batch_sampler=WaveBatches(len(examples), cfg.batch_size, cfg.seed,
+            TokenDataset(examples), batch_sampler=ShuffledBatches(len(examples), cfg.batch_size, cfg.seed,
                                                                module.step_count, cfg.steps),
             collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real)
         )  # fmt: skip
