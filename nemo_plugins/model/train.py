@@ -1,7 +1,8 @@
-"""Causal-LM training loop on Lightning: loss-masked next-token prediction.
+"""Causal-LM training loop on Lightning (loss-masked next-token prediction, resumable), and the
+batching helpers the other loops share (`TokenDataset`, `collate`, `micro_batches`,
+`ShuffledBatches`).
 
-Used to train the tiny parent; recovery and SFT stages reuse `TokenDataset`, `collate` and
-`LMTrainingModule` with their own losses.
+`fit_lm` trains the tiny parent.
 """
 
 from __future__ import annotations
