@@ -130,3 +130,16 @@ def test_choices_and_measurements_use_disjoint_halves_of_the_held_out_rows():
     assert tokens(measuring) == {6, 7, 8, 9, 10}  # all of the second half
     with pytest.raises(ValueError, match="held-out"):
         held_out_batches(cfg, rows[:1])
+
+
+def test_library_key_ignores_how_often_bld_checkpoints():
+    """A trained library is reused whatever puzzle.bld.ckpt_every is (it changes no weight), and
+    not reused when a setting that trains the variants differently changes."""
+    from dataclasses import replace
+
+    from nemo_plugins.puzzle.stage import PuzzleConfig, library_dir
+
+    cfg = PuzzleConfig()
+    base = library_dir(cfg, "p", Path("/w"))
+    assert library_dir(replace(cfg, bld=replace(cfg.bld, ckpt_every=7)), "p", Path("/w")) == base
+    assert library_dir(replace(cfg, bld=replace(cfg.bld, lr=0.5)), "p", Path("/w")) != base

@@ -115,8 +115,10 @@ def held_out_batches(cfg: PuzzleConfig, held_out: list) -> tuple[list, list]:
 
 def library_dir(cfg: PuzzleConfig, parent_id: str, world_dir: Path) -> Path:
     """The directory of the trained block library under the world's directory: keyed by the
-    parent and the library, init and BLD configs (what the trained variants depend on)."""
-    return Path(world_dir) / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), asdict(cfg.bld))}"
+    parent and the library, init and BLD configs (what the trained variants depend on; not how
+    often a wave checkpoints)."""
+    bld = {k: v for k, v in asdict(cfg.bld).items() if k != "ckpt_every"}
+    return Path(world_dir) / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), bld)}"
 
 
 def scores_file(cfg: PuzzleConfig, lib_dir: Path, n_held_out: int) -> Path:
