@@ -12,7 +12,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils.resume import TrainingState, save_training_state
@@ -76,9 +75,9 @@ class ShuffledBatches(Sampler):
     """The batches of steps `start`..`steps`-1: what Lightning drew from `DataLoader(shuffle=True,
     drop_last=True, generator=torch.Generator().manual_seed(seed))` over as many epochs as `steps`
     needs, so a resumed run (a BLD wave, the tiny parent) sees the batches the interrupted one
-    would have, and trains as it did before it could resume. Per epoch the loader's iterator draws its base seed, then the
-    sampler its `randperm`; Lightning takes `len(loader)` batches and never exhausts the iterator,
-    so the sampler's last (empty) `randperm` is never drawn."""
+    would have, and trains as it did before it could resume. Per epoch the loader's iterator
+    draws its base seed, then the sampler its `randperm`; Lightning takes `len(loader)` batches
+    and never exhausts the iterator, so the sampler's last (empty) `randperm` is never drawn."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, start: int, steps: int):
         if num_examples < batch_size:
@@ -143,14 +142,10 @@ class LMTrainingModule(L.LightningModule):
         save_training_state(self.checkpoints, self.step_count, self.model, self.optimizers(), self.lr_schedulers(),
                             {"losses": self.losses}, keep_last=1)  # fmt: skip
 
-
-class _SaveOnSigterm(L.Callback):
-    """Checkpoint the step reached when Lightning stops the fit on SIGTERM."""
-
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException) and pl_module.checkpoints is not None \
-                and pl_module.step_count < pl_module.total_steps:  # fmt: skip
-            pl_module.save()
+    def save_on_sigterm(self) -> None:
+        """Called by `fit_module` when SIGTERM stops the fit: the rerun continues from this step."""
+        if self.checkpoints is not None and self.step_count < self.total_steps:
+            self.save()
 
 
 def fit_lm(
@@ -181,7 +176,7 @@ def fit_lm(
         collate_fn=lambda b: collate(b, pad_id),
     )  # fmt: skip
     trainer = fit_module(
-        module, loader, callbacks=[_SaveOnSigterm()], accelerator="auto", devices=1,
+        module, loader, accelerator="auto", devices=1,
         max_steps=steps - module.step_count, max_epochs=1, gradient_clip_val=optim.grad_clip, logger=False,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
         num_sanity_val_steps=0, use_distributed_sampler=False,

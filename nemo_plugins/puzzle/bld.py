@@ -27,7 +27,6 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError
@@ -186,15 +185,11 @@ class BLDModule(L.LightningModule):
         save_training_state(self.checkpoints, self.step_count, self.students, self.optimizers(), self.lr_schedulers(),
                             extra, keep_last=1)  # fmt: skip
 
-
-class _SaveWaveOnSigterm(L.Callback):
-    """Checkpoint the wave when Lightning stops the fit on SIGTERM (between steps, optimizers
-    still attached), so the rerun continues from that step."""
-
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException) and pl_module.step_count < pl_module.cfg.steps:
-            log.warning("BLD: SIGTERM, checkpointing the wave at step %d", pl_module.step_count)
-            pl_module.save()
+    def save_on_sigterm(self) -> None:
+        """Called by `fit_module` when SIGTERM stops the fit: the rerun continues from this step."""
+        if self.step_count < self.cfg.steps:
+            log.warning("BLD: SIGTERM, checkpointing the wave at step %d", self.step_count)
+            self.save()
 
 
 def _resume_wave(checkpoints: Path, students: nn.ModuleDict, keys: list[str]) -> TrainingState | None:
@@ -262,7 +257,7 @@ def run_bld(
             collate_fn=lambda b: collate_with_validity(b, pad_id)[::2],  # (ids, real)
         )  # fmt: skip
         trainer = fit_module(
-            module, loader, callbacks=[_SaveWaveOnSigterm()], accelerator="auto", devices=1,
+            module, loader, accelerator="auto", devices=1,
             max_steps=cfg.steps - module.step_count, max_epochs=1, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
             use_distributed_sampler=False,

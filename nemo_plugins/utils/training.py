@@ -246,6 +246,12 @@ class StepModule(L.LightningModule):
         `save_state`); also called when SIGTERM stops the fit."""
         raise NotImplementedError
 
+    def save_on_sigterm(self) -> None:
+        """Checkpoint the step reached, unless that step is already saved."""
+        if not step_dir(self.paths.checkpoints, self.step_count).is_dir():
+            log.warning("%s: SIGTERM, checkpointing step %d", type(self).__name__, self.step_count)
+            self.save()
+
     def current_lr(self) -> float | None:
         return self.lr_schedulers().get_last_lr()[0] if self.step_count else None
 
@@ -351,14 +357,13 @@ class TrainingInterrupted(SystemExit):
 
 
 class _CheckpointOnSigterm(L.Callback):
-    """Save a StepModule's step when Lightning stops the fit on SIGTERM: Lightning raises only
-    between steps, and this hook runs before the trainer tears down (optimizers still attached)."""
+    """Call the module's `save_on_sigterm()` when Lightning stops the fit on SIGTERM: Lightning
+    raises only between steps, and this hook runs before the trainer tears down (optimizers still
+    attached)."""
 
     def on_exception(self, trainer, pl_module, exception):
-        saved = step_dir(pl_module.paths.checkpoints, pl_module.step_count).is_dir()
-        if isinstance(exception, SIGTERMException) and not saved:
-            log.warning("%s: SIGTERM, checkpointing step %d", type(pl_module).__name__, pl_module.step_count)
-            pl_module.save()
+        if isinstance(exception, SIGTERMException):
+            pl_module.save_on_sigterm()
 
 
 def fit_module(module: L.LightningModule, loader, *, callbacks: Sequence[L.Callback] = (), **trainer_kwargs) -> L.Trainer:
@@ -371,13 +376,14 @@ def fit_module(module: L.LightningModule, loader, *, callbacks: Sequence[L.Callb
       `hpc_ckpt_*.ckpt` in its root directory (the working directory by default); the root
       directory here is an empty temporary one, removed afterwards.
     - SIGTERM: Lightning lets the current step finish, then raises `SIGTERMException`, a
-      SystemExit without a code (exit status 0). A `StepModule` saves that step first
+      SystemExit without a code (exit status 0). A module with a `save_on_sigterm()` method (the
+      StepModule loops, BLD waves, parent training) checkpoints that step first
       (`_CheckpointOnSigterm`); then `TrainingInterrupted` (status 143) is raised instead. A
       SIGTERM during the last step lets the fit end normally: the caller then calls
       `stop_if_terminated` once it has saved what the fit made.
     """
     callbacks = list(callbacks)
-    if isinstance(module, StepModule):
+    if hasattr(module, "save_on_sigterm"):
         callbacks.append(_CheckpointOnSigterm())
     with tempfile.TemporaryDirectory(prefix="lightning-root-") as root:
         trainer = L.Trainer(default_root_dir=root, plugins=[LightningEnvironment()], callbacks=callbacks, **trainer_kwargs)
