@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 
 
-def _fail(obj, prefix: str, name: str, expected: str):
-    raise ValueError(f"{prefix}.{name}={getattr(obj, name)!r}: expected {expected}")
+def _require(obj, prefix: str, names, ok, expected: str) -> None:
+    for name in names:
+        if not ok(getattr(obj, name)):
+            raise ValueError(f"{prefix}.{name}={getattr(obj, name)!r}: expected {expected}")
 
 
 def _is_int(value) -> bool:
@@ -23,36 +25,24 @@ def _is_number(value) -> bool:
 
 
 def positive_ints(obj, prefix: str, *names: str) -> None:
-    for name in names:
-        if not (_is_int(getattr(obj, name)) and getattr(obj, name) > 0):
-            _fail(obj, prefix, name, "a positive integer")
+    _require(obj, prefix, names, lambda v: _is_int(v) and v > 0, "a positive integer")
 
 
 def non_negative_ints(obj, prefix: str, *names: str) -> None:
-    for name in names:
-        if not (_is_int(getattr(obj, name)) and getattr(obj, name) >= 0):
-            _fail(obj, prefix, name, "an integer >= 0")
+    _require(obj, prefix, names, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
 
 
 def positive_numbers(obj, prefix: str, *names: str) -> None:
-    for name in names:
-        if not (_is_number(getattr(obj, name)) and getattr(obj, name) > 0):
-            _fail(obj, prefix, name, "a finite number > 0")
+    _require(obj, prefix, names, lambda v: _is_number(v) and v > 0, "a finite number > 0")
 
 
 def non_negative_numbers(obj, prefix: str, *names: str) -> None:
-    for name in names:
-        if not (_is_number(getattr(obj, name)) and getattr(obj, name) >= 0):
-            _fail(obj, prefix, name, "a finite number >= 0")
+    _require(obj, prefix, names, lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
 
 
 def fractions(obj, prefix: str, *names: str) -> None:
-    for name in names:
-        if not (_is_number(getattr(obj, name)) and 0 <= getattr(obj, name) <= 1):
-            _fail(obj, prefix, name, "a number in [0, 1]")
+    _require(obj, prefix, names, lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
 
 
 def non_empty(obj, prefix: str, *names: str) -> None:
-    for name in names:
-        if not getattr(obj, name):
-            _fail(obj, prefix, name, "a non-empty list")
+    _require(obj, prefix, names, bool, "a non-empty list")
