@@ -13,6 +13,14 @@ def test_environment_names_torch_threads_and_cpu():
     assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
     assert env["cpu"] and env["cpu_count"] >= 1 and env["python"].count(".") == 2
     assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_environment_records_kernel_selecting_variables(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = environment()
+    assert env["kernel_env"]["ATEN_CPU_CAPABILITY"] == "default" and "OMP_NUM_THREADS" not in env["kernel_env"]
 
 
 def test_weights_digest_is_equal_for_copies_and_changes_with_one_weight(tmp_path):

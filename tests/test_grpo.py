@@ -273,6 +273,8 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     extra = S.heldout_set(ProblemSet(world), dataclasses.replace(cfg, eval_difficulties=[2]))
     assert len(extra) == 6 and {p.difficulty for p in extra} == {2}
     assert not {p.question for p in extra} & {p.question for p in world.train + world.eval}
+    tuning = S.heldout_set(ProblemSet(world), dataclasses.replace(cfg, eval_difficulties=[2], eval_set="tuning"))
+    assert len(tuning) == 6 and not {p.question for p in extra} & {p.question for p in tuning}
 
     assert changed(original, weights(model))
 
@@ -298,7 +300,8 @@ def test_fresh_prompts_are_in_no_split_and_apart_from_the_held_out_set(tok):
     pool = S.training_pool(ProblemSet(world), cfg)
     questions = {p.question for p in pool.values()}
     assert len(pool) == 12 and {p.difficulty for p in pool.values()} == {2}
-    used = world.train + world.eval + S.heldout_set(ProblemSet(world), cfg)
+    tuning = S.heldout_set(ProblemSet(world), dataclasses.replace(cfg, eval_set="tuning"))
+    used = world.train + world.eval + S.heldout_set(ProblemSet(world), cfg) + tuning
     assert not questions & {p.question for p in used}
     assert S.training_pool(ProblemSet(world), cfg) == pool  # deterministic
     train_pool = S.training_pool(ProblemSet(world), dataclasses.replace(cfg, prompt_source="train"))
@@ -320,6 +323,7 @@ def test_fresh_prompts_are_in_no_split_and_apart_from_the_held_out_set(tok):
         ("grpo.off_fraction=2", "grpo.off_fraction=2"),
         ("grpo.pass_rate_threshold=0", "grpo.pass_rate_threshold=0"),
         ("grpo.eval_difficulties=[0]", "grpo.eval_difficulties=[0]"),
+        ("grpo.eval_set=heldout", "grpo.eval_set='heldout': expected report"),
         ("grpo.prompt_source=eval", "grpo.prompt_source='eval'"),
     ],
 )

@@ -42,6 +42,10 @@ from .rewards import answer_checker, check_references
 
 log = logging.getLogger("nemo_plugins.grpo")
 
+# Held-out sets drawn from the tiny world (`eval_difficulties` given): the defaults were chosen on
+# "tuning"; "report" is drawn apart from it, and from both splits.
+EVAL_SETS = ("report", "tuning")
+
 # Stage settings that do not change what a run trains (left out of its directory key).
 _REPORT_ONLY = ("compare_random", "eval_off")
 
@@ -56,7 +60,8 @@ class GRPOStageConfig(GRPOConfig):
     Held-out set: with `eval_difficulties` null, the first `eval_problems` of the world's eval
     split (every difficulty); with a list, `eval_problems` problems of those difficulties drawn
     apart from both splits (`World.extra_heldout`), so runs can be compared on more problems of
-    the levels RL trains on."""
+    the levels RL trains on. Of those, `eval_set` "report" (default) is drawn apart from the
+    "tuning" set too: the defaults were chosen on "tuning", so only "report" measures them."""
 
     train_problems: int = 512
     difficulties: list[int] | None = None
@@ -67,6 +72,7 @@ class GRPOStageConfig(GRPOConfig):
     eval_off: bool = True
     eval_difficulties: list[int] | None = None
     prompt_source: str = "train"
+    eval_set: str = "report"  # report | tuning (see the class docstring)
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +84,8 @@ class GRPOStageConfig(GRPOConfig):
             _bad("difficulties", self.difficulties, "a non-empty list of integers >= 1, or null for all")
         if self.prompt_source not in ("train", "fresh"):
             _bad("prompt_source", self.prompt_source, "train (the world's training split) or fresh (problems no stage trained on)")
+        if self.eval_set not in EVAL_SETS:
+            _bad("eval_set", self.eval_set, "report (drawn apart from the set the defaults were chosen on) or tuning")
         if self.eval_difficulties is not None and (
             not self.eval_difficulties or any(d < 1 for d in self.eval_difficulties)
         ):
@@ -98,11 +106,13 @@ def _tiny_only(problems: ProblemSet, key: str, value, instead: str) -> World:
 
 def training_pool(problems: ProblemSet, cfg: GRPOStageConfig) -> dict[str, Problem]:
     """{problem_id: problem}: the first `train_problems` unique training problems of `difficulties`,
-    or with prompt_source "fresh" that many new tiny-world problems (in no split and not held out)."""
+    or with prompt_source "fresh" that many new tiny-world problems (in no split and in neither
+    held-out set)."""
     if cfg.prompt_source == "fresh":
         world = _tiny_only(problems, "prompt_source", cfg.prompt_source, "train")
         levels = cfg.difficulties or world.config.difficulties
-        fresh = world.extra_heldout(cfg.train_problems, levels, tag="grpo-prompts", exclude=heldout_set(problems, cfg))
+        held_out = [p for name in EVAL_SETS for p in heldout_set(problems, dataclasses.replace(cfg, eval_set=name))]
+        fresh = world.extra_heldout(cfg.train_problems, levels, tag="grpo-prompts", exclude=held_out)
         return problems_by_id(fresh)
     wanted = set(cfg.difficulties) if cfg.difficulties is not None else None
     chosen = [p for p in problems.train if wanted is None or p.difficulty in wanted]
@@ -131,7 +141,10 @@ def heldout_set(problems: ProblemSet, cfg: GRPOStageConfig) -> list[Problem]:
     if cfg.eval_difficulties is None:
         return problems.eval[: cfg.eval_problems]
     world = _tiny_only(problems, "eval_difficulties", cfg.eval_difficulties, "null")
-    return world.extra_heldout(cfg.eval_problems, cfg.eval_difficulties, tag="grpo-heldout")
+    tuning = world.extra_heldout(cfg.eval_problems, cfg.eval_difficulties, tag="grpo-heldout")
+    if cfg.eval_set == "tuning":
+        return tuning
+    return world.extra_heldout(cfg.eval_problems, cfg.eval_difficulties, tag="grpo-report", exclude=tuning)
 
 
 def _evaluate(model, problems: ProblemSet, cfg: GRPOStageConfig, chat: ChatTokenizer, thinking: bool) -> dict:
@@ -231,6 +244,7 @@ def run_grpo_stage(
     kept = filter_by_pass_rate(rates, cfg.pass_rate_threshold).kept
     report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}
     eval_key = {"model": start, "problems": cfg.eval_problems, "difficulties": cfg.eval_difficulties,
+                **({"set": cfg.eval_set} if cfg.eval_difficulties is not None else {}),
                 **({"data": problems.key} if problems.key else {}),
                 "max_new_tokens": cfg.max_new_tokens, "off": cfg.eval_off}  # fmt: skip
     report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, problems, cfg, chat))

@@ -34,8 +34,15 @@ def _git_commit(where: Path) -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+# Environment variables that change which kernels or how many threads torch's CPU ops use, and so
+# the low bits of their results (recorded when set).
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ONEDNN_MAX_CPU_ISA",
+                    "MKL_ENABLE_INSTRUCTIONS", "CUBLAS_WORKSPACE_CONFIG")  # fmt: skip
+
+
 def environment() -> dict:
-    """Python, torch (version, threads, CUDA device), the CPU, the package's version and commit."""
+    """Python, torch (version, threads, the vector ISA its CPU kernels dispatch to, CUDA
+    device), the CPU, kernel-selecting environment variables, the package's version and commit."""
     from .. import __version__
 
     return {
@@ -45,6 +52,8 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_env": {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ},
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "nemo_plugins": __version__,
         "git_commit": _git_commit(Path(__file__).resolve().parent),
