@@ -42,7 +42,7 @@ from ..model.checkpoint import (
     save_checkpoint,
 )
 from ..utils.atomic import atomic_directory
-from . import require_nemo
+from . import refuse_in_spawned_import, require_nemo
 
 io = require_nemo("nemo.lightning.io")
 
@@ -50,6 +50,7 @@ import torch  # noqa: E402
 from nemo.utils import logging  # noqa: E402
 
 from .convert import ConversionError, from_mcore, to_mcore  # noqa: E402
+from .host_io import HostCheckpointIO  # noqa: E402
 from .model import PuzzleChildConfig, PuzzleChildModel, arch_of, nemo_config  # noqa: E402
 
 # Files that make up a HF tokenizer; only these travel between the HF dir and the checkpoint.
@@ -133,6 +134,7 @@ def _atomic_call(connector, output_path, overwrite: bool, kwargs, reuse: bool) -
     """
     from filelock import FileLock
 
+    refuse_in_spawned_import(f"{type(connector).__name__} ({connector})")
     out = Path(output_path) if output_path else Path(connector.local_path())
     lock_path = Path(f"{out}.lock")
     try:
@@ -316,7 +318,7 @@ class HFPuzzleImporter(io.ModelConnector["HeteroLlamaForCausalLM", PuzzleChildMo
         was_initialized = torch.distributed.is_initialized()
         trainer = None
         try:
-            trainer = self.nemo_setup(target, ckpt_async_save=False)
+            trainer = self.nemo_setup(target, ckpt_async_save=False, checkpoint_io=HostCheckpointIO())
             self.convert_state(state, target)
             self.nemo_save(output_path, trainer)
         finally:
@@ -388,7 +390,10 @@ class HFPuzzleExporter(io.ModelConnector[PuzzleChildModel, "HeteroLlamaForCausal
             trainer = Trainer(
                 devices=1,
                 accelerator="cpu" if cpu else "gpu",
-                strategy=MegatronStrategy(ddp="pytorch", setup_optimizers=False, ckpt_async_save=False),
+                strategy=MegatronStrategy(
+                    ddp="pytorch", setup_optimizers=False, ckpt_async_save=False,
+                    checkpoint_io=HostCheckpointIO(),
+                ),
             )
             trainer.state.fn = TrainerFn.TESTING
         was_initialized = torch.distributed.is_initialized()
