@@ -16,10 +16,11 @@ Both write atomically (a temporary sibling renamed into place) and replace an ex
 only with `overwrite=True`; otherwise the importer reuses it (NeMo's import cache) and the
 exporter refuses with `FileExistsError`.
 
-Two fixes to NeMo's defaults, needed with megatron-core 0.16 on any host: checkpoints are saved
-and loaded with `ckpt_async_save=False` (NeMo 2.7.3's async checkpoint IO imports megatron's
-removed `tensorstore` strategy and fails), and loading for export runs the trainer in the
-TESTING state (a load does not need DDP, whose setup opens a CUDA stream).
+Fixes to NeMo's defaults, so that a conversion runs on any host, a CPU login node included:
+checkpoints are saved and loaded through `host_io.HostCheckpointIO` (synchronous, in this
+process, no CUDA call; NeMo's own IO needs CUDA, and its async variant imports megatron's removed
+`tensorstore` strategy), and loading for export runs the trainer in the TESTING state (a load
+does not need DDP, whose setup opens a CUDA stream).
 """
 
 from __future__ import annotations
@@ -221,8 +222,9 @@ class HFPuzzleImporter(io.ModelConnector["HeteroLlamaForCausalLM", PuzzleChildMo
         it only selects a LayerNorm kernel (these models use RMSNorm), and megatron's local
         (non-TE) norm refuses to build with it on."""
         dtype = self.dtype
+        self.arch  # the source's config, checked
         return nemo_config(
-            self.arch,
+            self.source_dir,  # its config file is the checkpoint's copy of the architecture
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
@@ -382,7 +384,7 @@ class HFPuzzleExporter(io.ModelConnector[PuzzleChildModel, "HeteroLlamaForCausal
 
     def nemo_load(self, path, trainer=None, cpu: bool = True):
         """NeMo's loader with a default trainer that works with megatron-core 0.16 and on CPU hosts:
-        synchronous checkpoint IO, and the TESTING state (no DDP setup, which needs CUDA)."""
+        `HostCheckpointIO`, and the TESTING state (no DDP setup, which needs CUDA)."""
         if trainer is None:
             from lightning.pytorch.trainer.states import TrainerFn
             from nemo.lightning import MegatronStrategy, Trainer
