@@ -910,3 +910,47 @@ def test_puzzle_task_config_errors(nr):
         T._project_config("tiny", None, ["puzzle.bld.stepz=1"])
     cfg = T._project_config("h100", None, [], stages=("world", "parent"))
     assert cfg.stages == ["world", "parent"] and cfg.puzzle.costs.dtype == "fp8"  # h100.yaml merged
+
+
+# ----------------------------------------------------------------------------- the model config through YAML
+
+
+def test_model_config_goes_through_nemo_run_yaml_and_back(nr, tmp_path, monkeypatch, stdin):
+    """`nemo llm import model=puzzle_child(...) --to-yaml`, then `--yaml`: the same model config
+    comes back (it names its architecture file; the JSON-string field `arch_json` it replaced, and
+    any field PuzzleChildConfig declares under postponed annotations, failed with
+    UnknownTypeError), an override of a field it declares parses, and the import then runs."""
+    import fiddle as fdl
+    import torch
+    from nemo_run.cli.lazy import LazyEntrypoint
+
+    from nemo_plugins.arch.config import FFN_LINEAR, BlockConfig, ModelConfig, gqa, parallel, swiglu
+    from nemo_plugins.model.checkpoint import NATIVE_CONFIG, load_state_dict, read_config, save_checkpoint
+    from nemo_plugins.model.llama import HeteroLlamaForCausalLM
+    from nemo_plugins.nemo.model import PuzzleChildConfig, arch_of
+
+    monkeypatch.chdir(tmp_path)
+    arch = ModelConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, rope_theta=10000.0,
+                       max_position_embeddings=64, blocks=(BlockConfig(gqa(1), parallel(swiglu(64), FFN_LINEAR)),
+                                                          BlockConfig(gqa(4), swiglu(96))))  # fmt: skip
+    child = save_checkpoint(HeteroLlamaForCausalLM(arch), tmp_path / "child")  # fused: the project schema
+    args = ["llm", "import", f"model=puzzle_child(config='{child}')", f"source=hf://{child}", "model.config.seq_length=32"]
+    status, out = nemo_cmd([*args, "--to-yaml", str(tmp_path / "import.yaml")])
+    assert status == 0, out[-3000:]
+    text = (tmp_path / "import.yaml").read_text()
+    assert f"arch_path: {child / NATIVE_CONFIG}" in text and "arch_json" not in text, text
+
+    direct = LazyEntrypoint(nr.llm.import_ckpt, overwrites=args[2:]).resolve()  # what the command line builds
+    back = LazyEntrypoint(nr.llm.import_ckpt, yaml=str(tmp_path / "import.yaml")).resolve()  # what --yaml builds
+    assert back.model == direct.model and back.source == direct.source
+    config = fdl.build(back.model.config)
+    assert type(config) is PuzzleChildConfig and arch_of(config) == arch and config.seq_length == 32
+
+    status, out = nemo_cmd(["llm", "import", "--yaml", str(tmp_path / "import.yaml"), "output_path=nemo", "--yes"])
+    assert status == 0, out[-3000:]
+    exported = nr.llm.export_ckpt(tmp_path / "nemo", "hf", output_path=tmp_path / "back")
+    assert read_config(exported) == arch
+    src, out_state = load_state_dict(child), load_state_dict(exported)
+    assert sorted(src) == sorted(out_state) and all(torch.equal(src[k], out_state[k]) for k in src)
+    with pytest.raises(nr.recipes.RecipeError, match=r"puzzle_child: config='/nonexistent': expected a model directory"):
+        nr.recipes.puzzle_child(config="/nonexistent")

@@ -136,6 +136,9 @@ def _atomic_call(connector, output_path, overwrite: bool, kwargs, reuse: bool) -
     from filelock import FileLock
 
     refuse_in_spawned_import(f"{type(connector).__name__} ({connector})")
+    # NeMo-Run 0.11's `--yaml` passes its own `_partial_: true` marker on as a keyword (import_ckpt
+    # and export_ckpt take **kwargs): not a setting of ours.
+    kwargs = {k: v for k, v in kwargs.items() if k != "_partial_"}
     out = Path(output_path) if output_path else Path(connector.local_path())
     lock_path = Path(f"{out}.lock")
     try:

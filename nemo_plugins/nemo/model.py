@@ -15,7 +15,6 @@ and training settings stay ordinary overrides. `nemo_config(arch or path)` build
 architecture given as a `ModelConfig` is written to a file under the project's cache first.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import difflib
