@@ -15,7 +15,9 @@ and training settings stay ordinary overrides. `nemo_config(arch or path)` build
 architecture given as a `ModelConfig` is written to a file under the project's cache first.
 """
 
-
+# No `from __future__ import annotations` here: NeMo-Run parses command-line and YAML values by
+# the fields' annotations, and a postponed annotation is the string "str", which it rejects
+# (UnknownTypeError on `model.config.arch_path=...`, `model.config.seq_length=...`).
 import dataclasses
 import difflib
 import importlib
