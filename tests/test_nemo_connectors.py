@@ -38,7 +38,7 @@ from nemo_plugins.arch.config import (
 )
 from nemo_plugins.data.tokenizer import encode, train_tokenizer
 from nemo_plugins.errors import CheckpointError
-from nemo_plugins.model.checkpoint import NATIVE_CONFIG, load_state_dict, read_config, save_checkpoint
+from nemo_plugins.model.checkpoint import NATIVE_CONFIG, config_file, load_state_dict, read_config, save_checkpoint
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 
 pytestmark = pytest.mark.nemo
@@ -308,6 +308,10 @@ def test_nemo_checkpoint_structure(nm, roundtrip, tok):
     assert not list(ckpt.parent.glob(".nemo.*")), "temporary directories left behind"
     loaded = nm.io.load_context(str(ckpt), subpath="model")
     assert type(loaded) is nm.model.PuzzleChildModel
+    # the architecture file is the source's, copied into the checkpoint, and read from there
+    source_config = config_file(roundtrip.src)
+    assert (ckpt / "context" / source_config.name).read_bytes() == source_config.read_bytes()
+    assert Path(loaded.config.arch_path) == ckpt / "context" / source_config.name
     assert nm.model.arch_of(loaded) == roundtrip.arch
     assert loaded.config.params_dtype == roundtrip.dtype
     assert loaded.tokenizer.text_to_ids("the cat 42") == encode(tok, "the cat 42")
