@@ -934,7 +934,10 @@ def test_model_config_goes_through_nemo_run_yaml_and_back(nr, tmp_path, monkeypa
                        max_position_embeddings=64, blocks=(BlockConfig(gqa(1), parallel(swiglu(64), FFN_LINEAR)),
                                                           BlockConfig(gqa(4), swiglu(96))))  # fmt: skip
     child = save_checkpoint(HeteroLlamaForCausalLM(arch), tmp_path / "child")  # fused: the project schema
-    args = ["llm", "import", f"model=puzzle_child(config='{child}')", f"source=hf://{child}", "model.config.seq_length=32"]
+    # the README's commands, with this test's paths (and an override of a field PuzzleChildConfig declares);
+    # output_path goes on the second: NeMo-Run 0.11 parses it as a Path, which its YAML writer refuses
+    args = ["llm", "import", f"model=puzzle_child(config='{child}')", f"source=hf://{child}",
+            "model.config.seq_length=32"]  # fmt: skip
     status, out = nemo_cmd([*args, "--to-yaml", str(tmp_path / "import.yaml")])
     assert status == 0, out[-3000:]
     text = (tmp_path / "import.yaml").read_text()
@@ -946,7 +949,8 @@ def test_model_config_goes_through_nemo_run_yaml_and_back(nr, tmp_path, monkeypa
     config = fdl.build(back.model.config)
     assert type(config) is PuzzleChildConfig and arch_of(config) == arch and config.seq_length == 32
 
-    status, out = nemo_cmd(["llm", "import", "--yaml", str(tmp_path / "import.yaml"), "output_path=nemo", "--yes"])
+    status, out = nemo_cmd(["llm", "import", "--yaml", str(tmp_path / "import.yaml"), f"output_path={tmp_path / 'nemo'}",
+                            "--yes"])  # fmt: skip
     assert status == 0, out[-3000:]
     exported = nr.llm.export_ckpt(tmp_path / "nemo", "hf", output_path=tmp_path / "back")
     assert read_config(exported) == arch
