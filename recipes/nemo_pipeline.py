@@ -9,7 +9,9 @@
 Drop --dryrun to submit. Every argument of `nemo_plugins.nemo.pipeline.pipeline` is a key=value
 override; without `run.executor=...` the jobs run here with torchrun. recovery_data is required
 unless recovery=none. A parent beyond the default layouts (e.g. parent_size=405b) needs the
-training layout as tp=, pp= and nodes=.
+training layout as tp=, pp= and nodes=. Every job runs in the executor's container image, or
+container_image=IMAGE; "images={'recovery': IMAGE2, 'sft': IMAGE2}" gives stages their own
+(stages: prepare, bld, score, search, import_parent, import_child, recovery, sft).
 """
 
 import sys

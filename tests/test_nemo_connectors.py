@@ -7,12 +7,12 @@ KV heads, no-op and linear sub-blocks, a HF tokenizer with tokenizer_config.json
 child (parallel FFN groups, which only the project schema can hold). The exported weights must
 equal the source's bit for bit, and the config and tokenizer files must come back unchanged.
 
-On a CPU-only host NeMo's checkpoint IO needs, beyond the test-only `nemo_cpu_shim`
-(gloo world of 1, `torch.cuda.current_device() == "cpu"`), two more test-only patches:
-`torch.cuda.synchronize` as a no-op (megatron's dist-ckpt writer calls it after staging
-tensors) and `nemo.lightning.io.pl._fix_tensors_device` as the identity (it asserts
-`torch.cuda.is_initialized()` after every load). NeMo is imported inside fixtures, so
-collecting this file costs nothing where the `nemo` extra is missing.
+The connectors save and load through `host_io.HostCheckpointIO`, which needs no CUDA, so
+conversion itself needs no patch: the last tests run it in a plain process (no test code, CUDA
+hidden, a script without a main guard). The module fixture still runs under the test-only
+`nemo_cpu_shim` (gloo world of 1, CPU patches) for the tests that run the megatron model's
+forward pass. NeMo is imported inside fixtures, so collecting this file costs nothing where the
+`nemo` extra is missing.
 """
 
 import json
@@ -38,7 +38,7 @@ from nemo_plugins.arch.config import (
 )
 from nemo_plugins.data.tokenizer import encode, train_tokenizer
 from nemo_plugins.errors import CheckpointError
-from nemo_plugins.model.checkpoint import NATIVE_CONFIG, load_state_dict, read_config, save_checkpoint
+from nemo_plugins.model.checkpoint import NATIVE_CONFIG, config_file, load_state_dict, read_config, save_checkpoint
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 
 pytestmark = pytest.mark.nemo
@@ -52,17 +52,13 @@ TEXTS = ["<|bos|>the cat sat on the mat 12 + 30 = 42<|eos|>", "a dog ran to the 
 @pytest.fixture(scope="module")
 def nm():
     """NeMo modules, the connectors, and the CPU environment for the whole module (~20 s import)."""
-    import nemo.lightning.io.pl as nemo_pl
     import nemo_cpu_shim
     from nemo.collections import llm
     from nemo.lightning import io
 
     from nemo_plugins.nemo import connectors, convert, model
 
-    with nemo_cpu_shim.megatron_cpu(), pytest.MonkeyPatch.context() as mp:
-        if not torch.cuda.is_available():
-            mp.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-            mp.setattr(nemo_pl, "_fix_tensors_device", lambda ckpt: ckpt)
+    with nemo_cpu_shim.megatron_cpu():
         yield types.SimpleNamespace(
             llm=llm, io=io, connectors=connectors, convert=convert, model=model, shim=nemo_cpu_shim
         )
@@ -312,6 +308,10 @@ def test_nemo_checkpoint_structure(nm, roundtrip, tok):
     assert not list(ckpt.parent.glob(".nemo.*")), "temporary directories left behind"
     loaded = nm.io.load_context(str(ckpt), subpath="model")
     assert type(loaded) is nm.model.PuzzleChildModel
+    # the architecture file is the source's, copied into the checkpoint, and read from there
+    source_config = config_file(roundtrip.src)
+    assert (ckpt / "context" / source_config.name).read_bytes() == source_config.read_bytes()
+    assert Path(loaded.config.arch_path) == ckpt / "context" / source_config.name
     assert nm.model.arch_of(loaded) == roundtrip.arch
     assert loaded.config.params_dtype == roundtrip.dtype
     assert loaded.tokenizer.text_to_ids("the cat 42") == encode(tok, "the cat 42")
@@ -399,3 +399,106 @@ def test_converting_leaves_plain_lightning_trainers_working(roundtrips, tmp_path
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(model, torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=2))
     assert trainer.global_step == 2 and not torch.equal(model.w.detach(), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- a plain process on a CPU
+
+# Run as a script in its own process: no test shim, no patch, CUDA hidden, and no main guard (a
+# helper process started with "spawn" would re-run this top-level code; the save used to start one).
+PLAIN_PROCESS_SCRIPT = r'''
+import json, multiprocessing, sys, torch
+from pathlib import Path
+from nemo_plugins.arch.config import ATTENTION_LINEAR, ATTENTION_NO_OP, FFN_LINEAR, BlockConfig, ModelConfig, gqa, parallel, swiglu
+from nemo_plugins.model.checkpoint import save_checkpoint
+from nemo_plugins.model.llama import HeteroLlamaForCausalLM
+
+root = Path(sys.argv[1])
+nas = ModelConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, rope_theta=10000.0, max_position_embeddings=64,
+                  blocks=(BlockConfig(gqa(2), swiglu(256)), BlockConfig(ATTENTION_NO_OP, swiglu(512)),
+                          BlockConfig(ATTENTION_LINEAR, FFN_LINEAR)))
+fused = ModelConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, rope_theta=10000.0, max_position_embeddings=64,
+                    blocks=(BlockConfig(gqa(1), parallel(swiglu(64), FFN_LINEAR)), BlockConfig(gqa(4), swiglu(96))))
+torch.manual_seed(0)
+save_checkpoint(HeteroLlamaForCausalLM(nas).to(torch.bfloat16), root / "nas_src")
+save_checkpoint(HeteroLlamaForCausalLM(fused), root / "fused_src")
+
+from nemo.collections import llm
+from nemo_plugins.nemo import puzzle_tasks
+from nemo_plugins.nemo.model import PuzzleChildModel, nemo_config
+
+puzzle_tasks.import_hf(str(root / "nas_src"), str(root / "nas_nemo"))  # `nemo nemo_plugins import_hf`
+llm.import_ckpt(model=PuzzleChildModel(nemo_config(fused)), source=f"hf://{root / 'fused_src'}",
+                output_path=root / "fused_nemo")
+for name in ("nas", "fused"):
+    llm.export_ckpt(root / f"{name}_nemo", "hf", output_path=root / f"{name}_out")
+print("FACTS " + json.dumps({
+    "cuda_available": torch.cuda.is_available(), "cuda_initialized": torch.cuda.is_initialized(),
+    "test_modules": sorted(m for m in sys.modules if m.startswith(("nemo_cpu_shim", "test_", "conftest", "pytest"))),
+    "child_processes": len(multiprocessing.active_children()),
+}))
+'''
+
+
+def test_cpu_round_trip_in_a_plain_process_is_exact(tmp_path):
+    """`import_hf` and `llm.import_ckpt`, then `llm.export_ckpt`, in a fresh process that imports
+    no test code, with CUDA hidden: the exported weights equal the source's bit for bit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "convert.py"
+    script.write_text(PLAIN_PROCESS_SCRIPT)
+    repo = Path(__file__).resolve().parent.parent
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")  # the shim's world, if up here
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo))
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the conversion script hung (a helper process re-running the script?): {e}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    facts = json.loads(proc.stdout.split("FACTS ", 1)[1].splitlines()[0])
+    assert facts == {"cuda_available": False, "cuda_initialized": False, "test_modules": [], "child_processes": 0}
+    for name, dtype in (("nas", torch.bfloat16), ("fused", torch.float32)):
+        src, out = load_state_dict(tmp_path / f"{name}_src"), load_state_dict(tmp_path / f"{name}_out")
+        assert sorted(out) == sorted(src), name
+        for key, tensor in src.items():
+            assert out[key].dtype == dtype and torch.equal(out[key], tensor), f"{name}: {key}"
+        assert read_config(tmp_path / f"{name}_out") == read_config(tmp_path / f"{name}_src")
+
+
+UNGUARDED_SPAWN_SCRIPT = r'''
+import multiprocessing
+from nemo_plugins.nemo import refuse_in_spawned_import
+
+refuse_in_spawned_import("import_hf")
+print("parent passed the check", flush=True)
+child = multiprocessing.get_context("spawn").Process(target=print)
+child.start()
+child.join()
+print("child exit code", child.exitcode)
+'''
+
+
+def test_a_script_without_main_guard_gets_a_clear_message(nm, tmp_path, monkeypatch, roundtrips):
+    """Where a helper process started with "spawn" re-runs a script's unguarded top-level code,
+    the conversion called there fails naming the script and the guard to add (instead of hanging
+    on the parent's lock); the connectors make that check before anything else."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SPAWN_SCRIPT)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, cwd=tmp_path)  # fmt: skip
+    assert "parent passed the check" in proc.stdout and "child exit code 1" in proc.stdout, proc.stdout + proc.stderr
+    assert f"import_hf was called while a helper process (multiprocessing 'spawn') imports {script}" in proc.stderr
+    assert 'if __name__ == "__main__":' in proc.stderr
+
+    rt = roundtrips("llama")
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(RuntimeError, match=r"HFPuzzleExporter .* helper process .* `if __name__ == \"__main__\":`"):
+        nm.llm.export_ckpt(rt.nemo, "hf", output_path=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

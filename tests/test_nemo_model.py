@@ -10,6 +10,7 @@ where the `nemo` extra is missing (the `nemo` marker skips it there).
 import dataclasses
 import functools
 import json
+import re
 import types
 
 import pytest
@@ -29,6 +30,7 @@ from nemo_plugins.arch.config import (
     swiglu,
     to_dict,
 )
+from nemo_plugins.model.checkpoint import read_config
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM, rope_inv_freq
 from nemo_plugins.nemo.convert import from_mcore, to_mcore
 from test_nemo_convert import mixed_arch, parent_arch, reference_state, scaled_super
@@ -235,7 +237,9 @@ def test_io_dump_and_load_context_round_trip_the_arch(nm, tmp_path):
     arch = mixed_arch(tie=True)
     model = nm.model.PuzzleChildModel(nm.model.nemo_config(arch, seq_length=64, bf16=True, params_dtype=torch.bfloat16))
     model.io_dump(tmp_path, yaml_attrs=["config"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "io.json"]  # nothing pickled
+    arch_name = nm.model.arch_file(arch).name  # the architecture travels with the context
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.yaml", "io.json", arch_name])  # nothing pickled
+    assert read_config(tmp_path / arch_name) == arch
     loaded = nm.io.load_context(tmp_path)
     assert type(loaded) is nm.model.PuzzleChildModel and type(loaded.config) is nm.model.PuzzleChildConfig
     assert nm.model.arch_of(loaded) == arch and to_dict(nm.model.arch_of(loaded.config)) == to_dict(arch)
@@ -274,8 +278,15 @@ def test_nemo_config_errors(nm):
     two_linear = arch.replace_blocks([BlockConfig(ATTENTION_NO_OP, parallel(swiglu(8), FFN_LINEAR, FFN_LINEAR))])
     with pytest.raises(ArchConfigError, match=r"layers\[0\]\.ffn: .*1 swiglu and 2 linear"):
         nm.model.nemo_config(two_linear)
-    with pytest.raises(ArchConfigError, match=r"PuzzleChildConfig\.hidden_size=64 contradicts arch_json \(which gives 32\)"):
-        nm.model.PuzzleChildConfig(arch_json=json.dumps(to_dict(arch)), hidden_size=64)
+    path = nm.model.arch_file(arch)
+    with pytest.raises(ArchConfigError, match=r"PuzzleChildConfig\.hidden_size=64 contradicts arch_path='.*' \(which gives 32\)"):
+        nm.model.PuzzleChildConfig(arch_path=str(path), hidden_size=64)
+    with pytest.raises(ArchConfigError, match=r"PuzzleChildConfig\.arch_path='' *: expected a model's config file"):
+        nm.model.PuzzleChildConfig()
+    with pytest.raises(ArchConfigError, match=rf"arch_path='{re.escape(str(path.parent))}' is a directory: expected its config file, {re.escape(str(path))}"):
+        nm.model.PuzzleChildConfig(arch_path=str(path.parent))
+    with pytest.raises(ArchConfigError, match=r"arch_path='/nonexistent/config\.json': no such file"):
+        nm.model.PuzzleChildConfig(arch_path="/nonexistent/config.json")
 
 
 # ----------------------------------------------------------------------------- tensor parallelism (CPU, 2 processes)

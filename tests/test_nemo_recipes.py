@@ -910,3 +910,111 @@ def test_puzzle_task_config_errors(nr):
         T._project_config("tiny", None, ["puzzle.bld.stepz=1"])
     cfg = T._project_config("h100", None, [], stages=("world", "parent"))
     assert cfg.stages == ["world", "parent"] and cfg.puzzle.costs.dtype == "fp8"  # h100.yaml merged
+
+
+# ----------------------------------------------------------------------------- the model config through YAML
+
+
+def test_model_config_goes_through_nemo_run_yaml_and_back(nr, tmp_path, monkeypatch, stdin):
+    """`nemo llm import model=puzzle_child(...) --to-yaml`, then `--yaml`: the same model config
+    comes back (it names its architecture file; the JSON-string field `arch_json` it replaced, and
+    any field PuzzleChildConfig declares under postponed annotations, failed with
+    UnknownTypeError), an override of a field it declares parses, and the import then runs."""
+    import fiddle as fdl
+    import torch
+    from nemo_run.cli.lazy import LazyEntrypoint
+
+    from nemo_plugins.arch.config import FFN_LINEAR, BlockConfig, ModelConfig, gqa, parallel, swiglu
+    from nemo_plugins.model.checkpoint import NATIVE_CONFIG, load_state_dict, read_config, save_checkpoint
+    from nemo_plugins.model.llama import HeteroLlamaForCausalLM
+    from nemo_plugins.nemo.model import PuzzleChildConfig, arch_of
+
+    monkeypatch.chdir(tmp_path)
+    arch = ModelConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, rope_theta=10000.0,
+                       max_position_embeddings=64, blocks=(BlockConfig(gqa(1), parallel(swiglu(64), FFN_LINEAR)),
+                                                          BlockConfig(gqa(4), swiglu(96))))  # fmt: skip
+    child = save_checkpoint(HeteroLlamaForCausalLM(arch), tmp_path / "child")  # fused: the project schema
+    # the README's commands, with this test's paths (and an override of a field PuzzleChildConfig declares);
+    # output_path goes on the second: NeMo-Run 0.11 parses it as a Path, which its YAML writer refuses
+    args = ["llm", "import", f"model=puzzle_child(config='{child}')", f"source=hf://{child}",
+            "model.config.seq_length=32"]  # fmt: skip
+    status, out = nemo_cmd([*args, "--to-yaml", str(tmp_path / "import.yaml")])
+    assert status == 0, out[-3000:]
+    text = (tmp_path / "import.yaml").read_text()
+    assert f"arch_path: {child / NATIVE_CONFIG}" in text and "arch_json" not in text, text
+
+    direct = LazyEntrypoint(nr.llm.import_ckpt, overwrites=args[2:]).resolve()  # what the command line builds
+    back = LazyEntrypoint(nr.llm.import_ckpt, yaml=str(tmp_path / "import.yaml")).resolve()  # what --yaml builds
+    assert back.model == direct.model and back.source == direct.source
+    config = fdl.build(back.model.config)
+    assert type(config) is PuzzleChildConfig and arch_of(config) == arch and config.seq_length == 32
+
+    status, out = nemo_cmd(["llm", "import", "--yaml", str(tmp_path / "import.yaml"), f"output_path={tmp_path / 'nemo'}",
+                            "--yes"])  # fmt: skip
+    assert status == 0, out[-3000:]
+    exported = nr.llm.export_ckpt(tmp_path / "nemo", "hf", output_path=tmp_path / "back")
+    assert read_config(exported) == arch
+    src, out_state = load_state_dict(child), load_state_dict(exported)
+    assert sorted(src) == sorted(out_state) and all(torch.equal(src[k], out_state[k]) for k in src)
+    with pytest.raises(nr.recipes.RecipeError, match=r"puzzle_child: config='/nonexistent': expected a model directory"):
+        nr.recipes.puzzle_child(config="/nonexistent")
+
+
+# ----------------------------------------------------------------------------- container images per stage
+
+ALIGNER = "nvcr.io/nvidia/nemo-aligner:test"
+DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:default"
+
+
+def test_pipeline_mixes_container_images_per_stage(nr, tmp_path, monkeypatch, stdin):
+    """container_image= sets every job's image and images={stage: image} one stage's: the dry run
+    lists each job's image, and each job's sbatch script runs its own."""
+    monkeypatch.chdir(tmp_path)
+    P = nr.pipeline
+    images = f"images={{'recovery': '{ALIGNER}', 'sft': '{ALIGNER}'}}"
+    status, out, err = run_cli(nr, P.pipeline, ["--dryrun", "--yes", *SLURM_ARGS, RECOVERY_DATA, "sft_data=['/data/sft.jsonl']",
+                                                f"container_image={DEFAULT_IMAGE}", images])  # fmt: skip
+    assert status == 0, (out + err)[-3000:]
+    lines = {line.split()[0]: line for line in out.splitlines() if "process(es)  after:" in line}
+    assert sorted(lines) == sorted(P.STAGE_NAMES)
+    for name, line in lines.items():
+        assert line.endswith(f"image: {ALIGNER if name in ('recovery', 'sft') else DEFAULT_IMAGE}"), line
+    # each job's sbatch script (NeMo-Run prints them in the dry run after "Task <name>", wrapped)
+    import re
+
+    parts = re.split(r"Task (\w+) +experiment\.py", out)[1:]
+    scripts = {name: " ".join(text.split()) for name, text in zip(parts[::2], parts[1::2])}
+    assert sorted(scripts) == sorted(P.STAGE_NAMES)
+    for name, script in scripts.items():
+        expected = ALIGNER if name in ("recovery", "sft") else DEFAULT_IMAGE
+        assert script.count("--container-image") == 1 and f"--container-image {expected}" in script, name
+        assert IMAGE not in script, name
+    # without container_image= the executor's image stays the default
+    stages = P.pipeline_stages(slurm(nr), recovery_data=TEXT, images={"recovery": ALIGNER})
+    assert {s.name: s.executor.container_image for s in stages} == {
+        **{s.name: IMAGE for s in stages}, "recovery": ALIGNER}
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(images={"recovry": ALIGNER}), ["images.recovry=", "'recovry' is not a stage", "recovery, sft"]),
+        (dict(images={"sft": ""}), ["images.sft=''", "expected a container image"]),
+        (dict(images=["recovery"]), ["images=['recovery']", "expected a mapping"]),
+        (dict(container_image="nvcr.io/x y"), ["container_image='nvcr.io/x y'", "expected a container image"]),
+    ],
+)
+def test_bad_images_fail_naming_the_stage(nr, kwargs, words):
+    with pytest.raises((nr.recipes.RecipeError, nr.executors.ExecutorConfigError)) as e:
+        nr.pipeline.pipeline_stages(slurm(nr), recovery_data=TEXT, sft_data=SFT, **kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_images_need_a_container_executor(nr, tmp_path, monkeypatch, stdin):
+    local = nr.executors.local_executor(8)
+    with pytest.raises(nr.executors.ExecutorConfigError, match=r"images\.recovery='.*': a container image needs a container executor"):
+        nr.pipeline.pipeline_stages(local, recovery_data=TEXT, images={"recovery": ALIGNER})
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(nr, nr.pipeline.pipeline, ["--dryrun", "--yes", RECOVERY_DATA, "images={'bldd': 'x'}"])
+    assert status == 1 and "'bldd' is not a stage of the pipeline" in out + err, (out + err)[-2000:]

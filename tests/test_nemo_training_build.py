@@ -7,10 +7,10 @@ reads from a checkpoint (the model class and config, the tokenizer) is read duri
 where a nested `fdl.build` (e.g. NeMo's `io.load_context`) is forbidden.
 
 Here each training recipe is built that way on a real NeMo checkpoint: the cached tiny parent
-(tests/conftest.py) imported with `import_hf`. The import runs on the CPU under the test-only
-`nemo_cpu_shim` plus the two checkpoint-IO patches `test_nemo_connectors` documents. The
-recipes are sized to one device (TP1/PP1) and the trainer is pointed at the CPU with an
-override, since building a Lightning trainer for GPUs fails without one; nothing else changes.
+(tests/conftest.py) imported with `import_hf` (no patch needed for that on a CPU), inside the
+test-only `nemo_cpu_shim`'s gloo world. The recipes are sized to one device (TP1/PP1) and the
+trainer is pointed at the CPU with an override, since building a Lightning trainer for GPUs fails
+without one; nothing else changes.
 """
 
 import json
@@ -29,7 +29,6 @@ CPU_TRAINER = ["trainer.accelerator=cpu"]  # the recipes are sized to one device
 def nt(tmp_path_factory, parent_checkpoint):
     """NeMo-Run, the recipes, and the tiny parent as a NeMo checkpoint plus training data."""
     import fiddle as fdl
-    import nemo.lightning.io.pl as nemo_pl
     import nemo_cpu_shim
     import nemo_run as run
     from nemo_run.config import get_nemorun_home, set_nemorun_home
@@ -40,10 +39,7 @@ def nt(tmp_path_factory, parent_checkpoint):
     root = tmp_path_factory.mktemp("training_build")
     old_home = get_nemorun_home()
     set_nemorun_home(str(root / "nemorun_home"))
-    with nemo_cpu_shim.megatron_cpu(), pytest.MonkeyPatch.context() as mp:
-        if not torch.cuda.is_available():
-            mp.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-            mp.setattr(nemo_pl, "_fix_tensors_device", lambda ckpt: ckpt)
+    with nemo_cpu_shim.megatron_cpu():
         nemo_ckpt = puzzle_tasks.import_hf(str(parent_checkpoint), str(root / "nemo" / "parent"))
     yield types.SimpleNamespace(
         run=run, fdl=fdl, recipes=recipes, zlib=ZlibJSONSerializer(), ckpt=nemo_ckpt,

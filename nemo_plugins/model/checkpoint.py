@@ -36,14 +36,33 @@ ARCHITECTURES = ("auto", "llama", "nemotron-nas", "nemo_plugins")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def config_file(path: str | os.PathLike) -> Path:
+    """The config file `read_config` reads for `path`: the path itself, or for a directory its
+    `nemo_plugins_config.json` (the own schema wins) else its `config.json`."""
+    path = Path(path)
+    if path.is_dir():
+        return path / NATIVE_CONFIG if (path / NATIVE_CONFIG).is_file() else path / "config.json"
+    return path
+
+
+def write_config(cfg: ModelConfig, directory: str | os.PathLike) -> Path:
+    """Write `cfg` as the config file of a checkpoint directory (HF `config.json` where Llama or
+    nemotron-nas can hold it, keeping the HF passthrough keys; else `nemo_plugins_config.json`)
+    and return its path; `read_config` reads back the same `ModelConfig`."""
+    if choose_architecture(cfg) == "nemo_plugins":
+        name, data = NATIVE_CONFIG, to_dict(cfg)
+    else:
+        name, data = "config.json", to_hf_config(cfg, choose_architecture(cfg))
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """`ModelConfig` from a `config.json` (HF) or `nemo_plugins_config.json` (own schema) file,
     or a directory holding one (the own schema wins when both are there)."""
-    path = Path(path)
-    if path.is_dir():
-        cfg_path = path / NATIVE_CONFIG if (path / NATIVE_CONFIG).is_file() else path / "config.json"
-    else:
-        cfg_path = path
+    cfg_path = config_file(path)
     if not cfg_path.is_file():
         raise CheckpointError(
             f"{cfg_path}: no such file (expected a config.json, a {NATIVE_CONFIG} or a checkpoint directory)"

@@ -37,3 +37,19 @@ def nemo_available() -> bool:
         except ImportError:
             return False
     return True
+
+
+def refuse_in_spawned_import(what: str) -> None:
+    """Raise a RuntimeError naming `what` when called while a process started with "spawn"
+    imports the main script: the script has no `if __name__ == "__main__":` guard and its
+    top-level code runs again in that helper process, where a conversion would hang or clash
+    with the parent's."""
+    import multiprocessing
+    import sys
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "the main script"
+        raise RuntimeError(
+            f"{what} was called while a helper process (multiprocessing 'spawn') imports {script}: put the "
+            "script's top-level code under `if __name__ == \"__main__\":`"
+        )

@@ -16,10 +16,11 @@ Both write atomically (a temporary sibling renamed into place) and replace an ex
 only with `overwrite=True`; otherwise the importer reuses it (NeMo's import cache) and the
 exporter refuses with `FileExistsError`.
 
-Two fixes to NeMo's defaults, needed with megatron-core 0.16 on any host: checkpoints are saved
-and loaded with `ckpt_async_save=False` (NeMo 2.7.3's async checkpoint IO imports megatron's
-removed `tensorstore` strategy and fails), and loading for export runs the trainer in the
-TESTING state (a load does not need DDP, whose setup opens a CUDA stream).
+Fixes to NeMo's defaults, so that a conversion runs on any host, a CPU login node included:
+checkpoints are saved and loaded through `host_io.HostCheckpointIO` (synchronous, in this
+process, no CUDA call; NeMo's own IO needs CUDA, and its async variant imports megatron's removed
+`tensorstore` strategy), and loading for export runs the trainer in the TESTING state (a load
+does not need DDP, whose setup opens a CUDA stream).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..model.checkpoint import (
     save_checkpoint,
 )
 from ..utils.atomic import atomic_directory
-from . import require_nemo
+from . import refuse_in_spawned_import, require_nemo
 
 io = require_nemo("nemo.lightning.io")
 
@@ -50,6 +51,7 @@ import torch  # noqa: E402
 from nemo.utils import logging  # noqa: E402
 
 from .convert import ConversionError, from_mcore, to_mcore  # noqa: E402
+from .host_io import HostCheckpointIO  # noqa: E402
 from .model import PuzzleChildConfig, PuzzleChildModel, arch_of, nemo_config  # noqa: E402
 
 # Files that make up a HF tokenizer; only these travel between the HF dir and the checkpoint.
@@ -133,6 +135,10 @@ def _atomic_call(connector, output_path, overwrite: bool, kwargs, reuse: bool) -
     """
     from filelock import FileLock
 
+    refuse_in_spawned_import(f"{type(connector).__name__} ({connector})")
+    # NeMo-Run 0.11's `--yaml` passes its own `_partial_: true` marker on as a keyword (import_ckpt
+    # and export_ckpt take **kwargs): not a setting of ours.
+    kwargs = {k: v for k, v in kwargs.items() if k != "_partial_"}
     out = Path(output_path) if output_path else Path(connector.local_path())
     lock_path = Path(f"{out}.lock")
     try:
@@ -219,8 +225,9 @@ class HFPuzzleImporter(io.ModelConnector["HeteroLlamaForCausalLM", PuzzleChildMo
         it only selects a LayerNorm kernel (these models use RMSNorm), and megatron's local
         (non-TE) norm refuses to build with it on."""
         dtype = self.dtype
+        self.arch  # the source's config, checked
         return nemo_config(
-            self.arch,
+            self.source_dir,  # its config file is the checkpoint's copy of the architecture
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
@@ -316,7 +323,7 @@ class HFPuzzleImporter(io.ModelConnector["HeteroLlamaForCausalLM", PuzzleChildMo
         was_initialized = torch.distributed.is_initialized()
         trainer = None
         try:
-            trainer = self.nemo_setup(target, ckpt_async_save=False)
+            trainer = self.nemo_setup(target, ckpt_async_save=False, checkpoint_io=HostCheckpointIO())
             self.convert_state(state, target)
             self.nemo_save(output_path, trainer)
         finally:
@@ -380,7 +387,7 @@ class HFPuzzleExporter(io.ModelConnector[PuzzleChildModel, "HeteroLlamaForCausal
 
     def nemo_load(self, path, trainer=None, cpu: bool = True):
         """NeMo's loader with a default trainer that works with megatron-core 0.16 and on CPU hosts:
-        synchronous checkpoint IO, and the TESTING state (no DDP setup, which needs CUDA)."""
+        `HostCheckpointIO`, and the TESTING state (no DDP setup, which needs CUDA)."""
         if trainer is None:
             from lightning.pytorch.trainer.states import TrainerFn
             from nemo.lightning import MegatronStrategy, Trainer
@@ -388,7 +395,10 @@ class HFPuzzleExporter(io.ModelConnector[PuzzleChildModel, "HeteroLlamaForCausal
             trainer = Trainer(
                 devices=1,
                 accelerator="cpu" if cpu else "gpu",
-                strategy=MegatronStrategy(ddp="pytorch", setup_optimizers=False, ckpt_async_save=False),
+                strategy=MegatronStrategy(
+                    ddp="pytorch", setup_optimizers=False, ckpt_async_save=False,
+                    checkpoint_io=HostCheckpointIO(),
+                ),
             )
             trainer.state.fn = TrainerFn.TESTING
         was_initialized = torch.distributed.is_initialized()

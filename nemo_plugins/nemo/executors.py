@@ -269,6 +269,21 @@ def for_trainer(executor: run.Executor, recipe: run.Partial) -> run.Executor:
     return ex
 
 
+def with_container_image(executor: run.Executor, image: str, key: str = "container_image") -> run.Executor:
+    """A copy of `executor` whose jobs run in `image` (`key` names the setting in errors). Only a
+    container executor (Slurm) takes one: a local executor runs here, without a container."""
+    if not isinstance(image, str) or not image.strip() or any(c.isspace() for c in image):
+        raise ExecutorConfigError(f"{key}={image!r}: expected a container image, e.g. nvcr.io/nvidia/nemo:25.04")
+    if not isinstance(executor, run.SlurmExecutor):
+        raise ExecutorConfigError(
+            f"{key}={image!r}: a container image needs a container executor (run.executor=slurm_h100); "
+            f"{type(executor).__name__} runs the job here, without one"
+        )
+    ex = executor.clone()
+    ex.container_image = image
+    return ex
+
+
 def check_fits_trainer(executor: run.Executor, num_nodes: int, devices: int) -> None:
     """Raise ExecutorConfigError unless `executor` starts the trainer's num_nodes x devices
     processes (one per GPU), naming the executor's setting, its value and the trainer's: a

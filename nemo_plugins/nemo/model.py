@@ -2,28 +2,38 @@
 
 `PuzzleChildConfig` follows NeMo's `Llama33NemotronSuper49BConfig` (a Llama 3.1 config that
 is also a megatron `HeterogeneousTransformerConfig`), but is built from the project's own
-architecture description, stored as the JSON string `arch_json` (`nemo_plugins.arch.config.
-to_dict`). Every architectural TransformerConfig field (sizes, per-layer heterogeneous JSON,
-RoPE scaling, tied embeddings) is derived from it in `__post_init__`, so a config saved with
-`io_dump` holds only plain values, and NeMo's restricted unpickler (which refuses
-`nemo_plugins` objects) is never involved. Parallelism, precision and training settings stay
-ordinary overrides.
+architecture description, named by `arch_path`: a model's config file (HF `config.json`, plain
+Llama or nemotron-nas, or the project's `nemo_plugins_config.json`), read with
+`model.checkpoint.read_config`. A path, not the architecture inline, so that NeMo-Run can write a
+config to YAML and read it back (`--to-yaml` / `--yaml`): its reader takes nested mappings for
+configs and cannot read back a JSON string. NeMo checkpoints stay self-contained: the file is an
+io artifact, copied into the checkpoint's `context/` on save and read from there on load.
+
+Every architectural TransformerConfig field (sizes, per-layer heterogeneous JSON, RoPE scaling,
+tied embeddings) is derived from the architecture in `__post_init__`; parallelism, precision
+and training settings stay ordinary overrides. `nemo_config(arch or path)` builds one; an
+architecture given as a `ModelConfig` is written to a file under the project's cache first.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: NeMo-Run parses command-line and YAML values by
+# the fields' annotations, and a postponed annotation is the string "str", which it rejects
+# (UnknownTypeError on `model.config.arch_path=...`, `model.config.seq_length=...`).
 import dataclasses
-import importlib
 import difflib
+import importlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch.nn.functional as F
 
-from ..arch.config import ArchConfigError, ModelConfig, from_dict, to_dict, validate
+from ..arch.config import ArchConfigError, ModelConfig, validate
 from ..arch.mcore_json import to_mcore_json
+from ..model.checkpoint import NATIVE_CONFIG, config_file, read_config, write_config
+from ..utils.hashing import config_hash
 from . import require_nemo
 
 llm = require_nemo("nemo.collections.llm")
@@ -35,6 +45,7 @@ from megatron.core.transformer.heterogeneous.heterogeneous_config import (  # no
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from nemo.collections.llm.gpt.model.base import GPTConfig  # noqa: E402
 from nemo.collections.llm.gpt.model.llama import Llama31Config  # noqa: E402
+from nemo.lightning.io.artifact import FileArtifact  # noqa: E402
 
 from .spec import HAVE_TE, check_parallelism, ffn_width, puzzle_layer_spec  # noqa: E402
 
@@ -99,7 +110,7 @@ ARCH_FIELDS = frozenset(
         "ffn_hidden_size", "vocab_size", "layernorm_epsilon", "rotary_base",
         "share_embeddings_and_output_weights", "scale_factor", "low_freq_factor", "high_freq_factor",
         "old_context_len", "heterogeneous_layers_config_encoded_json", "heterogeneous_layers_config_path",
-        "arch_json", "hf_passthrough_json", "activation_func", *FIXED_FIELDS,
+        "arch_path", "activation_func", *FIXED_FIELDS,
     }
 )  # fmt: skip
 
@@ -114,14 +125,17 @@ def _same(name: str, current, derived) -> bool:
 class PuzzleChildConfig(Llama31Config, HeterogeneousTransformerConfig):
     """A Puzzle child (or a plain Llama parent) as a NeMo GPT config.
 
-    `arch_json` (required) is the architecture; the fields below default to None, meaning
-    "derived from arch_json"; a value that contradicts the arch is an error. `seq_length`
-    defaults to the arch's `max_position_embeddings`. Llama-3 RoPE scaling is applied as
-    `Llama31Config` does, only when the arch has it (`scale_factor` is None otherwise).
+    `arch_path` (required) is the architecture's config file (`config.json` or
+    `nemo_plugins_config.json`); the fields below default to None, meaning "derived from the
+    architecture"; a value that contradicts it is an error. `seq_length` defaults to the arch's
+    `max_position_embeddings`. Llama-3 RoPE scaling is applied as `Llama31Config` does, only when
+    the arch has it (`scale_factor` is None otherwise).
     """
 
-    arch_json: str = ""
-    hf_passthrough_json: str = "{}"  # top-level HF config keys outside the model (auto_map, ...)
+    # NeMo's io_dump copies the file into the checkpoint's context/ and points arch_path at it.
+    __io_artifacts__ = [FileArtifact("arch_path")]
+
+    arch_path: str = ""
     num_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     num_attention_heads: Optional[int] = None
@@ -144,15 +158,15 @@ class PuzzleChildConfig(Llama31Config, HeterogeneousTransformerConfig):
     transformer_layer_spec: Union[ModuleSpec, Callable] = puzzle_layer_spec
 
     def __post_init__(self):
-        arch = self.arch
+        arch = self._read_arch()
         for name, value in arch_fields(arch).items():
             current = getattr(self, name)
             if current is None:
                 setattr(self, name, value)
             elif not _same(name, current, value):
                 raise ArchConfigError(
-                    f"PuzzleChildConfig.{name}={current!r} contradicts arch_json (which gives {value!r}); "
-                    "architecture fields come from the arch: change the arch instead"
+                    f"PuzzleChildConfig.{name}={current!r} contradicts arch_path={self.arch_path!r} (which gives "
+                    f"{value!r}); architecture fields come from the arch: change the arch instead"
                 )
         for name, value in FIXED_FIELDS.items():
             if getattr(self, name) != value:
@@ -166,13 +180,29 @@ class PuzzleChildConfig(Llama31Config, HeterogeneousTransformerConfig):
         check_parallelism(arch, self.tensor_model_parallel_size)
         super().__post_init__()
 
+    def _read_arch(self) -> ModelConfig:
+        expected = f"a model's config file (config.json or {NATIVE_CONFIG}); nemo_config(arch or directory) makes one"
+        if not isinstance(self.arch_path, (str, os.PathLike)) or not str(self.arch_path):
+            raise ArchConfigError(
+                f"PuzzleChildConfig.arch_path={self.arch_path!r}: expected {expected} (a checkpoint made before "
+                "arch_path replaced arch_json needs importing again)"
+            )
+        path = Path(self.arch_path)
+        if path.is_dir():
+            raise ArchConfigError(
+                f"PuzzleChildConfig.arch_path={self.arch_path!r} is a directory: expected its config file, "
+                f"{config_file(path)}"
+            )
+        if not path.is_file():
+            raise ArchConfigError(f"PuzzleChildConfig.arch_path={self.arch_path!r}: no such file (expected {expected})")
+        arch = read_config(path)
+        self.__dict__["_arch"] = arch
+        return arch
+
     @property
     def arch(self) -> ModelConfig:
-        """The architecture, parsed (and validated) from `arch_json`."""
-        if not self.arch_json:
-            raise ArchConfigError("PuzzleChildConfig.arch_json is empty: build the config with nemo_config(arch)")
-        arch = from_dict(json.loads(self.arch_json))
-        return dataclasses.replace(arch, passthrough=json.loads(self.hf_passthrough_json or "{}"))
+        """The architecture read (and validated) from `arch_path` when the config was built."""
+        return self.__dict__.get("_arch") or self._read_arch()
 
     def configure_model(self, tokenizer=None, pre_process=None, post_process=None, vp_stage=None):
         """Build the megatron-core GPTModel; Llama-3 RoPE scaling only when the arch has it."""
@@ -189,13 +219,32 @@ class PuzzleChildModel(llm.GPTModel):
     """
 
 
-def nemo_config(arch: ModelConfig, **overrides) -> PuzzleChildConfig:
-    """`PuzzleChildConfig` for `arch`, with TransformerConfig/GPTConfig `overrides` such as
-    tensor_model_parallel_size, pipeline_model_parallel_size, seq_length, bf16, params_dtype.
+def arch_file(arch: ModelConfig) -> Path:
+    """A config file holding `arch` (HF config.json where it fits, else the project schema), under
+    `$NEMO_PLUGINS_CACHE/nemo_arch/<hash>/`: content-addressed, so one architecture is one file."""
+    from ..data.tiny_world import cache_root
+
+    validate(arch)
+    directory = cache_root() / "nemo_arch" / config_hash({"arch": repr(arch), "passthrough": arch.passthrough})
+    for name in ("config.json", NATIVE_CONFIG):
+        if (directory / name).is_file() and read_config(directory / name) == arch:
+            return directory / name
+    tmp = directory.parent / f".{directory.name}.{os.getpid()}"
+    path = write_config(arch, tmp)
+    os.makedirs(directory, exist_ok=True)
+    os.replace(path, directory / path.name)
+    tmp.rmdir()
+    return directory / path.name
+
+
+def nemo_config(arch: Union[ModelConfig, str, os.PathLike], **overrides) -> PuzzleChildConfig:
+    """`PuzzleChildConfig` for `arch` (a `ModelConfig`, a model directory or its config file), with
+    TransformerConfig/GPTConfig `overrides` such as tensor_model_parallel_size,
+    pipeline_model_parallel_size, seq_length, bf16, params_dtype.
 
     Unknown names and architecture fields (which come from `arch`) are errors naming the field.
     """
-    validate(arch)
+    path = arch_file(arch) if isinstance(arch, ModelConfig) else config_file(arch)
     fields = {f.name for f in dataclasses.fields(PuzzleChildConfig) if f.init}
     for name in overrides:
         if name not in fields:
@@ -208,9 +257,7 @@ def nemo_config(arch: ModelConfig, **overrides) -> PuzzleChildConfig:
             raise ArchConfigError(
                 f"nemo_config: {name!r} is set by the architecture and cannot be overridden; change the arch instead"
             )
-    return PuzzleChildConfig(
-        arch_json=json.dumps(to_dict(arch)), hf_passthrough_json=json.dumps(arch.passthrough), **overrides
-    )
+    return PuzzleChildConfig(arch_path=str(path), **overrides)
 
 
 def arch_of(cfg) -> ModelConfig:

@@ -16,9 +16,13 @@ llm = require_nemo("nemo.collections.llm")
 
 import nemo_run as run  # noqa: E402
 
-from .executors import GPUS_PER_H100_NODE, for_trainer, local_executor  # noqa: E402
+from .executors import GPUS_PER_H100_NODE, for_trainer, local_executor, with_container_image  # noqa: E402
 from .puzzle_tasks import import_hf, puzzle_bld, puzzle_prepare, puzzle_score, puzzle_search  # noqa: E402
 from .recipes import RecipeError, check_recipe, cpt_recipe, recovery_recipe, toggle_sft_recipe  # noqa: E402
+
+
+# Every stage the pipeline can run, in order (the keys of `images`).
+STAGE_NAMES = ("prepare", "bld", "score", "search", "import_parent", "import_child", "recovery", "sft")
 
 
 @dataclasses.dataclass
@@ -65,6 +69,8 @@ def pipeline_stages(
     tp: Optional[int] = None,
     pp: Optional[int] = None,
     nodes: Optional[int] = None,
+    container_image: Optional[str] = None,
+    images: Optional[dict[str, str]] = None,
 ) -> list[Stage]:
     """The jobs of Puzzle -> (FFN Fusion) -> NeMo import -> recovery (KD or CPT) -> toggle SFT.
 
@@ -74,8 +80,11 @@ def pipeline_stages(
     prefixes, required unless recovery='none') -> toggle SFT on sft_data (skipped without it).
     tp, pp and nodes set the training stages' layout (default: the table's for parent_size;
     required for sizes it has no row for, e.g. 405b). Everything lives under work_dir, which all
-    nodes must share.
+    nodes must share. Container images: every job runs in `container_image` (default: the
+    executor's), except the stages named in `images` ({stage: image}, stage one of STAGE_NAMES),
+    so that one experiment can mix images (e.g. NeMo-Aligner's for RL stages).
     """
+    _check_images(images)
     if recovery not in ("kd", "cpt", "none"):
         raise RecipeError(f"recovery={recovery!r}: expected 'kd', 'cpt' or 'none'")
     if recovery != "none" and not recovery_data:
@@ -125,7 +134,24 @@ def pipeline_stages(
     for s in stages:
         if s.task.__fn_or_cls__ in (llm.distill, llm.pretrain, llm.finetune):
             check_recipe(s.task)
+        if s.name in (images or {}):
+            s.executor = with_container_image(s.executor, images[s.name], key=f"images.{s.name}")
+        elif container_image is not None:
+            s.executor = with_container_image(s.executor, container_image)
     return stages
+
+
+def _check_images(images) -> None:
+    """`images` is None or {stage: image} with stages of STAGE_NAMES (each image checked where it is set)."""
+    if images is None:
+        return
+    if not isinstance(images, dict):
+        raise RecipeError(f"images={images!r}: expected a mapping of stage name to container image, e.g. "
+                          "images={'recovery': 'nvcr.io/nvidia/nemo:25.04'}")  # fmt: skip
+    for name in images:
+        if name not in STAGE_NAMES:
+            raise RecipeError(f"images.{name}={images[name]!r}: {name!r} is not a stage of the pipeline; "
+                              f"expected one of {', '.join(STAGE_NAMES)}")  # fmt: skip
 
 
 def add_stages(exp: run.Experiment, stages: list[Stage]) -> dict[str, str]:
@@ -158,18 +184,21 @@ def pipeline(
     tp: Optional[int] = None,
     pp: Optional[int] = None,
     nodes: Optional[int] = None,
+    container_image: Optional[str] = None,
+    images: Optional[dict[str, str]] = None,
     title: str = "puzzle-pipeline",
 ):
     """The whole pipeline as one NeMo-Run experiment (see `pipeline_stages`); `--dryrun` prints
     every job's script instead of launching. tp=, pp=, nodes= set the training stages' layout
     (needed for a parent_size without a default, e.g. 405b). The executor comes from `executor=...` on the
-    command line (e.g. run.executor=slurm_h100 run.executor.account=...), else local torchrun."""
+    command line (e.g. run.executor=slurm_h100 run.executor.account=...), else local torchrun.
+    container_image= sets every job's image, "images={'recovery': IMAGE}" one stage's."""
     executor = ctx.executor or local_executor(gpus_per_node)
     stages = pipeline_stages(
         executor, work_dir=work_dir, parent_size=parent_size, preset=preset, puzzle_overrides=puzzle_overrides,
         puzzle_nodes=puzzle_nodes, gpus_per_node=gpus_per_node, fusion=fusion, recovery=recovery,
         recovery_data=recovery_data, recovery_steps=recovery_steps, sft_data=sft_data, sft_format=sft_format,
-        sft_steps=sft_steps, tp=tp, pp=pp, nodes=nodes,
+        sft_steps=sft_steps, tp=tp, pp=pp, nodes=nodes, container_image=container_image, images=images,
     )  # fmt: skip
     if ctx.dryrun:
         print(describe_stages(stages))
@@ -180,7 +209,7 @@ def pipeline(
 
 
 def describe_stages(stages: list[Stage]) -> str:
-    """One line per job: name, what it runs, nodes x processes, and what it waits for."""
+    """One line per job: name, what it runs, nodes x processes, what it waits for, its container image."""
     lines = []
     for s in stages:
         ex = s.executor
@@ -188,7 +217,8 @@ def describe_stages(stages: list[Stage]) -> str:
         target = getattr(s.task.__fn_or_cls__, "__name__", str(s.task.__fn_or_cls__))
         wait = ", ".join(s.after) or "-"
         nodes = getattr(ex, "nodes", 1)
-        lines.append(f"{s.name:<14} {target:<16} {nodes} node(s) x {procs} process(es)  after: {wait}")
+        image = getattr(ex, "container_image", None) or "-"
+        lines.append(f"{s.name:<14} {target:<16} {nodes} node(s) x {procs} process(es)  after: {wait}  image: {image}")
     return "\n".join(lines)
 
 

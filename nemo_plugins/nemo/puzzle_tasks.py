@@ -226,12 +226,11 @@ def puzzle_search(
 def import_hf(hf_dir: str, output: str, overwrite: bool = False) -> str:
     """Convert a HF checkpoint (plain Llama or nemotron-nas, e.g. a Puzzle child) into a NeMo 2
     checkpoint of PuzzleChildModel at `output`; returns its path."""
-    from ..model.checkpoint import read_config
     from .model import PuzzleChildModel, nemo_config
 
     importlib.import_module(f"{__package__}.connectors")  # registers the HF importer
     source = Path(hf_dir).resolve()
-    model = PuzzleChildModel(nemo_config(read_config(source)))  # the importer reads the arch from the directory
+    model = PuzzleChildModel(nemo_config(source))  # the importer reads the arch from the directory
     return str(llm.import_ckpt(model, f"hf://{source}", output_path=Path(output), overwrite=overwrite))
 
 

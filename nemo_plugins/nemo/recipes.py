@@ -38,6 +38,7 @@ from . import require_nemo
 llm = require_nemo("nemo.collections.llm")
 
 import nemo_run as run  # noqa: E402
+from lightning.pytorch import LightningModule  # noqa: E402
 from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
 from nemo import lightning as nl  # noqa: E402
 from nemo.collections.llm.recipes.optim.adam import distributed_fused_adam_with_cosine_annealing  # noqa: E402
@@ -445,6 +446,32 @@ def checkpoint_tokenizer(path: str):
     """The tokenizer stored in a NeMo checkpoint (for data modules that need their own); read
     without a nested `fdl.build`, as `load_model`."""
     return _instantiate(_checkpoint_context(path, "model.tokenizer"))
+
+
+# ============================================================================ model factory
+
+
+@run.cli.factory(name="puzzle_child")
+def puzzle_child(
+    config: str, tensor_model_parallel_size: int = 1, seq_length: Optional[int] = None
+) -> run.Config[LightningModule]:
+    """`PuzzleChildModel` of the architecture in `config` (a model directory, or its config.json /
+    nemo_plugins_config.json), e.g. `nemo llm import model="puzzle_child(config='/models/child')"
+    source=hf:///models/child`. The model config names the file (`arch_path`), so it goes through
+    NeMo-Run's YAML (`--to-yaml`, `--yaml`) and back unchanged."""
+    from ..model.checkpoint import config_file
+    from .model import PuzzleChildConfig, PuzzleChildModel
+
+    path = config_file(config)
+    if not path.is_file():
+        raise RecipeError(
+            f"puzzle_child: config={config!r}: expected a model directory or its config file (config.json or "
+            f"nemo_plugins_config.json); {path} does not exist"
+        )
+    extra = {} if seq_length is None else {"seq_length": seq_length}
+    cfg = run.Config(PuzzleChildConfig, arch_path=str(path), tensor_model_parallel_size=tensor_model_parallel_size,
+                     **extra)  # fmt: skip
+    return run.Config(PuzzleChildModel, config=cfg)
 
 
 # ============================================================================ training factories
