@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..arch.config import ArchConfigError, ModelConfig, from_dict, to_dict
 from ..arch.hf_json import from_hf_config, is_plain_llama, nas_compatible, to_hf_config
 from ..errors import CheckpointError
-from ..utils.atomic import atomic_directory
+from ..utils.atomic import atomic_directory, write_text_atomic
 from ..utils.hashing import config_hash
 from .llama import HeteroLlamaForCausalLM, rope_inv_freq
 
@@ -55,7 +55,7 @@ def write_config(cfg: ModelConfig, directory: str | os.PathLike) -> Path:
         name, data = "config.json", to_hf_config(cfg, choose_architecture(cfg))
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
 
 
