@@ -2,6 +2,7 @@
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -36,3 +37,34 @@ def test_weights_digest_is_equal_for_copies_and_changes_with_one_weight(tmp_path
     t[1, 2] += 1e-3
     save_file({"w": t}, str(b / "model.safetensors"))
     assert weights_digest(a) != weights_digest(b)
+
+
+def test_a_source_edit_changes_the_cache_keys_of_what_that_code_makes(tmp_path, monkeypatch):
+    """The tiny world, the tiny parent and a block library are cached across runs: their keys
+    carry a digest of the code that makes them, so edited code never reuses a stale entry."""
+    from nemo_plugins.utils import hashing
+
+    pkg = tmp_path / "pkg"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "data" / "a.py").write_text("x = 1\n")
+    (pkg / "model.py").write_text("y = 2\n")
+    monkeypatch.setattr(hashing, "PACKAGE_DIR", pkg)
+    hashing.source_digest.cache_clear()
+    before = hashing.source_digest("data", "model.py")
+    hashing.source_digest.cache_clear()
+    (pkg / "data" / "a.py").write_text("x = 3\n")
+    assert hashing.source_digest("data", "model.py") != before
+    hashing.source_digest.cache_clear()
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        hashing.source_digest("missing.py")
+    hashing.source_digest.cache_clear()
+
+
+def test_the_cached_stages_name_sources_that_exist():
+    from nemo_plugins.data.tiny_world import WORLD_SOURCE
+    from nemo_plugins.model.tiny_parent import PARENT_SOURCE
+    from nemo_plugins.puzzle.stage import LIBRARY_SOURCE
+    from nemo_plugins.utils.hashing import source_digest
+
+    digests = {source_digest(*parts) for parts in (WORLD_SOURCE, PARENT_SOURCE, LIBRARY_SOURCE)}
+    assert len(digests) == 3 and all(len(d) == 12 for d in digests)

@@ -16,10 +16,14 @@ from tokenizers import Tokenizer
 
 from ..utils import checks
 from ..utils.atomic import write_json_atomic
-from ..utils.hashing import config_hash
+from ..utils.hashing import config_hash, source_digest
 from .chat_tokenizer import ChatTokenizer
 from .reasoning_world import DIFFICULTIES, Problem, draw_unique, reasoning_response, response_for, split_problems
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+# The code that makes the world (problems, splits, renderings, tokenizer): part of its cache key.
+WORLD_SOURCE = ("data/tiny_world.py", "data/reasoning_world.py", "data/tokenizer.py", "data/chat.py",
+                "data/chat_tokenizer.py")
 
 FORMAT_VERSION = 1  # bump when generation changes, so stale caches are not reused
 
@@ -98,7 +102,7 @@ class World:
 
 
 def world_directory(cfg: WorldConfig, root: Path | None = None) -> Path:
-    return (root or cache_root()) / "tiny_world" / config_hash(asdict(cfg))
+    return (root or cache_root()) / "tiny_world" / config_hash(asdict(cfg), source_digest(*WORLD_SOURCE))
 
 
 class DeferredWorld(World):

@@ -16,13 +16,16 @@ from ..utils import checks
 from ..arch.config import ModelConfig, homogeneous
 from ..data.chat import BOS, EOS
 from ..data.tiny_world import World
-from ..utils.hashing import config_hash
+from ..utils.hashing import config_hash, source_digest
 from ..data.tokenizer import token_id
 from ..utils.atomic import write_json_atomic
 from .checkpoint import save_checkpoint
 from .llama import HeteroLlamaForCausalLM
 from ..utils.training import OptimConfig
 from .train import fit_lm
+
+# The code that trains the tiny parent (model, loop, data batching): part of its cache key.
+PARENT_SOURCE = ("model", "arch", "utils/training.py", "utils/resume.py")
 
 
 @dataclass
@@ -74,7 +77,7 @@ def parent_model_config(p: ParentConfig, world: World) -> ModelConfig:
 def parent_dir(world: World, p: ParentConfig) -> Path:
     """The cache directory of the tiny parent trained with `p` (keyed by its training fields)."""
     fields = {k: v for k, v in asdict(p).items() if k not in ("path", "ckpt_every")}
-    return world.directory / f"parent-{config_hash(fields)}"
+    return world.directory / f"parent-{config_hash(fields, source_digest(*PARENT_SOURCE))}"
 
 
 def train_parent(world: World, p: ParentConfig | None = None, *, progress: bool = True) -> Path:

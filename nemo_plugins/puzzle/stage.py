@@ -25,7 +25,7 @@ from ..model.llama import HeteroLlamaForCausalLM
 from ..model.metrics import model_metrics
 from ..model.train import token_batches
 from ..utils.atomic import write_json_atomic
-from ..utils.hashing import config_hash
+from ..utils.hashing import config_hash, source_digest
 from . import mip
 from .baselines import drop_choice, uniform_choice
 from .bld import BLDConfig, bld_speed, variant_path
@@ -35,6 +35,9 @@ from .launch import bld_processes, run_bld_processes
 from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
 from .shards import load_shard, score_shard, train_shard
+
+# The code that initializes and trains a block library: part of its cache key.
+LIBRARY_SOURCE = ("puzzle", "model", "arch", "data/sources.py", "data/text_data.py", "utils/training.py", "utils/resume.py")
 
 log = logging.getLogger("nemo_plugins.puzzle")
 
@@ -118,7 +121,8 @@ def library_dir(cfg: PuzzleConfig, parent_id: str, world_dir: Path) -> Path:
     parent and the library, init and BLD configs (what the trained variants depend on; not how
     often a wave checkpoints)."""
     bld = {k: v for k, v in asdict(cfg.bld).items() if k != "ckpt_every"}
-    return Path(world_dir) / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), bld)}"
+    code = source_digest(*LIBRARY_SOURCE)
+    return Path(world_dir) / f"puzzle-{config_hash(parent_id, asdict(cfg.library), asdict(cfg.init), bld, code)}"
 
 
 def scores_file(cfg: PuzzleConfig, lib_dir: Path, n_held_out: int) -> Path:
