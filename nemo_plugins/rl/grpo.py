@@ -10,9 +10,9 @@ One GRPO step:
    step, under "detailed thinking off", so the format reward (strict tiny-world layout of the
    mode: a think block then "The answer is N." when on; the answer alone when off) is trained
    for both modes and the toggle is not forgotten. All G completions of a prompt share its mode.
-2. **Rollout.** G = `group_size` completions per prompt from the KV-cache sampler
-   (`model.generate`: left-padded batches, temperature/top-p, stop at EOS), at most
-   `max_new_tokens` each, in chunks of `generation_batch_size` sequences.
+2. **Rollout.** G = `group_size` completions per prompt from the rollout engine
+   (`model.rollout` over the KV-cache sampler: left-padded batches, temperature/top-p, stop at
+   EOS), at most `max_new_tokens` each, in chunks of `generation_batch_size` sequences.
 3. **Rewards.** `rewards.combined_reward` (task "world": exact answer + strict format, weighted)
    in the sandboxed `RewardPool` (per-sample wall time and memory limits; a failed sample scores
    0 and is counted by reason), plus DAPO's soft overlong penalty on the response length.
@@ -71,7 +71,8 @@ from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
 from ..model.losses import next_token_mask
 from ..utils.training import PRECISIONS, StepModule, fit_module, resolve_precision, resume_latest, stop_if_terminated
-from ..model.generate import SamplingConfig, generate
+from ..model.generate import SamplingConfig
+from ..model.rollout import RolloutConfig, sample_questions
 from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic, write_text_atomic
 from ..utils.resume import TrainingState, latest, save_training_state
@@ -352,30 +353,17 @@ class Rollout:
 
 
 def rollout(
-    policy, tok: ChatTokenizer, problems: Sequence[Problem], thinking: Sequence[bool], cfg: GRPOConfig,
-    generator: torch.Generator,
+    policy, tok: ChatTokenizer, problems: Sequence[Problem], thinking: Sequence[bool], cfg: GRPOConfig, seed: int,
 ) -> Rollout:
-    """Sample `cfg.group_size` completions per problem under its thinking mode."""
-    tok = as_chat(tok)
-    stops = set(tok.stop_ids)
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_token_ids=tok.stop_ids)
+    """Sample `cfg.group_size` completions per problem under its thinking mode (`model.rollout`, its
+    generator seeded with `seed`)."""
     G = cfg.group_size
-    prompts = [tok.prompt_ids(p.question, t) for p, t in zip(problems, thinking)]
-    seq_prompts = [p for p in prompts for _ in range(G)]
-    completions: list[list[int]] = []
-    was_training = policy.training
-    policy.eval()
-    try:
-        for start in range(0, len(seq_prompts), cfg.generation_batch_size):
-            chunk = seq_prompts[start : start + cfg.generation_batch_size]
-            completions += generate(policy, chunk, sampling, pad_id=tok.pad_id, generator=generator)
-    finally:
-        policy.train(was_training)
+    engine = RolloutConfig(cfg.sampling, n=G, batch_size=cfg.generation_batch_size, seed=seed)
+    done = sample_questions(policy, tok, [p.question for p in problems], thinking, engine)
     return Rollout(
-        prompt_ids=seq_prompts, completions=completions,
-        texts=[tok.decode_response(c) for c in completions],
+        prompt_ids=done.prompt_ids, completions=done.ids, texts=done.texts,
         thinking=[t for t in thinking for _ in range(G)], answers=[p.answer for p in problems for _ in range(G)],
-        truncated=[not c or c[-1] not in stops for c in completions],
+        truncated=[not s for s in done.stopped],
     )  # fmt: skip
 
 
@@ -612,13 +600,8 @@ def heldout_accuracy(
     verifier), JSON-ready (string keys)."""
     from ..evaluate import task_accuracy
 
-    was_training = model.training
-    model.eval()
-    try:
-        acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens,
-                            verify=answer_checker(task))  # fmt: skip
-    finally:
-        model.train(was_training)
+    acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens,
+                        verify=answer_checker(task))  # fmt: skip
     return {"accuracy": acc["accuracy"], "format_ok": acc["format_ok"], "n": acc["n"],
             "by_difficulty": {str(d): a for d, a in acc["by_difficulty"].items()}}  # fmt: skip
 
@@ -693,9 +676,7 @@ class GRPOModule(StepModule):
         self.last_batch = list(ids)
         problems = [self.problems[i] for i in ids]
         thinking = choose_modes(len(problems), cfg.off_fraction, cfg.seed, step)
-        device = self.policy.lm_head.weight.device
-        generator = torch.Generator(device=device).manual_seed(_seed_for(cfg.seed, "rollout", step))
-        roll = rollout(self.policy, self.tok, problems, thinking, cfg, generator)
+        roll = rollout(self.policy, self.tok, problems, thinking, cfg, _seed_for(cfg.seed, "rollout", step))
         return ids, roll, score_rollout(roll, self.rewarder, cfg)
 
     def finish_step(self, row: dict, t0: float) -> None:
