@@ -26,6 +26,7 @@ from nemo_plugins.model.train import fit_lm
 from nemo_plugins.utils.training import OptimConfig
 from nemo_plugins.rl import grpo as G
 from nemo_plugins.rl import grpo_stage as S
+from nemo_plugins.rl import scoring
 from nemo_plugins.rl.rewards import RewardBreakdown
 from nemo_plugins.utils.resume import latest
 
@@ -132,7 +133,7 @@ class _Stub(torch.nn.Module):
 
 
 def test_all_equal_rewards_give_zero_policy_gradient_and_drop_groups(tok, start_model, problems, tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "combined_reward", lambda *a, **k: RewardBreakdown(1.0, 1.0, 0.0))
+    monkeypatch.setattr(scoring, "combined_reward", lambda *a, **k: RewardBreakdown(1.0, 1.0, 0.0))
     no_overlong = G.OverlongConfig(penalty=0.0)
     policy, before = copy.deepcopy(start_model), weights(start_model)
     cfg = small(steps=1, overlong=no_overlong)

@@ -13,9 +13,10 @@ One GRPO step:
 2. **Rollout.** G = `group_size` completions per prompt from the rollout engine
    (`model.rollout` over the KV-cache sampler: left-padded batches, temperature/top-p, stop at
    EOS), at most `max_new_tokens` each, in chunks of `generation_batch_size` sequences.
-3. **Rewards.** `rewards.combined_reward` (task "world": exact answer + strict format, weighted)
-   in the sandboxed `RewardPool` (per-sample wall time and memory limits; a failed sample scores
-   0 and is counted by reason), plus DAPO's soft overlong penalty on the response length.
+3. **Rewards.** Through the reward protocol (`scoring.RuleScorer`): `rewards.combined_reward`
+   (task "world": exact answer + strict format, weighted) in the sandboxed `RewardPool`
+   (per-sample wall time and memory limits; a failed sample scores 0 and is counted by reason),
+   plus DAPO's soft overlong penalty on the response length.
 4. **Advantages.** Group-relative (`group_advantages`: group mean or leave-one-out baseline,
    optionally ÷ std); groups whose rewards are all equal carry no signal and are dropped
    (`loss.drop_zero_variance`), the others are trained.
@@ -59,7 +60,6 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -87,8 +87,9 @@ from .grpo_loss import (
     token_logprobs,
     zero_variance_groups,
 )
-from .rewards import TASKS, ZERO_REWARD, RewardBreakdown, RewardConfig, answer_checker, combined_reward
-from .sandbox import CRASH, MEMORY, TIMEOUT, TOO_LONG, RewardPool, direct_map
+from .rewards import TASKS, RewardConfig, answer_checker
+from .sandbox import CRASH, MEMORY, TIMEOUT, TOO_LONG
+from .scoring import Reference, RuleScorer, SandboxLimits, Scorer
 
 log = logging.getLogger("nemo_plugins.grpo")
 
@@ -158,6 +159,13 @@ class RewardSettings:
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig(self.task, self.accuracy_weight, self.format_weight)
+
+    def limits(self) -> SandboxLimits:
+        return SandboxLimits(self.workers, self.timeout_s, self.memory_mb, self.max_chars)
+
+    def scorer(self) -> RuleScorer:
+        """The rule-reward scorer these settings describe (close it, or use it as a context manager)."""
+        return RuleScorer(self.reward_config(), self.limits())
 
 
 @dataclass
@@ -370,41 +378,6 @@ def rollout(
 # ----------------------------------------------------------------------------- rewards
 
 
-class Rewarder:
-    """Scores (completion, answer, thinking) items with `combined_reward`: in a sandboxed
-    `RewardPool` (rewards.workers > 0; started on first use, so a resumed run with nothing left
-    to train never starts workers) or in-process. Use as a context manager, or close()."""
-
-    def __init__(self, settings: RewardSettings):
-        self.settings = settings
-        self.fn = partial(combined_reward, config=settings.reward_config())
-        self.pool: RewardPool | None = None
-
-    def _pool(self) -> RewardPool:
-        if self.pool is None:
-            s = self.settings
-            self.pool = RewardPool(self.fn, workers=s.workers, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
-                                   max_chars=s.max_chars, failure_value=ZERO_REWARD)  # fmt: skip
-        return self.pool
-
-    def score(self, items: Sequence[tuple]) -> tuple[list[RewardBreakdown], Counter]:
-        """(one RewardBreakdown per item, failure counts by reason); failed items score ZERO_REWARD."""
-        if self.settings.workers > 0:
-            return self._pool().map(items)
-        return direct_map(self.fn, items, max_chars=self.settings.max_chars, failure_value=ZERO_REWARD)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-
-    def __enter__(self) -> "Rewarder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 @dataclass
 class Rewards:
     """Per-sequence rewards: total (task reward + overlong penalty) and its parts."""
@@ -416,18 +389,12 @@ class Rewards:
     failures: Counter
 
 
-def score_rollout(roll: Rollout, rewarder: Rewarder, cfg: GRPOConfig) -> Rewards:
-    """Rewards of every completion, the overlong penalty added; failed samples score 0."""
-    items = [(text, answer, thinking) for text, answer, thinking in zip(roll.texts, roll.answers, roll.thinking)]
-    values, failures = rewarder.score(items)
-    task = torch.tensor([v.total for v in values], dtype=torch.float32)
+def score_rollout(roll: Rollout, scorer: Scorer, cfg: GRPOConfig) -> Rewards:
+    """Rewards of every completion (`scoring` protocol), the overlong penalty added; failed samples score 0."""
+    scores = scorer.score(roll.texts, [Reference(a, t) for a, t in zip(roll.answers, roll.thinking)])
     penalty = overlong_penalty(roll.lengths, cfg.overlong_max_len, cfg.overlong.buffer, cfg.overlong.penalty)
-    return Rewards(
-        total=task + penalty,
-        accuracy=torch.tensor([v.accuracy for v in values], dtype=torch.float32),
-        format=torch.tensor([v.format for v in values], dtype=torch.float32),
-        overlong=penalty, failures=Counter(failures),
-    )  # fmt: skip
+    return Rewards(total=scores.total + penalty, accuracy=scores.parts["accuracy"], format=scores.parts["format"],
+                   overlong=penalty, failures=Counter(scores.failures))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- update
@@ -627,7 +594,7 @@ class GRPOModule(StepModule):
 
     def __init__(
         self, policy, reference, tok: ChatTokenizer, problems: Mapping[str, Problem], sampler, cfg: GRPOConfig,
-        paths: _Paths, resume: TrainingState | None, eval_problems: Sequence[Problem], rewarder: Rewarder | None = None,
+        paths: _Paths, resume: TrainingState | None, eval_problems: Sequence[Problem], rewarder: Scorer | None = None,
     ):  # fmt: skip
         super().__init__(policy, cfg, paths, resume)
         self.policy = policy
@@ -736,7 +703,7 @@ def run_grpo(
     *,
     eval_problems: Sequence[Problem] = (),
     reference=None,
-    rewarder: Rewarder | None = None,
+    rewarder: RuleScorer | None = None,
     initial_eval: Mapping | None = None,
     progress: bool = False,
     callbacks: Sequence[L.Callback] = (),
@@ -751,7 +718,7 @@ def run_grpo(
     resume, so it is the run's starting point); not kept when kl_beta = 0 and log_ref_kl is off.
     eval_problems: held-out problems for greedy accuracy (thinking on) every `eval_every` steps
     and at the end (at most `cfg.eval_problems` of them).
-    rewarder: a `Rewarder` to share between runs (its settings must be cfg.rewards'; the caller
+    rewarder: a `scoring.RuleScorer` to share between runs (`cfg.rewards.scorer()`; the caller
     closes it); default: one for this call, closed at the end.
     initial_eval: the starting model's held-out result (`heldout_accuracy`), recorded as step 0
     of a fresh run's evaluations; without it, a run with eval_every > 0 measures it itself.
@@ -780,10 +747,11 @@ def run_grpo(
     if resume is None and held_out and (initial_eval is not None or cfg.eval_every):
         module.eval_history = [{"step": 0, **(initial_eval if initial_eval is not None else module.evaluate())}]
     if start < cfg.steps:
-        if rewarder is not None and rewarder.settings != cfg.rewards:
-            raise ValueError(f"rewarder settings {rewarder.settings} differ from grpo.rewards {cfg.rewards}")
+        want = (cfg.rewards.reward_config(), cfg.rewards.limits())
+        if rewarder is not None and (rewarder.config, rewarder.limits) != want:
+            raise ValueError(f"rewarder {rewarder.config}, {rewarder.limits} differs from grpo.rewards {cfg.rewards}")
         own = rewarder is None
-        module.rewarder = rewarder or Rewarder(cfg.rewards)
+        module.rewarder = rewarder or cfg.rewards.scorer()
         try:
             _fit(module, cfg, start, progress, callbacks)
         finally:
