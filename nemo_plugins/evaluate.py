@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from tqdm.auto import tqdm
-
-from .data.chat_tokenizer import ChatTokenizer, as_chat
+from .data.chat_tokenizer import ChatTokenizer
 from .data.reasoning_world import Problem, is_correct, is_well_formatted
-from .model.generate import SamplingConfig, generate
+from .model.generate import SamplingConfig
 from .model.llama import HeteroLlamaForCausalLM
+from .model.rollout import RolloutConfig, sample_questions
 
 
 def task_accuracy(
@@ -24,26 +23,20 @@ def task_accuracy(
     progress: bool = False,
     verify: Callable[[str, Problem], bool] = is_correct,
 ) -> dict:
-    """Greedy-decode each problem's prompt; report accuracy (`verify`, default the tiny world's
-    exact answer) overall and per difficulty.
+    """Greedy-decode each problem's prompt (`model.rollout`, `batch_size` prompts per call); report
+    accuracy (`verify`, default the tiny world's exact answer) overall and per difficulty.
 
     Returns {"accuracy", "format_ok", "n", "by_difficulty": {d: accuracy}}.
     """
     if not problems:
         raise ValueError("task_accuracy: no problems given")
-    tok = as_chat(tok)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=tok.stop_ids)
+    cfg = RolloutConfig(SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
+    done = sample_questions(model, tok, [p.question for p in problems], thinking, cfg, progress=progress, desc="evaluate")
     correct: dict[int, list[bool]] = defaultdict(list)
     formatted = 0
-    batches = range(0, len(problems), batch_size)
-    for start in tqdm(batches, desc="evaluate", disable=not progress):
-        chunk = problems[start : start + batch_size]
-        prompts = [tok.prompt_ids(p.question, thinking) for p in chunk]
-        outputs = generate(model, prompts, sampling, pad_id=tok.pad_id)
-        for p, out in zip(chunk, outputs):
-            text = tok.decode_response(out)
-            correct[p.difficulty].append(bool(verify(text, p)))
-            formatted += bool(thinking is not None and is_well_formatted(text, bool(thinking)))
+    for p, text in zip(problems, done.texts):
+        correct[p.difficulty].append(bool(verify(text, p)))
+        formatted += bool(thinking is not None and is_well_formatted(text, bool(thinking)))
     every = [c for cs in correct.values() for c in cs]
     return {
         "accuracy": sum(every) / len(every),

@@ -9,12 +9,12 @@ import torch
 
 from nemo_plugins.arch import homogeneous
 from nemo_plugins.data import curriculum as C
-from nemo_plugins.rl import pass_rates
 from nemo_plugins.rl.pass_rates import estimate_pass_rates
 from nemo_plugins.data import reasoning_world as rw
 from nemo_plugins.data import tokenizer as T
 from nemo_plugins.data.chat import EOS, render_prompt
 from nemo_plugins.model import HeteroLlamaForCausalLM
+from nemo_plugins.model import rollout as engine
 from nemo_plugins.model.generate import SamplingConfig
 
 
@@ -244,7 +244,7 @@ def test_pass_rate_counting(tok, problems, monkeypatch):
             out.append(T.encode(tok, f"<think>x</think>The answer is {answer}.") + [eos])
         return out
 
-    monkeypatch.setattr(pass_rates, "generate", fake_generate)
+    monkeypatch.setattr(engine, "generate", fake_generate)
     rates = estimate_pass_rates(tiny_model(tok), tok, problems, 3, batch_size=4)
     assert list(rates) == list(C.problems_by_id(problems)) and len(rates) == 6
     assert set(rates.values()) == {1 / 3}
@@ -263,7 +263,7 @@ def test_estimate_pass_rates_and_cache(tok, problems, tmp_path, monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("model called although the cache holds the estimate")
 
-    monkeypatch.setattr(pass_rates, "generate", refuse)
+    monkeypatch.setattr(engine, "generate", refuse)
     assert estimate_pass_rates(model, tok, problems, k, seed=0, model_id="tiny@0", **kw) == rates
     for other in (dict(seed=1, model_id="tiny@0"), dict(seed=0, model_id="tiny@1")):
         with pytest.raises(AssertionError, match="cache holds"):

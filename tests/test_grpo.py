@@ -20,11 +20,13 @@ from nemo_plugins.data.chat import EOS, THINKING_OFF, render_example, render_pro
 from nemo_plugins.data.curriculum import problems_by_id
 from nemo_plugins.data.tiny_world import World, WorldConfig
 from nemo_plugins.model import HeteroLlamaForCausalLM
+from nemo_plugins.model import rollout as engine
 from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.model.train import fit_lm
 from nemo_plugins.utils.training import OptimConfig
 from nemo_plugins.rl import grpo as G
 from nemo_plugins.rl import grpo_stage as S
+from nemo_plugins.rl import scoring
 from nemo_plugins.rl.rewards import RewardBreakdown
 from nemo_plugins.utils.resume import latest
 
@@ -116,9 +118,9 @@ def test_off_prompts_are_rendered_with_thinking_off(tok, problems, monkeypatch):
         seen.extend(T.decode(tok, p) for p in prompts)
         return [[T.token_id(tok, EOS)] for _ in prompts]
 
-    monkeypatch.setattr(G, "generate", fake_generate)
+    monkeypatch.setattr(engine, "generate", fake_generate)
     ps = list(problems.values())[:8]
-    roll = G.rollout(_Stub(), tok, ps, modes, small(), torch.Generator())
+    roll = G.rollout(_Stub(), tok, ps, modes, small(), seed=0)
     assert [THINKING_OFF in s for s in seen[::4]] == [not m for m in modes]
     assert seen[4:8] == [render_prompt(ps[1].question, modes[1])] * 4  # G copies per prompt, groups contiguous
     assert roll.thinking == [m for m in modes for _ in range(4)] and not any(roll.truncated)
@@ -131,7 +133,7 @@ class _Stub(torch.nn.Module):
 
 
 def test_all_equal_rewards_give_zero_policy_gradient_and_drop_groups(tok, start_model, problems, tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "combined_reward", lambda *a, **k: RewardBreakdown(1.0, 1.0, 0.0))
+    monkeypatch.setattr(scoring, "combined_reward", lambda *a, **k: RewardBreakdown(1.0, 1.0, 0.0))
     no_overlong = G.OverlongConfig(penalty=0.0)
     policy, before = copy.deepcopy(start_model), weights(start_model)
     cfg = small(steps=1, overlong=no_overlong)
@@ -281,7 +283,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     # again: nothing is trained, sampled or evaluated; the same report
     monkeypatch.setattr(G, "_fit", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(S, "heldout_accuracy", lambda *a, **k: pytest.fail("re-evaluated"))
-    monkeypatch.setattr("nemo_plugins.rl.pass_rates.generate", lambda *a, **k: pytest.fail("pass rates re-estimated"))
+    monkeypatch.setattr("nemo_plugins.model.rollout.generate", lambda *a, **k: pytest.fail("pass rates re-estimated"))
     again, model2 = S.run_grpo_stage(start_model, world, cfg, tmp_path)
     assert again["table"] == report["table"] and not changed(weights(model2), weights(model))
 

@@ -17,11 +17,11 @@ from nemo_plugins.data.chat import EOS, THINKING_ON, render_prompt
 from nemo_plugins.data.reasoning_world import Problem
 from nemo_plugins.data.tiny_world import WorldConfig, build_world
 from nemo_plugins.data.tokenizer import decode, encode, token_id
+from nemo_plugins.model import rollout as engine
 from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 from nemo_plugins.sft import SFTConfig, SFTStageConfig, evaluate_toggle, run_sft, run_sft_stage
 from nemo_plugins.sft import stage as sft_stage
-from nemo_plugins.sft import toggle_eval
 from nemo_plugins.sft import train as sft_train
 from nemo_plugins.sft.train import build_rows, response_starts, step_loss, step_micro_batches
 from nemo_plugins.utils.resume import latest
@@ -279,7 +279,7 @@ def test_toggle_eval_counts_crafted_answers(world, monkeypatch):
     responses |= {render_prompt(p.question, False): r for p, r in zip(problems, off)}
     seen = []
 
-    def fake_generate(model, prompts, sampling, pad_id=0):
+    def fake_generate(model, prompts, sampling, pad_id=0, generator=None):
         assert sampling.temperature == 0 and sampling.stop_token_ids == (eos,) and sampling.max_new_tokens == 7
         out = []
         for ids in prompts:
@@ -289,7 +289,7 @@ def test_toggle_eval_counts_crafted_answers(world, monkeypatch):
             out.append(r if responses[text] in truncated else r + [eos])
         return out
 
-    monkeypatch.setattr(toggle_eval, "generate", fake_generate)
+    monkeypatch.setattr(engine, "generate", fake_generate)
     res = evaluate_toggle(torch.nn.Linear(1, 1), tok, problems, batch_size=4, max_new_tokens=7)
     assert sorted(seen) == sorted(responses)  # every problem in both modes, as the chat prompt
     assert json.loads(json.dumps(res)) == res

@@ -10,12 +10,13 @@ One GRPO step:
    step, under "detailed thinking off", so the format reward (strict tiny-world layout of the
    mode: a think block then "The answer is N." when on; the answer alone when off) is trained
    for both modes and the toggle is not forgotten. All G completions of a prompt share its mode.
-2. **Rollout.** G = `group_size` completions per prompt from the KV-cache sampler
-   (`model.generate`: left-padded batches, temperature/top-p, stop at EOS), at most
-   `max_new_tokens` each, in chunks of `generation_batch_size` sequences.
-3. **Rewards.** `rewards.combined_reward` (task "world": exact answer + strict format, weighted)
-   in the sandboxed `RewardPool` (per-sample wall time and memory limits; a failed sample scores
-   0 and is counted by reason), plus DAPO's soft overlong penalty on the response length.
+2. **Rollout.** G = `group_size` completions per prompt from the rollout engine
+   (`model.rollout` over the KV-cache sampler: left-padded batches, temperature/top-p, stop at
+   EOS), at most `max_new_tokens` each, in chunks of `generation_batch_size` sequences.
+3. **Rewards.** Through the reward protocol (`scoring.RuleScorer`): `rewards.combined_reward`
+   (task "world": exact answer + strict format, weighted) in the sandboxed `RewardPool`
+   (per-sample wall time and memory limits; a failed sample scores 0 and is counted by reason),
+   plus DAPO's soft overlong penalty on the response length.
 4. **Advantages.** Group-relative (`group_advantages`: group mean or leave-one-out baseline,
    optionally ÷ std); groups whose rewards are all equal carry no signal and are dropped
    (`loss.drop_zero_variance`), the others are trained.
@@ -59,7 +60,6 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -71,7 +71,8 @@ from ..data.curriculum import CurriculumConfig, CurriculumSampler, RandomSampler
 from ..data.reasoning_world import Problem
 from ..model.losses import next_token_mask
 from ..utils.training import PRECISIONS, StepModule, fit_module, resolve_precision, resume_latest, stop_if_terminated
-from ..model.generate import SamplingConfig, generate
+from ..model.generate import SamplingConfig
+from ..model.rollout import RolloutConfig, sample_questions
 from ..model.train import collate_with_validity
 from ..utils.atomic import write_json_atomic, write_text_atomic
 from ..utils.resume import TrainingState, latest, save_training_state
@@ -86,8 +87,9 @@ from .grpo_loss import (
     token_logprobs,
     zero_variance_groups,
 )
-from .rewards import TASKS, ZERO_REWARD, RewardBreakdown, RewardConfig, answer_checker, combined_reward
-from .sandbox import CRASH, MEMORY, TIMEOUT, TOO_LONG, RewardPool, direct_map
+from .rewards import TASKS, RewardConfig, answer_checker
+from .sandbox import CRASH, MEMORY, TIMEOUT, TOO_LONG
+from .scoring import Reference, RuleScorer, SandboxLimits, Scorer
 
 log = logging.getLogger("nemo_plugins.grpo")
 
@@ -157,6 +159,13 @@ class RewardSettings:
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig(self.task, self.accuracy_weight, self.format_weight)
+
+    def limits(self) -> SandboxLimits:
+        return SandboxLimits(self.workers, self.timeout_s, self.memory_mb, self.max_chars)
+
+    def scorer(self) -> RuleScorer:
+        """The rule-reward scorer these settings describe (close it, or use it as a context manager)."""
+        return RuleScorer(self.reward_config(), self.limits())
 
 
 @dataclass
@@ -352,69 +361,21 @@ class Rollout:
 
 
 def rollout(
-    policy, tok: ChatTokenizer, problems: Sequence[Problem], thinking: Sequence[bool], cfg: GRPOConfig,
-    generator: torch.Generator,
+    policy, tok: ChatTokenizer, problems: Sequence[Problem], thinking: Sequence[bool], cfg: GRPOConfig, seed: int,
 ) -> Rollout:
-    """Sample `cfg.group_size` completions per problem under its thinking mode."""
-    tok = as_chat(tok)
-    stops = set(tok.stop_ids)
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_token_ids=tok.stop_ids)
+    """Sample `cfg.group_size` completions per problem under its thinking mode (`model.rollout`, its
+    generator seeded with `seed`)."""
     G = cfg.group_size
-    prompts = [tok.prompt_ids(p.question, t) for p, t in zip(problems, thinking)]
-    seq_prompts = [p for p in prompts for _ in range(G)]
-    completions: list[list[int]] = []
-    was_training = policy.training
-    policy.eval()
-    try:
-        for start in range(0, len(seq_prompts), cfg.generation_batch_size):
-            chunk = seq_prompts[start : start + cfg.generation_batch_size]
-            completions += generate(policy, chunk, sampling, pad_id=tok.pad_id, generator=generator)
-    finally:
-        policy.train(was_training)
+    engine = RolloutConfig(cfg.sampling, n=G, batch_size=cfg.generation_batch_size, seed=seed)
+    done = sample_questions(policy, tok, [p.question for p in problems], thinking, engine)
     return Rollout(
-        prompt_ids=seq_prompts, completions=completions,
-        texts=[tok.decode_response(c) for c in completions],
+        prompt_ids=done.prompt_ids, completions=done.ids, texts=done.texts,
         thinking=[t for t in thinking for _ in range(G)], answers=[p.answer for p in problems for _ in range(G)],
-        truncated=[not c or c[-1] not in stops for c in completions],
+        truncated=[not s for s in done.stopped],
     )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- rewards
-
-
-class Rewarder:
-    """Scores (completion, answer, thinking) items with `combined_reward`: in a sandboxed
-    `RewardPool` (rewards.workers > 0; started on first use, so a resumed run with nothing left
-    to train never starts workers) or in-process. Use as a context manager, or close()."""
-
-    def __init__(self, settings: RewardSettings):
-        self.settings = settings
-        self.fn = partial(combined_reward, config=settings.reward_config())
-        self.pool: RewardPool | None = None
-
-    def _pool(self) -> RewardPool:
-        if self.pool is None:
-            s = self.settings
-            self.pool = RewardPool(self.fn, workers=s.workers, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
-                                   max_chars=s.max_chars, failure_value=ZERO_REWARD)  # fmt: skip
-        return self.pool
-
-    def score(self, items: Sequence[tuple]) -> tuple[list[RewardBreakdown], Counter]:
-        """(one RewardBreakdown per item, failure counts by reason); failed items score ZERO_REWARD."""
-        if self.settings.workers > 0:
-            return self._pool().map(items)
-        return direct_map(self.fn, items, max_chars=self.settings.max_chars, failure_value=ZERO_REWARD)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-
-    def __enter__(self) -> "Rewarder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass
@@ -428,18 +389,12 @@ class Rewards:
     failures: Counter
 
 
-def score_rollout(roll: Rollout, rewarder: Rewarder, cfg: GRPOConfig) -> Rewards:
-    """Rewards of every completion, the overlong penalty added; failed samples score 0."""
-    items = [(text, answer, thinking) for text, answer, thinking in zip(roll.texts, roll.answers, roll.thinking)]
-    values, failures = rewarder.score(items)
-    task = torch.tensor([v.total for v in values], dtype=torch.float32)
+def score_rollout(roll: Rollout, scorer: Scorer, cfg: GRPOConfig) -> Rewards:
+    """Rewards of every completion (`scoring` protocol), the overlong penalty added; failed samples score 0."""
+    scores = scorer.score(roll.texts, [Reference(a, t) for a, t in zip(roll.answers, roll.thinking)])
     penalty = overlong_penalty(roll.lengths, cfg.overlong_max_len, cfg.overlong.buffer, cfg.overlong.penalty)
-    return Rewards(
-        total=task + penalty,
-        accuracy=torch.tensor([v.accuracy for v in values], dtype=torch.float32),
-        format=torch.tensor([v.format for v in values], dtype=torch.float32),
-        overlong=penalty, failures=Counter(failures),
-    )  # fmt: skip
+    return Rewards(total=scores.total + penalty, accuracy=scores.parts["accuracy"], format=scores.parts["format"],
+                   overlong=penalty, failures=Counter(scores.failures))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- update
@@ -612,13 +567,8 @@ def heldout_accuracy(
     verifier), JSON-ready (string keys)."""
     from ..evaluate import task_accuracy
 
-    was_training = model.training
-    model.eval()
-    try:
-        acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens,
-                            verify=answer_checker(task))  # fmt: skip
-    finally:
-        model.train(was_training)
+    acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens,
+                        verify=answer_checker(task))  # fmt: skip
     return {"accuracy": acc["accuracy"], "format_ok": acc["format_ok"], "n": acc["n"],
             "by_difficulty": {str(d): a for d, a in acc["by_difficulty"].items()}}  # fmt: skip
 
@@ -644,7 +594,7 @@ class GRPOModule(StepModule):
 
     def __init__(
         self, policy, reference, tok: ChatTokenizer, problems: Mapping[str, Problem], sampler, cfg: GRPOConfig,
-        paths: _Paths, resume: TrainingState | None, eval_problems: Sequence[Problem], rewarder: Rewarder | None = None,
+        paths: _Paths, resume: TrainingState | None, eval_problems: Sequence[Problem], rewarder: Scorer | None = None,
     ):  # fmt: skip
         super().__init__(policy, cfg, paths, resume)
         self.policy = policy
@@ -693,9 +643,7 @@ class GRPOModule(StepModule):
         self.last_batch = list(ids)
         problems = [self.problems[i] for i in ids]
         thinking = choose_modes(len(problems), cfg.off_fraction, cfg.seed, step)
-        device = self.policy.lm_head.weight.device
-        generator = torch.Generator(device=device).manual_seed(_seed_for(cfg.seed, "rollout", step))
-        roll = rollout(self.policy, self.tok, problems, thinking, cfg, generator)
+        roll = rollout(self.policy, self.tok, problems, thinking, cfg, _seed_for(cfg.seed, "rollout", step))
         return ids, roll, score_rollout(roll, self.rewarder, cfg)
 
     def finish_step(self, row: dict, t0: float) -> None:
@@ -755,7 +703,7 @@ def run_grpo(
     *,
     eval_problems: Sequence[Problem] = (),
     reference=None,
-    rewarder: Rewarder | None = None,
+    rewarder: RuleScorer | None = None,
     initial_eval: Mapping | None = None,
     progress: bool = False,
     callbacks: Sequence[L.Callback] = (),
@@ -770,7 +718,7 @@ def run_grpo(
     resume, so it is the run's starting point); not kept when kl_beta = 0 and log_ref_kl is off.
     eval_problems: held-out problems for greedy accuracy (thinking on) every `eval_every` steps
     and at the end (at most `cfg.eval_problems` of them).
-    rewarder: a `Rewarder` to share between runs (its settings must be cfg.rewards'; the caller
+    rewarder: a `scoring.RuleScorer` to share between runs (`cfg.rewards.scorer()`; the caller
     closes it); default: one for this call, closed at the end.
     initial_eval: the starting model's held-out result (`heldout_accuracy`), recorded as step 0
     of a fresh run's evaluations; without it, a run with eval_every > 0 measures it itself.
@@ -799,10 +747,11 @@ def run_grpo(
     if resume is None and held_out and (initial_eval is not None or cfg.eval_every):
         module.eval_history = [{"step": 0, **(initial_eval if initial_eval is not None else module.evaluate())}]
     if start < cfg.steps:
-        if rewarder is not None and rewarder.settings != cfg.rewards:
-            raise ValueError(f"rewarder settings {rewarder.settings} differ from grpo.rewards {cfg.rewards}")
+        want = (cfg.rewards.reward_config(), cfg.rewards.limits())
+        if rewarder is not None and (rewarder.config, rewarder.limits) != want:
+            raise ValueError(f"rewarder {rewarder.config}, {rewarder.limits} differs from grpo.rewards {cfg.rewards}")
         own = rewarder is None
-        module.rewarder = rewarder or Rewarder(cfg.rewards)
+        module.rewarder = rewarder or cfg.rewards.scorer()
         try:
             _fit(module, cfg, start, progress, callbacks)
         finally:

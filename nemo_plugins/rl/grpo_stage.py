@@ -36,9 +36,10 @@ from ..utils.hashing import config_hash
 from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.generate import SamplingConfig
 from ..utils.atomic import write_json_atomic, write_text_atomic
-from .grpo import GRPOConfig, Rewarder, _bad, _positive_int, heldout_accuracy, run_grpo
+from .grpo import GRPOConfig, _bad, _positive_int, heldout_accuracy, run_grpo
 from .plots import plot_reward_curves
 from .rewards import answer_checker, check_references
+from .scoring import RuleScorer
 
 log = logging.getLogger("nemo_plugins.grpo")
 
@@ -207,7 +208,7 @@ def _run_names(cfg: GRPOStageConfig) -> list[str]:
 
 
 def _train(model, problems: ProblemSet, chat: ChatTokenizer, cfg: GRPOStageConfig, pool, rates, kind: str, start: str, out_dir: Path,
-           rewarder: Rewarder, before: dict, progress: bool):  # fmt: skip
+           rewarder: RuleScorer, before: dict, progress: bool):  # fmt: skip
     """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
     run_cfg = cfg.run_config(kind)
     key = {k: v for k, v in asdict(run_cfg).items() if k not in _REPORT_ONLY}
@@ -250,7 +251,7 @@ def run_grpo_stage(
     report["before"] = _cached(out_dir / "before.json", eval_key, lambda: _accuracies(model, problems, cfg, chat))
     names = _run_names(cfg)
     runs, trained = {}, None
-    with Rewarder(cfg.rewards) as rewarder:  # one sandbox for both runs, started only if one trains
+    with cfg.rewards.scorer() as rewarder:  # one sandbox for both runs, started only if one trains
         for name in names:
             summary, policy, run_dir = _train(model, problems, chat, cfg, pool, {i: rates[i] for i in kept}, name, start,
                                               out_dir, rewarder, report["before"], progress)  # fmt: skip

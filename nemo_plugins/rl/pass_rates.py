@@ -8,16 +8,14 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
 
 from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.curriculum import problems_by_id
 from ..data.reasoning_world import Problem, is_correct
-from ..model.generate import SamplingConfig, generate
+from ..model.generate import SamplingConfig
+from ..model.rollout import RolloutConfig, sample_questions, with_stop_tokens
 from ..utils.atomic import write_json_atomic
 
 log = logging.getLogger("nemo_plugins.curriculum")
@@ -32,10 +30,7 @@ def _pass_rate_sampling(sampling: SamplingConfig | None, stops: Sequence[int]) -
         raise ValueError(
             f"sampling.temperature={sampling.temperature}: expected > 0 (k greedy samples would be identical)"
         )
-    missing = tuple(t for t in stops if t not in sampling.stop_token_ids)
-    if missing:
-        sampling = replace(sampling, stop_token_ids=(*sampling.stop_token_ids, *missing))
-    return sampling
+    return with_stop_tokens(sampling, stops)
 
 
 def _cache_key(model_id: str, k: int, seed: int, sampling: SamplingConfig, thinking, ids: Sequence[str]) -> dict:
@@ -73,22 +68,15 @@ def _sample_pass_rates(
     model, tok: ChatTokenizer, problems: Mapping[str, Problem], k: int, sampling: SamplingConfig,
     batch_size: int, seed: int, thinking, progress: bool, verify: Callable[[str, Problem], bool],
 ) -> dict[str, float]:  # fmt: skip
-    """k sampled completions per problem, scored by `verify`; batches of `batch_size` sequences."""
-    device = model.lm_head.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = {i: tok.prompt_ids(p.question, thinking) for i, p in problems.items()}
-    jobs = [i for i in problems for _ in range(k)]  # each id k times, consecutive
-    correct = dict.fromkeys(problems, 0)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(jobs), batch_size), desc="pass rates", disable=not progress):
-            chunk = jobs[start : start + batch_size]
-            outputs = generate(model, [prompts[i] for i in chunk], sampling, pad_id=tok.pad_id, generator=gen)
-            for i, out in zip(chunk, outputs):
-                correct[i] += bool(verify(tok.decode_response(out), problems[i]))
-    finally:
-        model.train(was_training)
+    """k sampled completions per problem (`model.rollout`), scored by `verify`."""
+    ids = list(problems)
+    cfg = RolloutConfig(sampling, n=k, batch_size=batch_size, seed=seed)
+    done = sample_questions(model, tok, [problems[i].question for i in ids], thinking, cfg,
+                            progress=progress, desc="pass rates")  # fmt: skip
+    correct = dict.fromkeys(ids, 0)
+    for j, text in enumerate(done.texts):
+        i = ids[j // k]
+        correct[i] += bool(verify(text, problems[i]))
     return {i: c / k for i, c in correct.items()}
 
 

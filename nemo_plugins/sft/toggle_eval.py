@@ -20,10 +20,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from ..data.chat import THINK_END, THINK_START
-from ..data.chat_tokenizer import ChatTokenizer, as_chat
+from ..data.chat_tokenizer import ChatTokenizer
 from ..data.reasoning_world import Problem, has_think_block, is_correct, is_well_formatted
-from ..model.generate import SamplingConfig, generate
+from ..model.generate import SamplingConfig
 from ..model.llama import HeteroLlamaForCausalLM
+from ..model.rollout import RolloutConfig, sample_questions
 
 MODES = {"on": True, "off": False}
 
@@ -71,22 +72,11 @@ def greedy_responses(
     model: HeteroLlamaForCausalLM, tok: ChatTokenizer, problems: Sequence[Problem], thinking: bool, *,
     batch_size: int, max_new_tokens: int,
 ) -> tuple[list[str], list[int], list[bool]]:  # fmt: skip
-    """(texts, token counts, stopped) of greedy responses to each problem's prompt, stop token
-    dropped; `stopped` is False where max_new_tokens cut the response."""
-    tok = as_chat(tok)
-    stops = set(tok.stop_ids)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=tok.stop_ids)
-    texts, lengths, stopped = [], [], []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = [tok.prompt_ids(p.question, thinking) for p in chunk]
-        for out in generate(model, prompts, sampling, pad_id=tok.pad_id):
-            ended = bool(out) and out[-1] in stops
-            kept = out[:-1] if ended else out
-            texts.append(tok.decode(kept))
-            lengths.append(len(kept))
-            stopped.append(ended)
-    return texts, lengths, stopped
+    """(texts, token counts, stopped) of greedy responses to each problem's prompt (`model.rollout`),
+    stop token dropped; `stopped` is False where max_new_tokens cut the response."""
+    cfg = RolloutConfig(SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
+    done = sample_questions(model, tok, [p.question for p in problems], thinking, cfg)
+    return done.texts, done.lengths, done.stopped
 
 
 def evaluate_toggle(
@@ -98,18 +88,13 @@ def evaluate_toggle(
         raise ValueError("evaluate_toggle: no problems given")
     if batch_size < 1:
         raise ValueError(f"evaluate_toggle: batch_size={batch_size}, expected >= 1")
-    was_training = model.training
-    model.eval()
-    try:
-        out = {}
-        for mode, thinking in MODES.items():
-            texts, lengths, stopped = greedy_responses(
-                model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens
-            )
-            out[mode] = mode_scores(problems, texts, lengths, thinking, verify, stopped)
-        return out
-    finally:
-        model.train(was_training)
+    out = {}
+    for mode, thinking in MODES.items():
+        texts, lengths, stopped = greedy_responses(
+            model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+        out[mode] = mode_scores(problems, texts, lengths, thinking, verify, stopped)
+    return out
 
 
 __all__ = ["enters_mode", "evaluate_toggle", "follows_toggle", "mode_scores"]
