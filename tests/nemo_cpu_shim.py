@@ -14,6 +14,14 @@ model of a Puzzle child without a GPU. `megatron_cpu()` is a context manager tha
   3. `fused_softmax.get_default_causal_mask` builds the causal mask on the CPU (megatron hard
      codes device="cuda"; used only when attention_mask is None).
 
+`training_cpu()` adds what a whole NeMo training job (`llm.pretrain` / `finetune` / `distill`
+through Lightning and MegatronStrategy) needs on a CPU, all undone on exit: NeMo and
+megatron-core create tensors on "cuda" (optimizer scalars, grad-norm buffers, batches via
+`.cuda()`, pinned copies), open CUDA streams around DDP setup, check `torch.cuda.is_initialized()`
+and `param.type() == 'torch.cuda.FloatTensor'`, and build fine-tuning sample maps with
+`torch.cuda.LongTensor`; here "cuda" means the CPU, streams are no-ops and megatron's fused
+softmax reports its CUDA kernel unavailable. Use it inside `megatron_cpu()`.
+
 `CPU_OVERRIDES` are the `nemo_config` overrides that keep a model on the CPU in float32
 with no fused kernels.
 """
@@ -26,6 +34,7 @@ import socket
 from functools import lru_cache
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 CPU_OVERRIDES = dict(
     use_cpu_initialization=True,
@@ -115,6 +124,67 @@ def megatron_cpu():
     """Process group + megatron parallel state (TP1/PP1) + CPU patches, all undone on exit."""
     with _process_group(), _model_parallel(), _cpu_patches():
         yield
+
+
+class _NoStream:
+    """torch.cuda.Stream stand-in: every operation is a no-op on a CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _cpu_device(device):
+    return "cpu" if device is not None and "cuda" in str(device) else device
+
+
+class _CudaMeansCpu(TorchFunctionMode):
+    """Tensors asked for on "cuda" (device=, .to, .cuda, pin_memory) stay on the CPU, and a CPU
+    tensor's .type() reads as its torch.cuda.* name, which megatron's optimizer asserts."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+            return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        if func is torch.Tensor.to:
+            args = tuple(_cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args)
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and ".cuda." not in out:
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
+
+
+@contextlib.contextmanager
+def training_cpu():
+    """What a NeMo training job needs on a CPU beyond `megatron_cpu()` (see the module doc)."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+
+    replace = {
+        "Stream": _NoStream, "stream": lambda stream=None: contextlib.nullcontext(),
+        "current_stream": lambda *a, **k: _NoStream(), "synchronize": lambda *a, **k: None,
+        "is_initialized": lambda: True, "LongTensor": lambda data: torch.tensor(data, dtype=torch.long),
+    }  # fmt: skip
+    saved = {name: getattr(torch.cuda, name) for name in replace}
+    saved_kernel = FusedScaleMaskSoftmax.is_kernel_available
+    for name, value in replace.items():
+        setattr(torch.cuda, name, value)
+    FusedScaleMaskSoftmax.is_kernel_available = lambda self, *args, **kwargs: False
+    try:
+        with _CudaMeansCpu():
+            yield
+    finally:
+        FusedScaleMaskSoftmax.is_kernel_available = saved_kernel
+        for name, value in saved.items():
+            setattr(torch.cuda, name, value)
 
 
 def _world_entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:

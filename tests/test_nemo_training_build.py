@@ -6,9 +6,9 @@ a training recipe runs) deserializes the recipe with `ZlibJSONSerializer`, casts
 reads from a checkpoint (the model class and config, the tokenizer) is read during that build,
 where a nested `fdl.build` (e.g. NeMo's `io.load_context`) is forbidden.
 
-Here each training recipe is built that way on a real NeMo checkpoint: the cached tiny parent
+Here each training recipe is built that way, and then run for one optimizer step, on a real NeMo checkpoint: the cached tiny parent
 (tests/conftest.py) imported with `import_hf` (no patch needed for that on a CPU), inside the
-test-only `nemo_cpu_shim`'s gloo world. The recipes are sized to one device (TP1/PP1) and the
+test-only `nemo_cpu_shim`'s gloo world (plus its `training_cpu()` for the run). The recipes are sized to one device (TP1/PP1) and the
 trainer is pointed at the CPU with an override, since building a Lightning trainer for GPUs fails
 without one; nothing else changes.
 """
@@ -79,9 +79,10 @@ def write_sft_jsonl(path: Path) -> str:
     return str(path)
 
 
-def training_recipes(nt) -> dict:
+def training_recipes(nt, **settings) -> dict:
     R, ckpt = nt.recipes, nt.ckpt
     small = dict(parent_size="8b", tp=1, pp=1, num_nodes=1, num_gpus_per_node=1, seq_length=32, global_batch_size=2, micro_batch_size=1, max_steps=1)
+    small.update(settings)
     return {
         "puzzle_recovery": R.recovery_recipe(student=ckpt, teacher=ckpt, data_paths=[nt.text], **small),
         "puzzle_cpt": R.cpt_recipe(child=ckpt, data_paths=[nt.text], **small),
@@ -125,3 +126,83 @@ def test_training_recipe_builds_as_the_job_runner_builds_it(nt, name):
         assert kw["resume"].restore_config.path == nt.ckpt
     if name == "puzzle_cpt":
         assert isinstance(kw["data"].tokenizer, AutoTokenizer)
+
+
+# A CPU run of one step: no sub-processes for data loading, one validation batch, and validation
+# documents in the tiny text dataset (64 documents split 998,1,1 leave none, and megatron's
+# dataset builder then loops forever looking for them).
+CPU_RUN = [*CPU_TRAINER, "trainer.limit_val_batches=1", "data.num_workers=0"]
+TEXT_SPLIT = ["data.split=8,1,1"]
+
+
+def record_step(trainer):
+    """A callback on the built trainer recording the parameters when training starts (after the
+    checkpoint is restored) and after the first optimizer step, with that step's loss."""
+    import lightning as L
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.before = {n: p.detach().float().clone() for n, p in pl_module.named_parameters()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.after = {n: p.detach().float().clone() for n, p in pl_module.named_parameters()}
+            self.loss = outputs["loss"].detach().float()
+
+    record = Record()
+    trainer.callbacks.append(record)
+    return record
+
+
+@pytest.mark.parametrize("name", ["puzzle_recovery", "puzzle_cpt", "puzzle_toggle_sft"])
+def test_training_recipe_takes_an_optimizer_step_on_a_cpu(nt, name, tmp_path):
+    """The job runner's build, then the task itself (`fdl_runner` calls it next): one real step of
+    llm.distill / pretrain / finetune on the tiny parent's checkpoint and data written here."""
+    import nemo_cpu_shim
+    from safetensors.torch import load_file
+
+    from nemo_plugins.nemo.connectors import _lightning_loops_restored
+    from nemo_plugins.nemo.host_io import HostCheckpointIO
+
+    settings = dict(lr=1e-3, min_lr=1e-4, warmup_steps=1, dir=str(tmp_path / "logs"))
+    if name == "puzzle_toggle_sft":
+        settings["seq_length"] = 128  # the chat template's headers leave no answer tokens in 32
+    recipe = training_recipes(nt, **settings)[name]
+    recipe = nt.recipes.apply_overrides(recipe, CPU_RUN + (TEXT_SPLIT if name != "puzzle_toggle_sft" else []))
+    # the job's checkpoints are saved without CUDA (NeMo's own IO needs it even on a CPU trainer)
+    recipe.trainer.strategy.checkpoint_io = nt.run.Config(HostCheckpointIO)
+    fn = build_as_fdl_runner(nt, recipe)
+    record = record_step(fn.keywords["trainer"])
+    # _lightning_loops_restored: NeMo's strategy patches Lightning's loops for the whole process,
+    # which would break the plain Lightning trainers of later tests in this one
+    with nemo_cpu_shim.megatron_cpu(), nemo_cpu_shim.training_cpu(), _lightning_loops_restored():
+        log_dir = fn()
+
+    assert fn.keywords["trainer"].global_step == 1
+    assert torch.isfinite(record.loss), record.loss
+    student = [n for n in record.before if "teacher" not in n]
+    embedding = next(n for n in student if n.endswith("embedding.word_embeddings.weight"))
+    hf = load_file(str(next(nt.hf.glob("*.safetensors"))))["model.embed_tokens.weight"]
+    # it started from the tiny parent's weights (bf16 training params) and the step changed them
+    assert torch.allclose(record.before[embedding], hf.float(), rtol=1e-2, atol=1e-2)
+    changed = [n for n in student if not torch.equal(record.before[n], record.after[n])]
+    assert len(changed) > len(student) // 2, f"only {changed} of {len(student)} parameters changed"
+    teacher = [n for n in record.before if "teacher" in n]
+    assert bool(teacher) == (name == "puzzle_recovery")
+    assert all(torch.equal(record.before[n], record.after[n]) for n in teacher)  # the teacher is frozen
+    assert Path(log_dir).is_dir() and any(Path(log_dir).rglob("weights"))  # a checkpoint was saved
+
+
+def test_optimizer_drops_only_nemo_keywords_at_their_defaults(nt):
+    """NeMo 2.7.3 passes get_megatron_optimizer keywords megatron-core 0.16 removed; they are
+    dropped only at their "unset" values, anything else is an error naming the key."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    from nemo_plugins.nemo import optim
+
+    recipe = training_recipes(nt)["puzzle_cpt"]
+    assert recipe.optim.__fn_or_cls__ is optim.MegatronOptimizer
+    original = mcore_optimizer.get_megatron_optimizer
+    with optim._accepted_keywords_only():
+        with pytest.raises(TypeError, match=r"optim.lr_mult=2.0: .* expected 1.0"):
+            mcore_optimizer.get_megatron_optimizer(None, [], no_weight_decay_cond=None, lr_mult=2.0)
+    assert mcore_optimizer.get_megatron_optimizer is original

@@ -116,10 +116,16 @@ def trainer(
 
 
 def optimizer(lr: float, min_lr: float, warmup_steps: int, weight_decay: float = 0.01, clip_grad: float = 1.0):
-    """Distributed Adam (0.9, 0.95) with warmup then cosine decay to `min_lr`."""
+    """Distributed Adam (0.9, 0.95) with warmup then cosine decay to `min_lr` (NeMo's recipe, set up
+    through `optim.MegatronOptimizer`, which starts with the pinned megatron-core)."""
+    import fiddle as fdl
+
+    from .optim import MegatronOptimizer
+
     opt = distributed_fused_adam_with_cosine_annealing(
         max_lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, clip_grad=clip_grad
     )
+    fdl.update_callable(opt, MegatronOptimizer)
     opt.config.weight_decay = weight_decay
     return opt
 
