@@ -13,12 +13,13 @@ difference's interval includes zero the table says "no measurable difference her
 - SFT: toggle adherence per mode and thinking-on accuracy, before and after;
 - GRPO: held-out thinking-on accuracy before, after the curriculum run and after random order.
 
-    python benchmarks/reproduce_readme.py [--seeds 5] [--grpo-seeds 3] [--out DIR] [key=value ...]
+    python benchmarks/reproduce_readme.py [--seeds 5] [--grpo-seeds 3] [--puzzle-seeds 3] [--out DIR] [key=value ...]
 
 Time on a 2-core CPU with the default settings (parent and seed-0 Puzzle library cached): about
-13 minutes per seed, 11 of them GRPO's two runs, plus 1-2 minutes per Puzzle seed; --seeds 5
-takes about 75 minutes, --seeds 5 --grpo-seeds 3 about 55. Writes OUT/summary.json (every
-per-seed figure, the environment) and OUT/tables.md (what the README quotes).
+13 minutes per seed, 11 of them GRPO's two runs, plus about 5 minutes per Puzzle seed after the
+first (BLD trains each seed's library); --seeds 5 takes about 95 minutes, --seeds 5 --grpo-seeds 3
+--puzzle-seeds 3 about 60. A rerun resumes every finished stage from OUT. Writes OUT/summary.json
+(every per-seed figure, the environment) and OUT/tables.md (what the README quotes).
 """
 
 from __future__ import annotations
@@ -196,12 +197,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", help="conf/pipeline/NAME.yaml on top of the defaults (default: the tiny world)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     ap.add_argument("--grpo-seeds", type=int, help="run GRPO for the first M seeds only (default: all)")
-    ap.add_argument("--skip-puzzle", action="store_true", help="leave out the Puzzle comparison")
+    ap.add_argument("--puzzle-seeds", type=int, help="BLD seeds 0..P-1 for the Puzzle comparison (default: --seeds; 0: none)")
     ap.add_argument("--out", type=Path, help="output directory (default outputs/reproduce_readme[-PRESET])")
     ap.add_argument("overrides", nargs="*", help="pipeline key=value overrides (as for nemo-plugins pipeline)")
     args = ap.parse_args(argv)
     if args.seeds < 1 or (args.grpo_seeds is not None and not 0 <= args.grpo_seeds <= args.seeds):
         ap.error(f"--seeds {args.seeds} --grpo-seeds {args.grpo_seeds}: expected seeds >= 1 and 0 <= grpo-seeds <= seeds")
+    if args.puzzle_seeds is not None and args.puzzle_seeds < 0:
+        ap.error(f"--puzzle-seeds {args.puzzle_seeds}: expected >= 0")
     out = args.out or Path("outputs") / ("reproduce_readme" + (f"-{args.preset}" if args.preset else ""))
     seeds = list(range(args.seeds))
     grpo_seeds = seeds[: args.grpo_seeds] if args.grpo_seeds is not None else seeds
@@ -209,8 +212,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     result: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                     "preset": args.preset, "overrides": args.overrides}  # fmt: skip
-    if not args.skip_puzzle:
-        result["puzzle"] = _bench_puzzle_quality().run_seeds(args.preset, seeds, out / "puzzle", overrides)
+    puzzle_seeds = list(range(args.puzzle_seeds)) if args.puzzle_seeds is not None else seeds
+    if puzzle_seeds:
+        result["puzzle"] = _bench_puzzle_quality().run_seeds(args.preset, puzzle_seeds, out / "puzzle", overrides)
     result["per_seed"] = run_seeds(args.preset, seeds, grpo_seeds, out, overrides)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     tables = render(result)

@@ -36,7 +36,7 @@ def script():
 
 def test_two_seeds_of_the_main_command_make_the_tables(script, tmp_path, capsys):
     out = tmp_path / "runs"
-    argv = ["--seeds", "2", "--grpo-seeds", "1", "--skip-puzzle", "--out", str(out), f"cache_dir={tmp_path / 'cache'}"]
+    argv = ["--seeds", "2", "--grpo-seeds", "1", "--puzzle-seeds", "0", "--out", str(out), f"cache_dir={tmp_path / 'cache'}"]
     res = script.main([*argv, *SMALL])  # Puzzle's seeds are bench_puzzle_quality's (its own test)
     per_seed = res["per_seed"]
     assert sorted(per_seed) == [0, 1] and "puzzle" not in res
@@ -77,7 +77,9 @@ def test_a_difference_within_its_interval_says_so(script):
     assert script.difference([0.5], [0.4]) == "+0.100 (one seed: no interval)"
 
 
-def test_bad_seed_counts_are_refused(script, capsys):
+@pytest.mark.parametrize(("argv", "named"), [(["--grpo-seeds", "3"], "--grpo-seeds 3"), (["--puzzle-seeds", "-1"], "--puzzle-seeds -1")])
+def test_bad_seed_counts_are_refused(script, capsys, argv, named):
     with pytest.raises(SystemExit):
-        script.main(["--seeds", "2", "--grpo-seeds", "3"])
-    assert "--grpo-seeds 3" in capsys.readouterr().err
+        script.main(["--seeds", "2", *argv])
+    assert named in capsys.readouterr().err
+
