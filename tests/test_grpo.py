@@ -22,9 +22,15 @@ from nemo_plugins.data.tiny_world import World, WorldConfig
 from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model import rollout as engine
 from nemo_plugins.model.checkpoint import load_checkpoint
+from nemo_plugins.model.losses import next_token_mask
 from nemo_plugins.model.train import fit_lm
 from nemo_plugins.utils.training import OptimConfig
+from nemo_plugins.rl import config as C
+from nemo_plugins.rl import experience as X
 from nemo_plugins.rl import grpo as G
+from nemo_plugins.rl import loop
+from nemo_plugins.rl import metrics as M
+from nemo_plugins.rl import update as U
 from nemo_plugins.rl import grpo_stage as S
 from nemo_plugins.rl import scoring
 from nemo_plugins.rl.rewards import RewardBreakdown
@@ -67,8 +73,8 @@ def rates_for(problems):
 
 def small(**kw) -> G.GRPOConfig:
     cfg = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=24, micro_batch_size=8, lr=3e-3,
-               ckpt_every=1, eval_problems=0, rewards=G.RewardSettings(workers=0),
-               overlong=G.OverlongConfig(buffer=4, penalty=0.5))  # fmt: skip
+               ckpt_every=1, eval_problems=0, rewards=C.RewardSettings(workers=0),
+               overlong=C.OverlongConfig(buffer=4, penalty=0.5))  # fmt: skip
     cfg.update(kw)
     return G.GRPOConfig(**cfg)
 
@@ -86,7 +92,7 @@ def changed(a, b):
 
 def test_one_step_end_to_end_in_the_sandbox_changes_weights_and_logs_every_metric(tok, start_model, problems, tmp_path):
     policy, before = copy.deepcopy(start_model), weights(start_model)
-    cfg = small(steps=1, off_fraction=0.5, rewards=G.RewardSettings(workers=1, timeout_s=20), updates_per_rollout=2,
+    cfg = small(steps=1, off_fraction=0.5, rewards=C.RewardSettings(workers=1, timeout_s=20), updates_per_rollout=2,
                 eval_problems=4)
     summary = G.run_grpo(policy, tok, problems, rates_for(problems), cfg, tmp_path,
                          eval_problems=list(problems.values())[:4])  # fmt: skip
@@ -102,16 +108,16 @@ def test_one_step_end_to_end_in_the_sandbox_changes_weights_and_logs_every_metri
     assert summary["final_eval"]["n"] == 4 and row["eval_accuracy"] == summary["final_eval"]["accuracy"]
     with open(tmp_path / "metrics.csv") as f:
         (csv_row,) = list(csv.DictReader(f))
-    empty = [c for c in G.CSV_COLUMNS if csv_row[c] == ""]
-    assert list(csv_row) == list(G.CSV_COLUMNS) and not empty, empty
+    empty = [c for c in M.CSV_COLUMNS if csv_row[c] == ""]
+    assert list(csv_row) == list(M.CSV_COLUMNS) and not empty, empty
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["failures"] == {}
     assert (tmp_path / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert latest(tmp_path / "checkpoints").name == "step-00000001"
 
 
 def test_off_prompts_are_rendered_with_thinking_off(tok, problems, monkeypatch):
-    modes = G.choose_modes(8, 0.25, seed=0, step=3)
-    assert modes.count(False) == 2 and modes == G.choose_modes(8, 0.25, seed=0, step=3)
+    modes = X.choose_modes(8, 0.25, seed=0, step=3)
+    assert modes.count(False) == 2 and modes == X.choose_modes(8, 0.25, seed=0, step=3)
     seen = []
 
     def fake_generate(model, prompts, cfg, *, pad_id, generator):
@@ -120,7 +126,7 @@ def test_off_prompts_are_rendered_with_thinking_off(tok, problems, monkeypatch):
 
     monkeypatch.setattr(engine, "generate", fake_generate)
     ps = list(problems.values())[:8]
-    roll = G.rollout(_Stub(), tok, ps, modes, small(), seed=0)
+    roll = X.rollout(_Stub(), tok, ps, modes, small(), seed=0)
     assert [THINKING_OFF in s for s in seen[::4]] == [not m for m in modes]
     assert seen[4:8] == [render_prompt(ps[1].question, modes[1])] * 4  # G copies per prompt, groups contiguous
     assert roll.thinking == [m for m in modes for _ in range(4)] and not any(roll.truncated)
@@ -134,7 +140,7 @@ class _Stub(torch.nn.Module):
 
 def test_all_equal_rewards_give_zero_policy_gradient_and_drop_groups(tok, start_model, problems, tmp_path, monkeypatch):
     monkeypatch.setattr(scoring, "combined_reward", lambda *a, **k: RewardBreakdown(1.0, 1.0, 0.0))
-    no_overlong = G.OverlongConfig(penalty=0.0)
+    no_overlong = C.OverlongConfig(penalty=0.0)
     policy, before = copy.deepcopy(start_model), weights(start_model)
     cfg = small(steps=1, overlong=no_overlong)
     row = G.run_grpo(policy, tok, problems, rates_for(problems), cfg, tmp_path / "drop")["history"][0]
@@ -148,19 +154,19 @@ def test_all_equal_rewards_give_zero_policy_gradient_and_drop_groups(tok, start_
     assert row["updates"] == 1 and row["pg_loss"] == 0.0 and row["grad_norm"] == 0.0
 
 
-def hand_rollout(tok, problem, completions: list[str]) -> G.Rollout:
+def hand_rollout(tok, problem, completions: list[str]) -> X.Rollout:
     eos = T.token_id(tok, EOS)
     prompt = T.encode(tok, render_prompt(problem.question, True))
     ids = [T.encode(tok, c) + [eos] for c in completions]
     n = len(completions)
-    return G.Rollout([prompt] * n, ids, completions, [True] * n, [problem.answer] * n, [False] * n)
+    return X.Rollout([prompt] * n, ids, completions, [True] * n, [problem.answer] * n, [False] * n)
 
 
 @torch.no_grad()
 def completion_logprob(model, roll, i):
     ids, response = roll.sequences([i], 0)
-    logp, _ = G.sequence_token_logprobs(model, ids, 1.0)
-    return float((logp * G.next_token_mask(response)).sum())
+    logp, _ = U.sequence_token_logprobs(model, ids, 1.0)
+    return float((logp * next_token_mask(response)).sum())
 
 
 def test_update_raises_the_log_prob_of_the_rewarded_completion(tok, start_model):
@@ -229,7 +235,7 @@ def test_crash_then_resume_gives_the_same_batches_and_weights(tok, start_model, 
     assert [r["step"] for r in out["history"]] == [1, 2, 3, 4]  # no duplicated rows from the crashed part
     assert (tmp_path / "crashed" / "metrics.csv").read_text().count("\n") == 5
 
-    monkeypatch.setattr(G, "_fit", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(loop, "_fit", lambda *a, **k: pytest.fail("trained again"))
     again = copy.deepcopy(start_model)
     assert G.run_grpo(again, tok, problems, rates, cfg, tmp_path / "crashed")["start_step"] == 4
     assert not changed(weights(again), final)
@@ -252,7 +258,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     world = tiny_world(tok)
     cfg = S.GRPOStageConfig(
         steps=2, prompts_per_step=4, group_size=4, max_new_tokens=24, micro_batch_size=16, lr=3e-3, ckpt_every=2,
-        eval_problems=6, rewards=G.RewardSettings(workers=0), train_problems=24, pass_rate_k=2, pass_rate_batch_size=48,
+        eval_problems=6, rewards=C.RewardSettings(workers=0), train_problems=24, pass_rate_k=2, pass_rate_batch_size=48,
         pass_rate_threshold=1.0,
     )  # fmt: skip
     original = weights(start_model)
@@ -281,7 +287,7 @@ def test_stage_writes_its_report_and_resumes_without_retraining(tok, start_model
     assert changed(original, weights(model))
 
     # again: nothing is trained, sampled or evaluated; the same report
-    monkeypatch.setattr(G, "_fit", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(loop, "_fit", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(S, "heldout_accuracy", lambda *a, **k: pytest.fail("re-evaluated"))
     monkeypatch.setattr("nemo_plugins.model.rollout.generate", lambda *a, **k: pytest.fail("pass rates re-estimated"))
     again, model2 = S.run_grpo_stage(start_model, world, cfg, tmp_path)

@@ -10,16 +10,15 @@ import torch
 
 from nemo_plugins.rl.grpo_loss import (
     GRPOLossConfig,
-    entropy,
     grpo_loss,
     group_advantages,
     keep_sequences,
     kl_k3,
     loss_normalizers,
     overlong_penalty,
-    token_logprobs,
     zero_variance_groups,
 )
+from nemo_plugins.rl.policy_loss import entropy, token_logprobs
 
 
 

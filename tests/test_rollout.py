@@ -16,6 +16,8 @@ from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model import rollout as engine
 from nemo_plugins.model.generate import SamplingConfig, generate
 from nemo_plugins.model.train import fit_lm
+from nemo_plugins.rl import config as C
+from nemo_plugins.rl import experience as X
 from nemo_plugins.rl import grpo as G
 from nemo_plugins.rl.pass_rates import estimate_pass_rates
 from nemo_plugins.sft.toggle_eval import greedy_responses
@@ -174,10 +176,10 @@ def test_pass_rates_see_the_plain_loop_samples(tok, model, problems, seed):
 @pytest.mark.parametrize("step", [0, 3])
 def test_grpo_rollout_equals_the_plain_loop(tok, model, problems, step):
     cfg = G.GRPOConfig(steps=2, prompts_per_step=4, group_size=3, max_new_tokens=14, generation_batch_size=5,
-                       temperature=0.8, top_p=0.95, rewards=G.RewardSettings(workers=0), eval_problems=0)  # fmt: skip
-    modes = G.choose_modes(5, 0.4, seed=1, step=step)
-    seed = G._seed_for(1, "rollout", step)
-    roll = G.rollout(model, tok, problems[:5], modes, cfg, seed)
+                       temperature=0.8, top_p=0.95, rewards=C.RewardSettings(workers=0), eval_problems=0)  # fmt: skip
+    modes = X.choose_modes(5, 0.4, seed=1, step=step)
+    seed = X.seed_for(1, "rollout", step)
+    roll = X.rollout(model, tok, problems[:5], modes, cfg, seed)
     prompts = prompts_of(tok, problems[:5], modes)
     outs = plain_loop(model, tok, prompts, cfg.sampling, n=3, batch_size=5, seed=seed)
     assert roll.completions == outs and roll.prompt_ids == [p for p in prompts for _ in range(3)]

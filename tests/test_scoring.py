@@ -6,6 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
+from nemo_plugins.rl import config as C
+from nemo_plugins.rl import experience as X
 from nemo_plugins.rl import grpo as G
 from nemo_plugins.rl.rewards import RewardConfig, combined_reward
 from nemo_plugins.rl.sandbox import TOO_LONG
@@ -51,12 +53,12 @@ def test_grpo_scores_through_the_protocol():
             return Scores(torch.arange(n, dtype=torch.float32), {"accuracy": torch.ones(n), "format": torch.zeros(n)},
                           Counter({"timeout": 1}))  # fmt: skip
 
-    roll = G.Rollout(prompt_ids=[[1]] * 2, completions=[[5, 6], [5]], texts=["a", "b"], thinking=[True, False],
+    roll = X.Rollout(prompt_ids=[[1]] * 2, completions=[[5, 6], [5]], texts=["a", "b"], thinking=[True, False],
                      answers=[3, 4], truncated=[False, False])  # fmt: skip
-    cfg = G.GRPOConfig(max_new_tokens=2, group_size=2, prompts_per_step=1, rewards=G.RewardSettings(workers=0),
-                       overlong=G.OverlongConfig(buffer=1, penalty=0.5))  # fmt: skip
+    cfg = G.GRPOConfig(max_new_tokens=2, group_size=2, prompts_per_step=1, rewards=C.RewardSettings(workers=0),
+                       overlong=C.OverlongConfig(buffer=1, penalty=0.5))  # fmt: skip
     scorer = Fixed()
-    rewards = G.score_rollout(roll, scorer, cfg)
+    rewards = X.score_rollout(roll, scorer, cfg)
     assert scorer.seen == (["a", "b"], [Reference(3, True), Reference(4, False)])
     assert rewards.overlong.tolist() == [-0.5, 0.0]  # 2 tokens of at most 2, buffer 1: the full penalty
     assert rewards.total.tolist() == [-0.5, 1.0] and rewards.accuracy.tolist() == [1.0, 1.0]

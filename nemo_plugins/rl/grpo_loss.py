@@ -1,13 +1,9 @@
-"""GRPO math in plain torch: group-relative advantages, token log-probs, the clipped policy loss
-with a k3 KL penalty, and DAPO's soft overlong penalty (Llama-Nemotron, arXiv 2505.00949 §5;
-DAPO, arXiv 2503.14476; NeMo-RL conventions).
+"""GRPO math in plain torch: group-relative advantages, the clipped policy loss with a k3 KL
+penalty (`grpo_loss`, and `GRPOLoss`, the same loss behind the `policy_loss.PolicyLoss`
+protocol), and DAPO's soft overlong penalty (Llama-Nemotron, arXiv 2505.00949 §5; DAPO,
+arXiv 2503.14476; NeMo-RL conventions).
 
-Alignment (same as `model.llama.causal_lm_loss`): logits at position t predict token t+1, so
-`token_logprobs(logits, ids)[:, t]` is log p(ids[:, t + 1] | ids[:, :t + 1]) and the last
-position scores nothing (0). The loss `mask` is therefore over *predicting* positions: for a
-per-token response mask `response_mask` (1 on the generated tokens), pass
-`next_token_mask(response_mask)` (`model.losses`), i.e. `response_mask` shifted left by one.
-
+Log-probs and masks are aligned as in `policy_loss` (the mask is over predicting positions).
 Everything reduces in at least fp32 (bf16/fp16 are upcast; fp64 stays fp64). Masked positions
 are replaced by zeros *before* any arithmetic, so their values (even inf/NaN) change neither the
 loss nor the gradients.
@@ -20,11 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .policy_loss import TrainBatch, upcast
+
 AGGREGATIONS = ("token", "sequence")
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point() else x
 
 
 # --------------------------------------------------------------------------- advantages
@@ -34,7 +28,7 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, G] view of rewards given as [N*G] (groups contiguous) or [N, G]."""
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: expected >= 2 (a group needs a baseline)")
-    r = _upcast(rewards)
+    r = upcast(rewards)
     if r.dim() == 1:
         if r.numel() % group_size:
             raise ValueError(f"group_size={group_size}: does not divide the {r.numel()} rewards")
@@ -47,7 +41,8 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N] bool: groups whose rewards are all equal. They carry no learning signal (every
-    advantage is 0), so DAPO-style dynamic sampling drops them from the batch."""
+    advantage is 0). `keep_sequences` drops them; nothing refills the batch (DAPO's dynamic
+    sampling would sample more prompts until it is full), so a step trains on fewer groups."""
     r = _grouped(rewards, group_size)
     return r.amax(dim=1) == r.amin(dim=1)
 
@@ -87,27 +82,10 @@ def group_advantages(
 # --------------------------------------------------------------------------- token quantities
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] fp32 log p(ids[:, t+1]) under logits[:, t]; the last position is 0 (predicts
-    nothing). logsumexp + gather, so no [B, T, V] log-softmax is kept for backward."""
-    lf = _upcast(logits)
-    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=0)
-    picked = lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    lp = picked - torch.logsumexp(lf, dim=-1)
-    return torch.nn.functional.pad(lp[:, :-1], (0, 1), value=0.0)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """[B, T] fp32 entropy (nats) of softmax(logits) at each position; an exploration diagnostic."""
-    logp = torch.log_softmax(_upcast(logits), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, p.new_zeros(())).sum(-1)  # 0·log 0 = 0 (−inf logits)
-
-
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(π || π_ref) from samples of π: e^d − d − 1, d = ref_logp − logp.
     Unbiased and always >= 0 (Schulman's "Approximating KL"); expm1 keeps it exact near d = 0."""
-    d = _upcast(ref_logp) - _upcast(logp)
+    d = upcast(ref_logp) - upcast(logp)
     return torch.expm1(d) - d
 
 
@@ -127,7 +105,7 @@ class GRPOLossConfig:
     (DAPO token-level mean; long responses weigh per token); "sequence" — mean per sequence,
     then mean over sequences (original GRPO).
     drop_zero_variance: drop the sequences of all-equal-reward groups (`keep_sequences`), so they
-    do not dilute the normalizer.
+    do not dilute the normalizer; the batch is not refilled (no DAPO dynamic sampling).
     """
 
     clip_low: float = 0.2
@@ -215,12 +193,12 @@ def grpo_loss(
         raise ValueError(f"ref_logp is None but kl_beta={cfg.kl_beta} > 0: the KL term needs reference log-probs")
 
     def zero(x: torch.Tensor) -> torch.Tensor:  # masked values never enter the arithmetic
-        x = _upcast(x)
+        x = upcast(x)
         return torch.where(m, x, x.new_zeros(()))
 
     lp = zero(logp)
     old = zero(old_logp.detach() if old_logp is not None else logp.detach())
-    adv = _upcast(advantages.detach()).to(lp.dtype)[:, None]
+    adv = upcast(advantages.detach()).to(lp.dtype)[:, None]
 
     ratio = torch.exp(lp - old)  # exactly 1 at masked positions
     unclipped = -adv * ratio
@@ -246,6 +224,17 @@ def grpo_loss(
         if kl_ref_tok is not None:
             metrics["kl_ref"] = kl_ref_tok.sum() / n
     return loss, metrics
+
+
+@dataclass
+class GRPOLoss:
+    """`grpo_loss` as a `PolicyLoss`: the batch brings advantages, old and reference log-probs."""
+
+    cfg: GRPOLossConfig
+
+    def __call__(self, logp: torch.Tensor, batch: TrainBatch, global_tokens: int, global_sequences: int):
+        return grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.mask, self.cfg,
+                         global_tokens, global_sequences=global_sequences)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- reward shaping

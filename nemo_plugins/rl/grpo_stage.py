@@ -36,7 +36,9 @@ from ..utils.hashing import config_hash
 from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.generate import SamplingConfig
 from ..utils.atomic import write_json_atomic, write_text_atomic
-from .grpo import GRPOConfig, _bad, _positive_int, heldout_accuracy, run_grpo
+from .config import _bad, _positive_int
+from .grpo import GRPOConfig, run_grpo
+from .metrics import heldout_accuracy
 from .plots import plot_reward_curves
 from .rewards import answer_checker, check_references
 from .scoring import RuleScorer

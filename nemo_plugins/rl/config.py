@@ -1,0 +1,212 @@
+"""Settings every RL loop shares (`rl.loop`): steps and batch shape, sampling, optimizer,
+rewards, the overlong penalty, prompt ordering, checkpoints and evaluation. An algorithm's config
+extends `LoopConfig` with its own fields (GRPO: `grpo.GRPOConfig`). Errors name the YAML key
+(`grpo.<field>`: GRPO is the one loop today)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+from ..data.curriculum import CurriculumConfig
+from ..model.generate import SamplingConfig
+from ..utils.training import PRECISIONS
+from .rewards import TASKS, RewardConfig
+from .scoring import RuleScorer, SandboxLimits
+
+SAMPLERS = ("curriculum", "random")
+
+
+def _bad(name: str, value, expected: str):
+    raise ValueError(f"grpo.{name}={value!r}: expected {expected}")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _bad(name, value, "a positive integer")
+
+
+def _number(name: str, value, lo: float = 0.0, lo_open: bool = False, hi: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        upper = f" and <= {hi}" if hi < math.inf else ""
+        _bad(name, value, f"a finite number {'>' if lo_open else '>='} {lo}{upper}")
+
+
+@dataclass
+class RewardSettings:
+    """What a completion scores (`rewards.RewardConfig`, kept mutable so YAML/overrides can set
+    it) and the sandbox limits of the reward pool. `workers: 0` scores in-process without limits
+    (tests, debugging); otherwise `workers` processes with `timeout_s` wall time and `memory_mb`
+    extra address space per sample, and completions longer than `max_chars` fail as too_long."""
+
+    task: str = "world"
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1
+    workers: int = 2
+    timeout_s: float = 2.0
+    memory_mb: float = 512.0
+    max_chars: int = 4000
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            _bad("rewards.task", self.task, f"one of {', '.join(TASKS)}")
+        for name in ("accuracy_weight", "format_weight"):
+            _number(f"rewards.{name}", getattr(self, name))
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            _bad("rewards.workers", self.workers, "an integer >= 0 (0: score in-process)")
+        _number("rewards.timeout_s", self.timeout_s, lo_open=True)
+        _number("rewards.memory_mb", self.memory_mb, lo_open=True)
+        _positive_int("rewards.max_chars", self.max_chars)
+
+    def reward_config(self) -> RewardConfig:
+        return RewardConfig(self.task, self.accuracy_weight, self.format_weight)
+
+    def limits(self) -> SandboxLimits:
+        return SandboxLimits(self.workers, self.timeout_s, self.memory_mb, self.max_chars)
+
+    def scorer(self) -> RuleScorer:
+        """The rule-reward scorer these settings describe (close it, or use it as a context manager)."""
+        return RuleScorer(self.reward_config(), self.limits())
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO soft overlong penalty added to the reward: 0 up to max_len − buffer generated tokens,
+    then linear down to −penalty at max_len (a truncated response gets the full −penalty).
+    max_len None means max_new_tokens; penalty 0 switches it off."""
+
+    max_len: int | None = None
+    buffer: int = 8
+    penalty: float = 0.5
+
+    def __post_init__(self):
+        if self.max_len is not None:
+            _positive_int("overlong.max_len", self.max_len)
+        if isinstance(self.buffer, bool) or not isinstance(self.buffer, int) or self.buffer < 0:
+            _bad("overlong.buffer", self.buffer, "an integer >= 0")
+        if self.max_len is not None and self.buffer > self.max_len:
+            _bad("overlong.buffer", self.buffer, f"<= overlong.max_len ({self.max_len})")
+        _number("overlong.penalty", self.penalty)
+
+
+@dataclass
+class SamplerSettings:
+    """Prompt ordering: kind "curriculum" (`CurriculumSampler`, Gaussian over pass-rate levels
+    moving from easy to hard over the run) or "random" (`RandomSampler`, uniform). The other
+    fields are `CurriculumConfig`'s; its batch_size is grpo.prompts_per_step, total_batches
+    grpo.steps and seed grpo.seed."""
+
+    kind: str = "curriculum"
+    num_levels: int | None = None
+    level_edges: list[float] | None = None
+    std: float = 1.0
+    centre_start: float = 0.0
+    centre_end: float = 1.0
+    without_replacement: bool = True
+
+    def __post_init__(self):
+        if self.kind not in SAMPLERS:
+            _bad("curriculum.kind", self.kind, f"one of {', '.join(SAMPLERS)}")
+        self.curriculum_config(1, 1, 0)  # validates the shared fields
+
+    def curriculum_config(self, batch_size: int, total_batches: int, seed: int) -> CurriculumConfig:
+        fields = {k: v for k, v in asdict(self).items() if k != "kind"}
+        try:
+            return CurriculumConfig(batch_size=batch_size, total_batches=total_batches, seed=seed, **fields)
+        except ValueError as e:
+            raise ValueError(f"grpo.{e}") from None
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one RL run on the shared loop (see `rl.loop` for what each step does).
+
+    Each step samples `group_size` completions of `prompts_per_step` prompts (at most
+    `max_new_tokens` each, `temperature` / `top_p`, `generation_batch_size` sequences per generate
+    call; a share `off_fraction` of the prompts under "detailed thinking off").
+    updates_per_rollout: optimizer steps per rollout batch, each over the whole batch of kept
+    sequences (PPO epochs); micro_batch_size: sequences per forward/backward inside an update
+    (gradient accumulation, memory only). lr / min_lr_ratio / warmup_steps: AdamW with linear
+    warmup then cosine to lr·min_lr_ratio, one scheduler step per RL step (1.0 keeps it flat).
+    log_ref_kl: keep a frozen copy of the starting weights to log KL(π ‖ π_ref) every step even
+    when the algorithm has no KL term (a no-grad forward of the trained sequences).
+    eval_every: greedy held-out accuracy (thinking on) every that many steps (0: only at the end;
+    the last step is always evaluated when held-out problems are given).
+    """
+
+    # Fields that change what a step samples or optimizes: resuming with other values is another run.
+    run_defining: ClassVar[tuple[str, ...]] = (
+        "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "off_fraction", "seed",
+        "rewards", "overlong", "curriculum",
+    )  # fmt: skip
+
+    steps: int = 20
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    off_fraction: float = 0.0
+    generation_batch_size: int = 256
+    updates_per_rollout: int = 1
+    micro_batch_size: int = 64
+    lr: float = 2e-4
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    log_ref_kl: bool = True
+    rewards: RewardSettings = field(default_factory=RewardSettings)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    curriculum: SamplerSettings = field(default_factory=SamplerSettings)
+    seed: int = 0
+    ckpt_every: int = 10
+    keep_last: int = 2
+    eval_every: int = 0
+    eval_problems: int = 250
+
+    def __post_init__(self):
+        for name, kind in (("rewards", RewardSettings), ("overlong", OverlongConfig), ("curriculum", SamplerSettings)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, kind(**value))
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "generation_batch_size",
+                     "updates_per_rollout", "micro_batch_size", "ckpt_every"):  # fmt: skip
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            _bad("group_size", self.group_size, "an integer >= 2 (a group needs a baseline)")
+        for name in ("keep_last", "warmup_steps", "eval_every", "eval_problems", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _bad(name, value, "an integer >= 0")
+        _number("temperature", self.temperature, lo_open=True)
+        _number("top_p", self.top_p, lo_open=True, hi=1.0)
+        _number("off_fraction", self.off_fraction, hi=1.0)
+        _number("lr", self.lr, lo_open=True)
+        _number("min_lr_ratio", self.min_lr_ratio, hi=1.0)
+        _number("weight_decay", self.weight_decay)
+        _number("grad_clip", self.grad_clip)
+        if self.precision not in PRECISIONS:
+            _bad("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        if self.overlong.max_len is not None and self.overlong.max_len > self.max_new_tokens:
+            _bad("overlong.max_len", self.overlong.max_len, f"<= grpo.max_new_tokens ({self.max_new_tokens})")
+        if self.overlong.buffer > self.overlong_max_len:
+            _bad("overlong.buffer", self.overlong.buffer, f"<= the overlong max_len ({self.overlong_max_len})")
+
+    @property
+    def overlong_max_len(self) -> int:
+        return self.overlong.max_len if self.overlong.max_len is not None else self.max_new_tokens
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loop keeps a frozen reference (an algorithm with a KL term adds its own reason)."""
+        return self.log_ref_kl
