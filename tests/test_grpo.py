@@ -204,6 +204,51 @@ def test_micro_batches_sum_to_the_full_batch_update(tok, start_model):
     assert changed(result[1], weights(start_model))
 
 
+# ----------------------------------------------------------------------------- the KL to the reference
+
+
+def test_default_reference_is_the_frozen_start_and_kl_beta_reaches_the_loss(tok, start_model, problems, tmp_path):
+    """The loop's reference is a frozen copy of the starting weights (KL 0 before any update,
+    > 0 once the policy moved) and the KL term enters the loss with weight kl_beta."""
+    beta = 0.05
+    cfg = small(steps=2, loss=G.LossConfig(kl_beta=beta))
+    first, second = G.run_grpo(copy.deepcopy(start_model), tok, problems, rates_for(problems), cfg, tmp_path)["history"]
+    assert first["updates"] == second["updates"] == 1
+    assert first["kl_ref"] == 0.0  # step 1, on-policy: the policy is still the reference
+    assert second["kl_ref"] > 1e-4  # step 1 moved the policy away from the (unchanged) reference
+    for row in (first, second):
+        assert row["kl_loss"] == pytest.approx(row["kl_ref"], rel=1e-5, abs=1e-9)  # token mean of k3, as logged
+        assert row["loss"] == pytest.approx(row["pg_loss"] + beta * row["kl_loss"], rel=1e-5, abs=1e-9)
+
+
+def noisy_copy(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return other
+
+
+def test_kl_penalty_alone_moves_the_policy_and_uses_the_given_reference(tok, start_model, problems, tmp_path, monkeypatch):
+    """Equal rewards make every advantage 0, so only the KL term can move the weights: with
+    kl_beta > 0 they move, with kl_beta = 0 they do not; the KL is to the reference passed in."""
+    monkeypatch.setattr(scoring, "combined_reward", lambda *a, **k: RewardBreakdown(1.0, 1.0, 0.0))
+    reference = noisy_copy(start_model)
+    rows, moved = {}, {}
+    for beta in (0.0, 1.0):
+        policy = copy.deepcopy(start_model)
+        cfg = small(steps=1, overlong=C.OverlongConfig(penalty=0.0), loss=G.LossConfig(kl_beta=beta, drop_zero_variance=False))
+        (rows[beta],) = G.run_grpo(policy, tok, problems, rates_for(problems), cfg, tmp_path / str(beta),
+                                   reference=reference)["history"]  # fmt: skip
+        moved[beta] = changed(weights(start_model), weights(policy))
+    on, off = rows[1.0], rows[0.0]
+    assert on["pg_loss"] == off["pg_loss"] == 0.0 and off["grad_norm"] == 0.0 and not moved[0.0]
+    assert on["grad_norm"] > 0 and moved[1.0]  # the KL term alone moved the weights
+    assert on["kl_ref"] > 0.01 and on["kl_ref"] == off["kl_ref"]  # the same sample, KL to the noisy reference
+    assert on["kl_loss"] == pytest.approx(on["kl_ref"], rel=1e-5) and on["loss"] == pytest.approx(on["kl_loss"], rel=1e-5)
+
+
 class Batches(L.Callback):
     def __init__(self):
         self.seen = {}
