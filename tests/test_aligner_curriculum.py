@@ -60,7 +60,7 @@ def _aligner_dataset(path, tok):
     return RLHFDataset(cfg, _NemoStyleTokenizer(tok), "train", None, list(range(len(rows))), rows, seq_length=512, seed=0)
 
 
-def _rollout_step(dataset, plan, consumed, monkeypatch):
+def _rollout_step(dataset, plan, consumed, monkeypatch, rollouts_per_prompt=1):
     """One step's prompts as `ReinforceTrainer._run_inference` collects them, rank by rank."""
     from omegaconf import OmegaConf
     from nemo_aligner.data.nlp.builders import collate_with_pad_to_max_batch
@@ -76,7 +76,7 @@ def _rollout_step(dataset, plan, consumed, monkeypatch):
     for rank in range(DP):
         monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda rank=rank: rank)
         loader = build_curriculum_dataloader(cfg=cfg, dataset=dataset, consumed_samples=consumed, mbs=MBS, gbs=GBS,
-                                             collate_fn=collate, plan=plan)  # fmt: skip
+                                             collate_fn=collate, plan=plan, rollouts_per_prompt=rollouts_per_prompt)  # fmt: skip
         n_micro = loader.batch_sampler.global_batch_size // loader.batch_sampler.micro_batch_size // DP
         batches = list(DefaultBatchIterator(iter(loader.batch_sampler), n_micro, loader.dataset, collate))
         rows = []
@@ -129,6 +129,10 @@ def test_two_ranks_return_the_core_curriculum_and_resume(setup, monkeypatch):
         got = Counter((index.match(ids)[0].problem_id, index.match(ids)[0].thinking) for r in per_rank for ids in r)
         assert got == drawn[step]
 
+    # Aligner 0.7.0's ReinforceTrainer counts rollout rows (prompts x G) in consumed_samples
+    per_rank = _rollout_step(dataset, CurriculumPlan(prompt_set, rates, GBS, settings), 3 * GBS * 4, monkeypatch, 4)
+    assert Counter((index.match(ids)[0].problem_id, index.match(ids)[0].thinking) for r in per_rank for ids in r) == drawn[3]
+
 
 def test_sampler_refuses_mismatched_settings(setup):
     from nemo_plugins.aligner.curriculum_batches import CurriculumPlan
@@ -137,7 +141,7 @@ def test_sampler_refuses_mismatched_settings(setup):
     _, _, prompt_set, rates = setup
     plan = CurriculumPlan(prompt_set, rates, GBS)
     common = dict(micro_batch_size=MBS, data_parallel_rank=0, data_parallel_size=DP, global_batch_size=GBS)
-    with pytest.raises(ValueError, match="consumed_samples=3: expected a multiple of global_batch_size"):
+    with pytest.raises(ValueError, match="consumed_samples=3: expected a multiple of global_batch_size x rollouts_per_prompt"):
         CurriculumBatchSampler(plan, total_samples=len(prompt_set.rows), consumed_samples=3, **common)
     with pytest.raises(ValueError, match="dataset of 7 rows, prompt file of 40"):
         CurriculumBatchSampler(plan, total_samples=7, consumed_samples=0, **common)
