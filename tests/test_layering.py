@@ -1,10 +1,10 @@
 """The package's layers, read from its imports (module level and inside functions alike):
 
     errors, utils  <  arch, config  <  data  <  model  <  evaluate
-        <  puzzle, fusion, distill, sft, rl (stages: none imports another)  <  pipeline  <  cli, nemo
+        <  puzzle, fusion, distill, sft, rl (stages: none imports another)  <  pipeline  <  cli, nemo, aligner
 
 A module imports only from its own package or a lower layer; no modules import each other in a
-cycle; and outside the adapters (`nemo`, `cli`) nothing imports NeMo, Megatron or NeMo-Aligner.
+cycle; and outside the adapters (`nemo`, `aligner`, `cli`) nothing imports NeMo, Megatron or NeMo-Aligner.
 """
 
 import ast
@@ -15,9 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "nemo_plugins"
 LAYERS = [("errors",), ("utils",), ("arch", "config"), ("data",), ("model",), ("evaluate",),
-          ("puzzle", "fusion", "distill", "sft", "rl"), ("pipeline",), ("cli", "nemo")]  # fmt: skip
+          ("puzzle", "fusion", "distill", "sft", "rl"), ("pipeline",), ("cli", "nemo", "aligner")]  # fmt: skip
 LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
-FRAMEWORKS = ("nemo", "megatron", "nemo_aligner", "nemo_run")
+FRAMEWORKS = ("nemo", "megatron", "nemo_aligner", "nemo_run", "pytriton")
 
 
 def module_name(path: Path) -> str:
@@ -88,7 +88,7 @@ def test_no_import_cycles():
             visit(m)
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if package(m) not in ("nemo", "cli")))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if package(m) not in ("nemo", "aligner", "cli")))
 def test_the_core_imports_no_framework(module):
     for target in imports(MODULES[module]):
         assert target.split(".")[0] not in FRAMEWORKS, f"{module} imports {target}"
