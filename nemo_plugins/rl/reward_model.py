@@ -8,8 +8,9 @@ metrics.csv and a plot); it validates on held-out pairs at step 0 (the untrained
 `val_every` steps and at the end. Pair accuracy counts r_chosen > r_rejected as 1 and a tie as ½
 (an untrained constant scorer sits at chance, 0.5).
 
-Saved as a model directory (`model.checkpoint.save_checkpoint`: config + safetensors, loadable
-as a plain causal LM) plus the head in `reward_head.safetensors` and `reward_model.json`.
+Saved as a directory holding the model directory `model/` (`model.checkpoint.save_checkpoint`:
+config + safetensors, loadable as a plain causal LM) and beside it the head,
+`reward_head.safetensors`, and `reward_model.json`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,8 +32,10 @@ from ..errors import CheckpointError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils import checks
+from ..utils.atomic import atomic_directory
 from ..utils.training import PRECISIONS, LossModule, RunPaths, StepSampler, fit_steps, resume_or_seed, run_summary
 
+MODEL_DIR = "model"
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
 PairIds = tuple[list[int], list[int]]  # (chosen ids, rejected ids), prompt included
@@ -208,12 +211,17 @@ def train_reward_model(
 
 
 def save_reward_model(rm: RewardModel, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """The backbone as a model directory, with the head and its description beside it (one atomic write)."""
+    """Write `path/model/` (the backbone as a model directory, with `extra_files` such as the
+    tokenizer), `path/reward_head.safetensors` and `path/reward_model.json`, atomically. The head
+    sits outside the model directory, whose loader reads every *.safetensors in it as weights."""
     head = {k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()}
-    meta = {"head": HEAD_FILE, "score": "linear head on the final-norm hidden state of the last non-pad token",
-            "hidden_size": rm.backbone.config.hidden_size}  # fmt: skip
-    files = {**(extra_files or {}), HEAD_FILE: save(head, metadata={"format": "pt"}), META_FILE: json.dumps(meta, indent=2) + "\n"}
-    return save_checkpoint(rm.backbone, path, extra_files=files)
+    meta = {"model": MODEL_DIR, "head": HEAD_FILE, "hidden_size": rm.backbone.config.hidden_size,
+            "score": "linear head on the final-norm hidden state of the last non-pad token"}  # fmt: skip
+    with atomic_directory(path) as tmp:
+        save_checkpoint(rm.backbone, tmp / MODEL_DIR, extra_files=extra_files)
+        save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(path)
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> RewardModel:
@@ -221,10 +229,11 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     path = Path(path)
     if not (path / HEAD_FILE).is_file():
         raise CheckpointError(f"{path}: no {HEAD_FILE} (not a reward model directory)")
-    backbone = load_checkpoint(path, device=device)
+    backbone = load_checkpoint(path / MODEL_DIR, device=device)
     state = load_file(str(path / HEAD_FILE), device=str(device))
-    if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != (1, backbone.config.hidden_size):
-        raise CheckpointError(f"{path / HEAD_FILE}: expected weight [1, {backbone.config.hidden_size}] and bias [1]")
-    head = nn.Linear(backbone.config.hidden_size, 1, device=device, dtype=state["weight"].dtype)
+    hidden = backbone.config.hidden_size
+    if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != (1, hidden) or tuple(state["bias"].shape) != (1,):
+        raise CheckpointError(f"{path / HEAD_FILE}: expected weight [1, {hidden}] and bias [1]")
+    head = nn.Linear(hidden, 1, device=device, dtype=state["weight"].dtype)
     head.load_state_dict(state)
     return RewardModel(backbone, head).eval()
