@@ -13,7 +13,7 @@ from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 from nemo_plugins.rl.reward_model import (
     HEAD_FILE, RewardModel, RewardModelConfig, bradley_terry_loss, evaluate_pairs, last_token_index, load_reward_model,
-    pad, pair_wins, save_reward_model, train_reward_model,
+    pad, pair_wins, save_reward_model, step_loss, train_reward_model,
 )  # fmt: skip
 
 PAD = 0
@@ -129,3 +129,21 @@ def test_config_rejects_bad_values():
         RewardModelConfig(steps=0)
     with pytest.raises(ValueError, match="reward_model.precision"):
         RewardModelConfig(precision="fp8")
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient():
+    rm = _small_rm()
+    g = torch.Generator().manual_seed(1)
+    pairs = [([int(t) for t in torch.randint(1, 40, (n,), generator=g)], [int(t) for t in torch.randint(1, 40, (m,), generator=g)])
+             for n, m in [(5, 7), (3, 4), (6, 2), (8, 8), (4, 6), (2, 3)]]  # fmt: skip
+
+    def grads(batch):
+        rm.zero_grad()
+        loss = step_loss(rm, PAD, batch, backward=lambda x: x.backward())
+        return loss, [p.grad.clone() for p in rm.parameters() if p.grad is not None]
+
+    whole_loss, whole = grads([pairs])
+    split_loss, split = grads([pairs[:2], pairs[2:]])  # unequal micro-batches: weighted by pairs
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
