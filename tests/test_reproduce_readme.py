@@ -83,3 +83,21 @@ def test_bad_seed_counts_are_refused(script, capsys, argv, named):
         script.main(["--seeds", "2", *argv])
     assert named in capsys.readouterr().err
 
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reproduce_readme.json"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_quotes_the_committed_reproduction_verbatim(script):
+    """The README's multi-seed tables are exactly `render` of the committed summary that
+    `reproduce_readme.py` wrote, and that summary names the command and the environment."""
+    saved = json.loads(RESULTS.read_text())
+    text = README.read_text()
+    begin, end = "<!-- reproduce_readme:begin -->\n", "<!-- reproduce_readme:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    quoted = text.split(begin, 1)[1].split(end, 1)[0]
+    assert quoted == script.render(saved)
+    assert saved["command"].startswith("reproduce_readme.py --seeds") and saved["command"] in text
+    env = saved["per_seed"]["0"]["environment"]
+    assert env["torch"] and env["cpu"] and env["torch_threads"] >= 1

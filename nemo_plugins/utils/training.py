@@ -366,6 +366,15 @@ class _CheckpointOnSigterm(L.Callback):
             pl_module.save_on_sigterm()
 
 
+def _restore_lightning_data_fetchers() -> None:
+    """Point Lightning's fit, evaluation and prediction loops at Lightning's own
+    `_select_data_fetcher` (undoing a process-wide wrapper another framework left there)."""
+    from lightning.pytorch.loops import evaluation_loop, fit_loop, prediction_loop, utilities
+
+    for loop_module in (fit_loop, evaluation_loop, prediction_loop):
+        loop_module._select_data_fetcher = utilities._select_data_fetcher
+
+
 def fit_module(module: L.LightningModule, loader, *, callbacks: Sequence[L.Callback] = (), **trainer_kwargs) -> L.Trainer:
     """`L.Trainer(**trainer_kwargs).fit(module, loader)` made safe for clusters; returns the trainer.
 
@@ -381,7 +390,12 @@ def fit_module(module: L.LightningModule, loader, *, callbacks: Sequence[L.Callb
       (`_CheckpointOnSigterm`); then `TrainingInterrupted` (status 143) is raised instead. A
       SIGTERM during the last step lets the fit end normally: the caller then calls
       `stop_if_terminated` once it has saved what the fit made.
+    - Lightning's own data fetchers: a NeMo `MegatronStrategy` set up earlier in the same process
+      leaves Lightning's loops selecting their data fetcher through a wrapper that returns None
+      for any other strategy (`'NoneType' object has no attribute 'setup'`); the loops get
+      Lightning's function back first (NeMo wraps it again at its next setup).
     """
+    _restore_lightning_data_fetchers()
     callbacks = list(callbacks)
     if hasattr(module, "save_on_sigterm"):
         callbacks.append(_CheckpointOnSigterm())
