@@ -107,7 +107,8 @@ def _cpu_patches():
     saved_tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
     saved_device = torch.cuda.current_device
     saved_mask = fused_softmax.get_default_causal_mask
-    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False  # force_reset=True, which megatron-core 0.12 (Aligner's) lacks
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True)
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"
     fused_softmax.get_default_causal_mask = _cpu_causal_mask

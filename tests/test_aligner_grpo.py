@@ -1,0 +1,411 @@
+"""GRPO on NeMo-Aligner 0.7.0 (`nemo_plugins.aligner.grpo_*`, `train_grpo`), on a CPU.
+
+- The actor's loss closure, driven by its own `get_loss_and_metrics` through megatron-core's
+  forward-backward schedule on a tiny megatron-core GPT (one-process gloo group, TP=1), equals
+  the core's `grpo_loss` on the full batch, with one and with two micro-batches, and so do the
+  gradients.
+- The trainer's advantages and keep mask equal hand formulas (and the core's) for a reward
+  tensor with zero-variance groups.
+- The two REINFORCE bookkeeping bugs of Aligner 0.7.0 (ALIGNER.md), shown on the installed
+  stock code and fixed by the subclass.
+- The `model.reinforce.grpo` keys and the Hydra entry script's config.
+
+Aligner's REINFORCE modules import TensorRT-LLM at import time; without it a stand-in module for
+`nemo_aligner.utils.trt_llm` is registered (generation with TensorRT-LLM is not exercised here).
+"""
+
+import importlib.util
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.aligner
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _stand_in_trt_llm():
+    if "nemo_aligner.utils.trt_llm" not in sys.modules and importlib.util.find_spec("tensorrt_llm") is None:
+        stand_in = types.ModuleType("nemo_aligner.utils.trt_llm")
+        stand_in.GPTGenerateTRTLLM = None  # only referenced when reinforce.trt_llm.enable
+        sys.modules["nemo_aligner.utils.trt_llm"] = stand_in
+
+
+@pytest.fixture(scope="module")
+def cpu_world():
+    """A one-process gloo group with megatron's TP=1/PP=1 state and the CPU patches (megatron's
+    schedule allocates its token counter on "cuda": `training_cpu` keeps it on the CPU)."""
+    _stand_in_trt_llm()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nemo_cpu_shim import megatron_cpu, training_cpu
+
+    with megatron_cpu(), training_cpu():
+        yield
+
+
+def _model_cfg(**grpo):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"micro_batch_size": 2, "global_batch_size": 4, "data": {}, "optim": {"name": "adam"},
+                             "reinforce": {"grpo": grpo}})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- actor loss
+
+
+def _tiny_gpt(vocab):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
+                            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+                            bias_dropout_fusion=False, gradient_accumulation_fusion=False,
+                            masked_softmax_fusion=False, persist_layer_norm=False)  # fmt: skip
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
+                    max_sequence_length=64, position_embedding_type="rope")  # fmt: skip
+
+
+def _actor(gpt, model_cfg, eos_id):
+    """A GRPOActor around a bare megatron-core GPT: the members its training step reads, without
+    a NeMo checkpoint, a Lightning trainer or CUDA."""
+    from nemo_plugins.aligner.grpo_actor import GRPOActor
+
+    actor = GRPOActor.__new__(GRPOActor)
+    torch.nn.Module.__init__(actor)
+    actor._cfg = model_cfg
+    actor.model = gpt
+    actor.tokenizer = types.SimpleNamespace(eos_id=eos_id)
+    actor.with_distributed_adam = False
+    actor.use_mcore_dist_optim = False
+    return actor
+
+
+def _rollout(B=4, T=12, vocab=40, seed=1):
+    """Tokens, a response mask over predicting positions [B, T−1] with ragged prompts/responses,
+    advantages, a keep mask with one dropped group, and old/reference log-prob offsets."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab, (B, T), generator=g)
+    prompt_lengths, response_lengths = torch.tensor([3, 5, 2, 4]), torch.tensor([12, 9, 11, 7])
+    mask = torch.zeros(B, T - 1)
+    for i in range(B):
+        mask[i, prompt_lengths[i] - 1 : response_lengths[i] - 1] = 1.0  # Aligner's create_mask
+    return {
+        "response_tokens": tokens,
+        "mask": mask,
+        "advantages": torch.tensor([1.3, -0.7, 0.4, -1.1]),
+        "keep": torch.tensor([True, True, False, False]),
+        "old_offset": 0.6 * torch.randn(B, T - 1, generator=g),  # ratios e^±0.6 typical: the clip range is left
+        "ref_offset": 0.2 * torch.randn(B, T - 1, generator=g),
+    }
+
+
+def _core_reference(gpt, rollout, cfg):
+    """The core's loss and gradients on the full batch: `token_logprobs` of the plain forward."""
+    from nemo_plugins.rl.grpo_loss import grpo_loss
+    from nemo_plugins.rl.policy_loss import token_logprobs
+
+    tokens = rollout["response_tokens"]
+    gpt.zero_grad(set_to_none=True)
+    T = tokens.size(1)
+    causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)[None, None].expand(tokens.size(0), 1, T, T)
+    logits = gpt(tokens, torch.arange(T)[None].expand_as(tokens), causal, labels=None)
+    logp = token_logprobs(logits, tokens)[:, :-1]
+    with torch.no_grad():
+        old, ref = logp + rollout["old_offset"], logp + rollout["ref_offset"]
+    loss, _ = grpo_loss(logp, old, ref, rollout["advantages"], rollout["mask"], cfg, keep=rollout["keep"])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in gpt.named_parameters()}
+    return loss.item(), grads, old, ref
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_actor_loss_closure_equals_core_loss_full_batch_and_micro_batches(cpu_world, aggregation):
+    from nemo_aligner.utils.utils import configure_batch_sizes
+
+    from nemo_plugins.aligner.grpo_config import GRPOSettings
+
+    vocab = 40
+    gpt = _tiny_gpt(vocab)
+    rollout = _rollout(vocab=vocab)
+    model_cfg = _model_cfg(clip_low=0.2, clip_high=0.28, kl_beta=0.05, aggregation=aggregation)
+    settings = GRPOSettings.from_model_cfg(model_cfg)
+    core_loss, core_grads, old, ref = _core_reference(gpt, rollout, settings.loss)
+    assert core_loss != 0 and all(g.abs().sum() > 0 for n, g in core_grads.items() if "layers.0" in n)
+
+    actor = _actor(gpt, model_cfg, eos_id=0)  # eos 0 never occurs in the tokens: plain causal masks
+    for micro_batch_size in (4, 2):  # one micro-batch, then two
+        model_cfg.micro_batch_size = micro_batch_size
+        configure_batch_sizes(mbs=micro_batch_size, gbs=4, dp=1)
+        gpt.zero_grad(set_to_none=True)
+        batch = {k: rollout[k] for k in ("response_tokens", "mask", "advantages", "keep")}
+        batch |= {"logprobs": old, "init_logprobs": ref}
+        loss, metrics = actor.get_loss_and_metrics(batch=batch, forward_only=False)
+        assert loss == pytest.approx(core_loss, rel=1e-5, abs=1e-7), micro_batch_size
+        assert metrics["pg_loss"] + 0.05 * metrics["kl_loss"] == pytest.approx(core_loss, rel=1e-5, abs=1e-7)
+        assert 0 < metrics["clip_fraction"] < 1  # the clipped branch was exercised
+        for name, p in gpt.named_parameters():
+            torch.testing.assert_close(p.grad, core_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name} mbs={micro_batch_size}")
+
+
+def test_actor_all_groups_dropped_gives_zero_loss_and_gradient(cpu_world):
+    from nemo_aligner.utils.utils import configure_batch_sizes
+
+    gpt = _tiny_gpt(40)
+    rollout = _rollout()
+    model_cfg = _model_cfg()
+    actor = _actor(gpt, model_cfg, eos_id=0)
+    configure_batch_sizes(mbs=2, gbs=4, dp=1)
+    batch = {k: rollout[k] for k in ("response_tokens", "mask", "advantages")}
+    batch |= {"keep": torch.zeros(4, dtype=torch.bool), "logprobs": torch.zeros(4, 11)}
+    loss, _ = actor.get_loss_and_metrics(batch=batch, forward_only=False)
+    assert loss == 0.0 and not math.isnan(loss)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in gpt.parameters())
+
+
+def test_actor_loss_closure_outside_a_training_step_fails_clearly(cpu_world):
+    actor = _actor(_tiny_gpt(40), _model_cfg(), eos_id=0)
+    with pytest.raises(RuntimeError, match="get_loss_and_metrics"):
+        actor.grpo_step_scale()
+
+
+# --------------------------------------------------------------------------- trainer advantages
+
+
+def _trainer(G, penalty=0.0, **grpo):
+    """A GRPOTrainer with only the members its rollout bookkeeping reads (no model, no data)."""
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.utils.distributed import ScopedTimer
+
+    from nemo_plugins.aligner.grpo_config import GRPOSettings
+    from nemo_plugins.aligner.grpo_trainer import GRPOTrainer
+
+    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    trainer.cfg = OmegaConf.create({"num_rollouts_per_prompt": G, "initial_policy_kl_penalty": penalty,
+                                    "use_absolute_kl": True})  # fmt: skip
+    trainer.grpo = GRPOSettings.from_mapping(grpo)
+    trainer.group_size = G
+    trainer.timer = ScopedTimer(reduction="mean", sync_cuda=False, buffer_size=1)
+    trainer.step = 0
+    return trainer
+
+
+def _rollout_batch(rewards, T=6):
+    n = rewards.numel()
+    return {
+        "logprobs": torch.zeros(n, T - 1),
+        "init_logprobs": torch.zeros(n, T - 1),
+        "prompt_lengths": torch.full((n,), 2),
+        "response_lengths": torch.full((n,), T),
+        "response_tokens": torch.ones(n, T, dtype=torch.long),
+        "rewards": rewards,
+        "prompt_tokens": torch.arange(n // 2).repeat_interleave(2)[:, None].expand(n, 3),  # for the stock RLOO baseline
+        "is_end": torch.ones(n, dtype=torch.bool),
+    }
+
+
+def _hand_advantages(rewards, G, leave_one_out, normalize_std):
+    out = []
+    for group in rewards.view(-1, G).tolist():
+        mean = sum(group) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1))
+        for i, r in enumerate(group):
+            if max(group) == min(group):
+                out.append(0.0)
+                continue
+            a = r - ((sum(group) - r) / (G - 1) if leave_one_out else mean)
+            out.append(a / (std + 1e-6) if normalize_std else a)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("leave_one_out,normalize_std", [(False, True), (True, False)])
+@pytest.mark.parametrize("drop_zero_variance", [True, False])
+def test_trainer_advantages_equal_the_core_and_hand_formulas(cpu_world, leave_one_out, normalize_std, drop_zero_variance):
+    from nemo_plugins.rl.grpo_loss import group_advantages
+
+    G = 4
+    rewards = torch.tensor([1.0, 0.0, 1.1, 0.0,  # mixed
+                            1.1, 1.1, 1.1, 1.1,  # all equal (solved): zero variance
+                            0.0, 0.0, 0.0, 0.0,  # all equal (unsolved): zero variance
+                            0.1, 1.1, 0.0, 0.1])  # fmt: skip
+    trainer = _trainer(G, leave_one_out=leave_one_out, normalize_std=normalize_std, drop_zero_variance=drop_zero_variance)
+    data, metrics = trainer.generate_reinforce_data(_rollout_batch(rewards))
+
+    expected = _hand_advantages(rewards, G, leave_one_out, normalize_std)
+    torch.testing.assert_close(data["advantages"], expected, rtol=1e-6, atol=1e-6)
+    core = group_advantages(rewards, G, leave_one_out=leave_one_out, normalize_std=normalize_std)
+    torch.testing.assert_close(data["advantages"], core, rtol=0, atol=0)
+    keep = torch.tensor([True] * 4 + [not drop_zero_variance] * 8 + [True] * 4)
+    assert data["keep"].tolist() == keep.tolist()
+    assert metrics["groups_dropped_fraction"] == (0.5 if drop_zero_variance else 0.0)
+    assert "init_logprobs" not in data  # kl_beta 0: no reference log-probs travel to the actor
+    assert data["mask"].sum(1).tolist() == [4.0] * 16  # Aligner's create_mask: positions 1..4
+
+
+def test_trainer_reward_kl_penalty_shifts_rewards_before_the_groups(cpu_world):
+    G = 2
+    batch = _rollout_batch(torch.tensor([1.0, 0.0, 0.5, 0.5]))
+    batch["init_logprobs"] = batch["init_logprobs"] - torch.tensor([0.0, 0.4, 0.0, 0.2])[:, None]  # |KL| per token
+    trainer = _trainer(G, penalty=0.5, normalize_std=False, kl_beta=0.01)
+    data, _ = trainer.generate_reinforce_data(batch)
+    shaped = torch.tensor([1.0, 0.0 - 0.5 * 0.4, 0.5, 0.5 - 0.5 * 0.2])
+    torch.testing.assert_close(data["advantages"], _hand_advantages(shaped, G, False, False))
+    assert "init_logprobs" in data  # kl_beta > 0: the actor's k3 term needs them
+
+
+# --------------------------------------------------------------------------- the two REINFORCE bugs
+
+
+def _interleaved_group_ids(n_micro, mbs, G, dp):
+    """Row -> prompt group in the global batch `_run_inference` gathers: per rank, per prompt
+    micro-batch, G rollouts of its mbs prompts, ranks concatenated."""
+    from nemo_plugins.aligner.grpo_trainer import RANK_STRIDE
+
+    ids = []
+    for rank in range(dp):
+        for i in range(n_micro):
+            for _ in range(G):
+                ids += [rank * RANK_STRIDE + i * mbs + j for j in range(mbs)]
+    return torch.tensor(ids)
+
+
+def test_bug2_stock_chunk_ignores_the_rank(cpu_world):
+    """Stock 0.7.0: every data-parallel rank gets every row of the global rollout batch."""
+    from nemo_aligner.algorithms.reinforce import ReinforceRolloutBatch
+
+    batch = ReinforceRolloutBatch({"rewards": torch.arange(16.0)})
+    rank0, rank1 = (batch.chunk(rank=r, split_size=2, seed=0)["rewards"] for r in range(2))
+    assert rank0.tolist() == rank1.tolist() == list(range(16))
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_bug2_fixed_ranks_take_disjoint_whole_groups(dp):
+    from nemo_plugins.aligner.grpo_groups import rank_group_rows
+
+    G, mbs, n_micro = 4, 2, 2
+    group_ids = _interleaved_group_ids(n_micro, mbs, G, dp)
+    shares = [rank_group_rows(group_ids, G, rank, dp, seed=3) for rank in range(dp)]
+    all_rows = torch.cat(shares)
+    assert sorted(all_rows.tolist()) == list(range(len(group_ids)))  # each row on exactly one rank
+    assert len({len(s) for s in shares}) == 1  # equal shares
+    for rows in shares:
+        ids = group_ids[rows].view(-1, G)
+        assert (ids == ids[:, :1]).all()  # contiguous whole groups: what group_advantages takes
+        assert len(set(ids[:, 0].tolist())) == len(ids)
+    again = [rank_group_rows(group_ids, G, rank, dp, seed=3) for rank in range(dp)]
+    assert all(torch.equal(a, b) for a, b in zip(shares, again))  # same on every rank (seeded)
+
+
+def test_bug2_rank_rows_reject_incomplete_groups():
+    from nemo_plugins.aligner.grpo_groups import rank_group_rows
+
+    with pytest.raises(ValueError, match="num_rollouts_per_prompt=4"):
+        rank_group_rows(torch.tensor([0, 0, 0, 0, 1, 1, 1]), 4, 0, 1, seed=0)
+
+
+def _step_with(trainer_cls, P, G):
+    """One `generate_rollouts` of `trainer_cls` over a stand-in rollout of P prompts x G."""
+    trainer = _trainer(G, penalty=0.1)  # stock 0.7.0 cannot run with the penalty at 0 (masked_mean of a scalar)
+    trainer.__class__ = trainer_cls
+    trainer.compute_init_policy_kl = True
+    trainer.consumed_samples = 0
+    trainer.model = types.SimpleNamespace(prepare_for_inference=lambda: None, finish_inference=lambda: None)
+    trainer.train_dataloader_builder = None
+    seen = []
+    rewards = torch.tensor([0.0, 1.0] * (P * G // 2))
+
+    def fake_inference(builder, consumed_samples, is_validation):
+        seen.append(consumed_samples)
+        return _rollout_batch(rewards), {"rollout_size": P * G}
+
+    trainer._run_inference = fake_inference
+    for _ in range(2):
+        trainer.generate_rollouts()
+    return seen, trainer.consumed_samples
+
+
+def test_bug1_consumed_samples_counts_prompts(cpu_world):
+    """The prompt dataloader is rebuilt from consumed_samples, which its sampler counts in prompts."""
+    from nemo_aligner.algorithms.reinforce import ReinforceTrainer
+
+    from nemo_plugins.aligner.grpo_trainer import GRPOTrainer
+
+    P, G = 8, 4
+    seen, consumed = _step_with(GRPOTrainer, P, G)
+    assert seen == [0, P] and consumed == 2 * P
+    stock_seen, stock_consumed = _step_with(ReinforceTrainer, P, G)
+    assert stock_seen == [0, P * G] and stock_consumed == 2 * P * G  # stock: skips (G-1) prompt batches a step
+
+
+# --------------------------------------------------------------------------- config and entry script
+
+
+def test_grpo_keys_parse_with_the_core_names():
+    from nemo_plugins.aligner.grpo_config import GRPOSettings
+    from nemo_plugins.rl.grpo_loss import GRPOLossConfig
+
+    s = GRPOSettings.from_model_cfg(_model_cfg(clip_low=0.1, clip_high=0.3, kl_beta=0.002, aggregation="sequence",
+                                               drop_zero_variance=False, leave_one_out=True, normalize_std=False))  # fmt: skip
+    assert s.loss == GRPOLossConfig(clip_low=0.1, clip_high=0.3, kl_beta=0.002, aggregation="sequence", drop_zero_variance=False)
+    assert (s.leave_one_out, s.normalize_std, s.needs_reference) == (True, False, True)
+    assert GRPOSettings.from_model_cfg(_model_cfg()) == GRPOSettings()  # the core's defaults
+    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.clip_lo: unknown key"):
+        GRPOSettings.from_mapping({"clip_lo": 0.1})
+    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.clip_low=1\.5: expected 0 <= clip_low < 1"):
+        GRPOSettings.from_mapping({"clip_low": 1.5})
+    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.aggregation='tokens'"):
+        GRPOSettings.from_mapping({"aggregation": "tokens"})
+    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.normalize_std='yes': expected true or false"):
+        GRPOSettings.from_mapping({"normalize_std": "yes"})
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from nemo_plugins.aligner.train_grpo import CONFIG_DIR, CONFIG_NAME, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=CONFIG_NAME, overrides=overrides)
+
+
+def test_entry_config_is_aligners_reinforce_config_plus_grpo():
+    from nemo_plugins.aligner.train_grpo import check_config
+
+    cfg = _compose(["pretrained_checkpoint.restore_from_path=policy.nemo", "model.reinforce.grpo.kl_beta=0.001",
+                    "trainer.reinforce.num_rollouts_per_prompt=8"])  # fmt: skip
+    settings = check_config(cfg)
+    assert settings.loss.kl_beta == 0.001 and settings.loss.clip_high == 0.28 and settings.loss.aggregation == "token"
+    assert cfg.model.reinforce.length_params.max_length == 2048  # Aligner's int_div resolver; stock value
+    assert cfg.trainer.reinforce.initial_policy_kl_penalty == 0.0  # the KL lives in the loss (kl_beta)
+    assert cfg.remote_rm.reward_model.port == 5555 and cfg.trainer.reinforce.trt_llm.enable is True
+
+    with pytest.raises(ValueError, match=r"num_rollouts_per_prompt=1: expected an integer >= 2"):
+        check_config(_compose(["pretrained_checkpoint.restore_from_path=p.nemo", "trainer.reinforce.num_rollouts_per_prompt=1"]))
+    with pytest.raises(ValueError, match=r"model\.global_batch_size=48: expected to divide"):
+        check_config(_compose(["pretrained_checkpoint.restore_from_path=p.nemo", "model.global_batch_size=48"]))
+    with pytest.raises(ValueError, match=r"pretrained_checkpoint\.restore_from_path: missing"):
+        check_config(_compose([]))
+    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.clip_hi: unknown key"):
+        check_config(_compose(["pretrained_checkpoint.restore_from_path=p.nemo", "+model.reinforce.grpo.clip_hi=0.3"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gets")
+def test_entry_script_checks_config_then_names_cuda():
+    """`python -m nemo_plugins.aligner.train_grpo` as a user runs it: the config is checked
+    (a bad key is named) and, on a machine without CUDA, it stops saying CUDA is needed."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "nemo_plugins.aligner.train_grpo", *args], cwd=REPO,  # noqa: E731
+                                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    ok = run("pretrained_checkpoint.restore_from_path=policy.nemo", "model.reinforce.grpo.clip_high=0.2")
+    assert ok.returncode != 0
+    assert "needs CUDA GPUs" in ok.stderr + ok.stdout, (ok.stdout[-2000:], ok.stderr[-2000:])
