@@ -154,6 +154,146 @@ def test_actor_loss_closure_equals_core_loss_full_batch_and_micro_batches(cpu_wo
             torch.testing.assert_close(p.grad, core_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name} mbs={micro_batch_size}")
 
 
+def _data_parallel_step(rank, world_size, aggregation):
+    """Rows rank and rank+2 of the rollout on this rank, micro-batches of one row; the gradients
+    averaged over the ranks (as NeMo's data-parallel reduction does) must equal the core's
+    full-batch gradients, and the reported loss the full-batch loss."""
+    from nemo_aligner.utils.utils import configure_batch_sizes
+
+    from nemo_plugins.aligner.grpo_config import GRPOSettings
+
+    gpt = _tiny_gpt(40)
+    rollout = _rollout()
+    model_cfg = _model_cfg(kl_beta=0.05, aggregation=aggregation)
+    core_loss, core_grads, old, ref = _core_reference(gpt, rollout, GRPOSettings.from_model_cfg(model_cfg).loss)
+    rows = torch.tensor([rank, rank + 2])  # one kept and one dropped row each, unequal token counts
+    batch = {k: rollout[k][rows] for k in ("response_tokens", "mask", "advantages", "keep")}
+    batch |= {"logprobs": old[rows], "init_logprobs": ref[rows]}
+    model_cfg.micro_batch_size = 1
+    configure_batch_sizes(mbs=1, gbs=4, dp=world_size)
+    actor = _actor(gpt, model_cfg, eos_id=0)
+    gpt.zero_grad(set_to_none=True)
+    loss, _ = actor.get_loss_and_metrics(batch=batch, forward_only=False)
+    assert loss == pytest.approx(core_loss, rel=1e-5, abs=1e-7), aggregation
+    for name, p in gpt.named_parameters():
+        grad = p.grad.clone()
+        torch.distributed.all_reduce(grad)
+        torch.testing.assert_close(grad / world_size, core_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name} {aggregation}")
+
+
+class _FakePolicy:
+    """What `_run_inference` calls on the actor: each `infer` appends two response tokens that
+    name (rank, call, row), so every rollout row is unique and traceable."""
+
+    def __init__(self, rank):
+        self.rank, self.calls = rank, 0
+        self.tokenizer = types.SimpleNamespace(eos_id=0, ids_to_text=lambda ids: " ".join(map(str, ids)))
+
+    def infer(self, batch):
+        self.calls += 1
+        prompt, b = batch["text"], batch["text"].size(0)
+        response = torch.tensor([[100 + 10 * self.rank + self.calls, 1 + j] for j in range(b)])
+        return {"response_tokens": torch.cat([prompt, response], 1), "response_lengths": batch["length"] + 2,
+                "prompt_lengths": batch["length"], "is_end": torch.ones(b, dtype=torch.bool)}  # fmt: skip
+
+    def get_inference_log_probs(self, tokens):
+        return torch.zeros(tokens.size(0), tokens.size(1) - 1)
+
+    get_init_policy_logprobs = get_inference_log_probs
+
+
+def _row_key(tokens):
+    return (tokens[:, 3] * 10 + tokens[:, 4]).tolist()
+
+
+def _reward_of(tokens):
+    return torch.tensor(_row_key(tokens), dtype=torch.float32) % 3
+
+
+def _data_parallel_rollout(rank, world_size, P=4, G=2):
+    """One step of `_run_inference` on this rank over 8 prompts (P a step), with Aligner's random
+    sampler and batch iterator; rewards come back through futures, as from the reward client."""
+    from nemo.collections.nlp.data.language_modeling.megatron.data_samplers import MegatronPretrainingRandomSampler
+    from nemo_aligner.algorithms.reinforce import ReinforceTrainer
+    from nemo_aligner.utils.batch_iterators import DefaultBatchIterator
+
+    from nemo_plugins.aligner.grpo_trainer import GRPOTrainer
+
+    dataset = [{"text": torch.full((3,), i + 1), "length": 3} for i in range(8)]
+
+    def builder(consumed_samples):
+        sampler = MegatronPretrainingRandomSampler(total_samples=8, consumed_samples=consumed_samples, micro_batch_size=1,
+                                                   data_parallel_rank=rank, data_parallel_size=world_size,
+                                                   drop_last=True, global_batch_size=P, seed=0)  # fmt: skip
+        return types.SimpleNamespace(batch_sampler=sampler, dataset=dataset)
+
+    def trained_rows(trainer_cls):
+        trainer = _trainer(G)
+        trainer.__class__ = trainer_cls
+        trainer.cfg.rollout_batch_seq_length = None
+        trainer.trtllm_reshard, trainer.compute_init_policy_kl = False, False
+        trainer.model, trainer.batch_iterator_cls = _FakePolicy(rank), DefaultBatchIterator
+        trainer.collate_fn = lambda rows: {"text": torch.stack([r["text"] for r in rows]),
+                                           "length": torch.tensor([r["length"] for r in rows])}  # fmt: skip
+        trainer.rm = types.SimpleNamespace(infer_rm=lambda rollout: types.SimpleNamespace(
+            result=lambda tokens=rollout["response_tokens"]: _reward_of(tokens)[:, None]))  # fmt: skip
+        local, metrics = trainer._run_inference(builder, consumed_samples=0, is_validation=False)
+        assert metrics["rollout_size"] == P * G
+        torch.testing.assert_close(local["rewards"], _reward_of(local["response_tokens"]))  # rewards stay on their rows
+        return local
+
+    # Aligner gathers 0-dim row counts with all_gather_into_tensor, which NCCL takes and gloo
+    # refuses (its input must have the shape of one output chunk): give gloo that shape
+    gather = torch.distributed.all_gather_into_tensor
+    torch.distributed.all_gather_into_tensor = lambda out, inp, *a, **k: gather(out, inp.reshape(-1) if inp.dim() == 0 else inp, *a, **k)
+    try:
+        local = trained_rows(GRPOTrainer)
+        stock = trained_rows(ReinforceTrainer)
+    finally:
+        torch.distributed.all_gather_into_tensor = gather
+    prompts = local["response_tokens"][:, 0].view(-1, G)
+    assert (prompts == prompts[:, :1]).all()  # whole groups, contiguous
+    per_rank = [None] * world_size
+    torch.distributed.all_gather_object(per_rank, _row_key(local["response_tokens"]))
+    assert sum(map(len, per_rank)) == P * G and len(set().union(*per_rank)) == P * G  # disjoint, covering
+
+    stock_rows = [None] * world_size
+    torch.distributed.all_gather_object(stock_rows, sorted(_row_key(stock["response_tokens"])))
+    assert all(len(rows) == P * G for rows in stock_rows) and stock_rows[0] == stock_rows[1]  # bug 2: all rows everywhere
+
+
+def _data_parallel_worker(rank, world_size, port, aggregations):
+    """One of `world_size` data-parallel ranks (TP=1) in a gloo world."""
+    _stand_in_trt_llm()
+    from megatron.core import parallel_state
+    from nemo_cpu_shim import _cpu_patches, _process_group, training_cpu
+
+    torch.set_num_threads(1)
+    with _process_group(rank, world_size, port):
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        try:
+            with _cpu_patches(), training_cpu():
+                assert parallel_state.get_data_parallel_world_size() == world_size
+                for aggregation in aggregations:
+                    _data_parallel_step(rank, world_size, aggregation)
+                _data_parallel_rollout(rank, world_size)
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
+def test_two_data_parallel_ranks_actor_normalizer_and_trainer_rows():
+    """Two processes, DP=2. The actor (token and sequence aggregation): each rank's loss is its
+    share of the global-batch loss, gradients included. The trainer's `_run_inference`: the ranks
+    train on disjoint whole groups that cover the global rollout batch (stock: every row on
+    every rank, bug 2)."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nemo_cpu_shim import _free_port
+
+    mp.spawn(_data_parallel_worker, args=(2, _free_port(), ("token", "sequence")), nprocs=2, join=True)
+
+
 def test_actor_all_groups_dropped_gives_zero_loss_and_gradient(cpu_world):
     from nemo_aligner.utils.utils import configure_batch_sizes
 
