@@ -6,9 +6,13 @@
   gradients.
 - The trainer's advantages and keep mask equal hand formulas (and the core's) for a reward
   tensor with zero-variance groups.
+- With two data-parallel processes: the actor's loss is each rank's share of the global batch
+  (gradients averaged over the ranks equal the core's full-batch gradients), and the trainer's
+  `_run_inference` gives the ranks disjoint whole prompt groups covering the rollout batch.
 - The two REINFORCE bookkeeping bugs of Aligner 0.7.0 (ALIGNER.md), shown on the installed
   stock code and fixed by the subclass.
-- The `model.reinforce.grpo` keys and the Hydra entry script's config.
+- The Hydra entry script's config (the `model.reinforce.grpo` keys themselves and the rank
+  split's properties are in tests/test_aligner_grpo_core.py, which needs no Aligner).
 
 Aligner's REINFORCE modules import TensorRT-LLM at import time; without it a stand-in module for
 `nemo_aligner.utils.trt_llm` is registered (generation with TensorRT-LLM is not exercised here).
@@ -403,19 +407,6 @@ def test_trainer_reward_kl_penalty_shifts_rewards_before_the_groups(cpu_world):
 # --------------------------------------------------------------------------- the two REINFORCE bugs
 
 
-def _interleaved_group_ids(n_micro, mbs, G, dp):
-    """Row -> prompt group in the global batch `_run_inference` gathers: per rank, per prompt
-    micro-batch, G rollouts of its mbs prompts, ranks concatenated."""
-    from nemo_plugins.aligner.grpo_trainer import RANK_STRIDE
-
-    ids = []
-    for rank in range(dp):
-        for i in range(n_micro):
-            for _ in range(G):
-                ids += [rank * RANK_STRIDE + i * mbs + j for j in range(mbs)]
-    return torch.tensor(ids)
-
-
 def test_bug2_stock_chunk_ignores_the_rank(cpu_world):
     """Stock 0.7.0: every data-parallel rank gets every row of the global rollout batch."""
     from nemo_aligner.algorithms.reinforce import ReinforceRolloutBatch
@@ -423,31 +414,6 @@ def test_bug2_stock_chunk_ignores_the_rank(cpu_world):
     batch = ReinforceRolloutBatch({"rewards": torch.arange(16.0)})
     rank0, rank1 = (batch.chunk(rank=r, split_size=2, seed=0)["rewards"] for r in range(2))
     assert rank0.tolist() == rank1.tolist() == list(range(16))
-
-
-@pytest.mark.parametrize("dp", [2, 4])
-def test_bug2_fixed_ranks_take_disjoint_whole_groups(dp):
-    from nemo_plugins.aligner.grpo_groups import rank_group_rows
-
-    G, mbs, n_micro = 4, 2, 2
-    group_ids = _interleaved_group_ids(n_micro, mbs, G, dp)
-    shares = [rank_group_rows(group_ids, G, rank, dp, seed=3) for rank in range(dp)]
-    all_rows = torch.cat(shares)
-    assert sorted(all_rows.tolist()) == list(range(len(group_ids)))  # each row on exactly one rank
-    assert len({len(s) for s in shares}) == 1  # equal shares
-    for rows in shares:
-        ids = group_ids[rows].view(-1, G)
-        assert (ids == ids[:, :1]).all()  # contiguous whole groups: what group_advantages takes
-        assert len(set(ids[:, 0].tolist())) == len(ids)
-    again = [rank_group_rows(group_ids, G, rank, dp, seed=3) for rank in range(dp)]
-    assert all(torch.equal(a, b) for a, b in zip(shares, again))  # same on every rank (seeded)
-
-
-def test_bug2_rank_rows_reject_incomplete_groups():
-    from nemo_plugins.aligner.grpo_groups import rank_group_rows
-
-    with pytest.raises(ValueError, match="num_rollouts_per_prompt=4"):
-        rank_group_rows(torch.tensor([0, 0, 0, 0, 1, 1, 1]), 4, 0, 1, seed=0)
 
 
 def _step_with(trainer_cls, P, G):
@@ -487,25 +453,6 @@ def test_bug1_consumed_samples_counts_prompts(cpu_world):
 # --------------------------------------------------------------------------- config and entry script
 
 
-def test_grpo_keys_parse_with_the_core_names():
-    from nemo_plugins.aligner.grpo_config import GRPOSettings
-    from nemo_plugins.rl.grpo_loss import GRPOLossConfig
-
-    s = GRPOSettings.from_model_cfg(_model_cfg(clip_low=0.1, clip_high=0.3, kl_beta=0.002, aggregation="sequence",
-                                               drop_zero_variance=False, leave_one_out=True, normalize_std=False))  # fmt: skip
-    assert s.loss == GRPOLossConfig(clip_low=0.1, clip_high=0.3, kl_beta=0.002, aggregation="sequence", drop_zero_variance=False)
-    assert (s.leave_one_out, s.normalize_std, s.needs_reference) == (True, False, True)
-    assert GRPOSettings.from_model_cfg(_model_cfg()) == GRPOSettings()  # the core's defaults
-    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.clip_lo: unknown key"):
-        GRPOSettings.from_mapping({"clip_lo": 0.1})
-    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.clip_low=1\.5: expected 0 <= clip_low < 1"):
-        GRPOSettings.from_mapping({"clip_low": 1.5})
-    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.aggregation='tokens'"):
-        GRPOSettings.from_mapping({"aggregation": "tokens"})
-    with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.normalize_std='yes': expected true or false"):
-        GRPOSettings.from_mapping({"normalize_std": "yes"})
-
-
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
@@ -535,6 +482,21 @@ def test_entry_config_is_aligners_reinforce_config_plus_grpo():
         check_config(_compose([]))
     with pytest.raises(ValueError, match=r"model\.reinforce\.grpo\.clip_hi: unknown key"):
         check_config(_compose(["pretrained_checkpoint.restore_from_path=p.nemo", "+model.reinforce.grpo.clip_hi=0.3"]))
+
+
+def test_readme_grpo_command_composes_and_checks():
+    import re
+    import shlex
+
+    from nemo_plugins.aligner.train_grpo import check_config
+
+    readme = (REPO / "README.md").read_text()
+    cmd = re.search(r"python -m nemo_plugins\.aligner\.train_grpo (.*?)\n```", readme, flags=re.S).group(1)
+    overrides = shlex.split(cmd.replace("\\\n", " "))
+    cfg = _compose(overrides)
+    check_config(cfg)
+    assert cfg.trainer.reinforce.num_rollouts_per_prompt == 8
+    assert list(cfg.model.data.data_prefix.train) == ["aligner_train.jsonl"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gets")

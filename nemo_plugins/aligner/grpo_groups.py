@@ -14,6 +14,8 @@ import torch
 from ..rl.grpo_loss import group_advantages, keep_sequences, zero_variance_groups
 from .grpo_config import GRPOSettings
 
+RANK_STRIDE = 1 << 32  # a row's group id = generating DP rank x RANK_STRIDE + the prompt's index on that rank
+
 
 def rank_group_rows(group_ids: torch.Tensor, group_size: int, rank: int, world_size: int, seed: int) -> torch.Tensor:
     """Row indices (int64, on the CPU) of rank `rank`'s groups, group after group.

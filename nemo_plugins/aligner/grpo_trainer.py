@@ -28,16 +28,13 @@ import torch
 
 from .deps import require
 from .grpo_config import GRPOSettings
-from .grpo_groups import contiguous_group_advantages, rank_group_rows
+from .grpo_groups import RANK_STRIDE, contiguous_group_advantages, rank_group_rows
 
 _reinforce = require("nemo_aligner.algorithms.reinforce", "the GRPO trainer")
 _parallel_state = require("nemo_aligner.utils.parallel_state", "the GRPO trainer")
 _distributed = require("nemo_aligner.utils.distributed", "the GRPO trainer")
 _ppo_utils = require("nemo_aligner.utils.ppo_utils", "the GRPO trainer")
 _utils = require("nemo_aligner.utils.utils", "the GRPO trainer")
-
-RANK_STRIDE = 1 << 32  # group id = generating DP rank x RANK_STRIDE + the prompt's index on that rank
-
 
 def take_rows(batch: dict, rows: torch.Tensor) -> "_reinforce.ReinforceRolloutBatch":
     """The rows `rows` of every tensor of a rollout batch (what a rank-aware `chunk` returns)."""

@@ -9,7 +9,8 @@ The config is conf/aligner/grpo.yaml (Aligner's REINFORCE config plus `model.rei
 the script is the stock one with `GRPOActor` / `GRPOTrainer` in place of Aligner's REINFORCE
 classes, and the initial policy's weights kept when the loss has a KL term. The reward server
 (e.g. `python -m nemo_plugins.aligner.reward_server`) runs beside it. It needs CUDA (Aligner's
-generation, Transformer Engine, apex); `check_config` runs first and needs neither.
+generation, Transformer Engine, apex); `check_config` runs first and needs neither, then the
+framework imports (an ImportError names the `aligner` extra), then the CUDA check.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ def require_cuda() -> None:
 def train(cfg) -> None:
     """Aligner's `train_gpt_reinforce_actor.main` with the GRPO actor and trainer."""
     settings = check_config(cfg)
-    require_cuda()
     torch = require("torch", "GRPO training")
     need = "GRPO training"
     divide = require("megatron.core.utils", need).divide
@@ -80,7 +80,8 @@ def train(cfg) -> None:
     Timer = require("nemo_aligner.utils.distributed", need).Timer
     tsu = require("nemo_aligner.utils.train_script_utils", need)
     utils = require("nemo_aligner.utils.utils", need)
-    from .grpo_actor import GRPOActor
+    require_cuda()
+    from .grpo_actor import GRPOActor  # these import TensorRT-LLM through Aligner's REINFORCE actor
     from .grpo_trainer import GRPOTrainer
 
     cfg.model = utils.load_and_override_model_config(cfg.pretrained_checkpoint.restore_from_path, cfg.model)
