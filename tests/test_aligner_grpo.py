@@ -313,10 +313,14 @@ def test_actor_all_groups_dropped_gives_zero_loss_and_gradient(cpu_world):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in gpt.parameters())
 
 
-def test_actor_loss_closure_outside_a_training_step_fails_clearly(cpu_world):
+def test_actor_refuses_what_its_normalizer_does_not_cover(cpu_world):
     actor = _actor(_tiny_gpt(40), _model_cfg(), eos_id=0)
     with pytest.raises(RuntimeError, match="get_loss_and_metrics"):
-        actor.grpo_step_scale()
+        actor.grpo_step_scale()  # the closure outside a training step
+    actor.cfg.context_parallel_size = 2
+    rollout = _rollout()
+    with pytest.raises(ValueError, match=r"model\.context_parallel_size=2: the GRPO actor supports 1"):
+        actor.count_global_normalizers({"mask": rollout["mask"], "keep": rollout["keep"]}, num_microbatches=1)
 
 
 # --------------------------------------------------------------------------- trainer advantages

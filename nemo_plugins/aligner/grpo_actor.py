@@ -64,6 +64,9 @@ class GRPOActor(_actor.MegatronGPTReinforceActorModel):
         """Count this rank's kept response tokens and sequences over the whole step's batch, sum
         them over the data-parallel group, and keep them with the loss multiplier that undoes
         Megatron's ÷ micro-batches and the data-parallel gradient average."""
+        cp = self.cfg.get("context_parallel_size", 1)
+        if cp != 1:  # each CP rank would see part of every sequence; its counts and scale are not derived here
+            raise ValueError(f"model.context_parallel_size={cp}: the GRPO actor supports 1 (it counts tokens over whole sequences)")
         tokens, sequences = loss_normalizers(batch["mask"], batch["keep"])
         counts = torch.tensor([tokens, sequences], dtype=torch.float64)
         counts = _on_device(counts)
