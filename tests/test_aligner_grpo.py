@@ -488,6 +488,54 @@ def test_entry_config_is_aligners_reinforce_config_plus_grpo():
         check_config(_compose(["pretrained_checkpoint.restore_from_path=p.nemo", "+model.reinforce.grpo.clip_hi=0.3"]))
 
 
+def test_entry_curriculum_block_draws_the_core_curriculum(cpu_world, tmp_path):
+    """`model.reinforce.curriculum` builds the core's plan from the prompt file, tokenizer and
+    pass rates, and the entry's prompt dataloader builder draws it, resuming at consumed_samples."""
+    import json
+
+    from nemo_plugins.aligner.curriculum_batches import CurriculumPlan, CurriculumSettings
+    from nemo_plugins.aligner.curriculum_config import curriculum_plan
+    from nemo_plugins.aligner.curriculum_sampler import CurriculumBatchSampler
+    from nemo_plugins.aligner.prompt_set import load_prompt_set
+    from nemo_plugins.aligner.train_grpo import check_config, curriculum_of, train_dataloader_builder
+    from nemo_plugins.data.chat_tokenizer import ChatTokenizer
+    from nemo_plugins.data.curriculum import problem_id
+    from nemo_plugins.data.problems import TaskProblem
+    from nemo_plugins.data.tokenizer import save_tokenizer, train_tokenizer
+
+    questions = [f"What is {a} + {b}?" for a in range(1, 5) for b in range(1, 4)]  # 12 problems
+    save_tokenizer(train_tokenizer([q + " The answer is 3." for q in questions] * 5, 300), tmp_path / "tok")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": 3, "task": "world", "id": i}) + "\n"
+                                              for i, q in enumerate(questions)))  # fmt: skip
+    rates = {problem_id(TaskProblem(q, "3", str(i))): [0.0, 0.25, 0.5, 0.875][i % 4] for i, q in enumerate(questions)}
+    (tmp_path / "rates.json").write_text(json.dumps({"pass_rates": rates}))
+    block = {"prompts": [str(tmp_path / "p.jsonl")], "tokenizer": str(tmp_path / "tok"), "pass_rates": str(tmp_path / "rates.json")}
+    cfg = _compose(["pretrained_checkpoint.restore_from_path=p.nemo", "model.reinforce.num_rollout_samples=4",
+                    "model.reinforce.rollout_micro_batch_size=2", "model.global_batch_size=8", "model.data.num_workers=0",
+                    "trainer.reinforce.max_steps=3",
+                    f"model.reinforce.curriculum={{prompts: ['{tmp_path / 'p.jsonl'}'], tokenizer: '{tmp_path / 'tok'}', "
+                    f"pass_rates: '{tmp_path / 'rates.json'}', threshold: 0.75}}"])  # fmt: skip
+    check_config(cfg)
+    plan = curriculum_of(cfg)
+    prompt_set = load_prompt_set([tmp_path / "p.jsonl"], ChatTokenizer.from_dir(tmp_path / "tok"), (True, False))
+    direct = CurriculumPlan(prompt_set, rates, 4, CurriculumSettings(threshold=0.75, total_batches=3))
+    batches = [direct.global_batch(b) for b in range(3)]
+    assert [plan.global_batch(b) for b in range(3)] == batches
+
+    loader = train_dataloader_builder(cfg, list(range(len(prompt_set.rows))), lambda rows: rows, plan)(consumed_samples=4)
+    assert isinstance(loader.batch_sampler, CurriculumBatchSampler)
+    it = iter(loader.batch_sampler)
+    assert next(it) + next(it) == batches[1]  # resumed at batch 1: one consumed sample per prompt (GRPOTrainer's count)
+
+    with pytest.raises(ValueError, match=r"model\.reinforce\.curriculum\.thresh: unknown key"):
+        curriculum_plan({**block, "thresh": 0.5}, 4, 3)
+    with pytest.raises(ValueError, match=r"model\.reinforce\.curriculum\.total_batches: missing"):
+        curriculum_plan(block, 4, -1)
+    with pytest.raises(ValueError, match=r"model\.reinforce\.curriculum\.pass_rates: missing"):
+        curriculum_plan({**block, "pass_rates": None}, 4, 3)
+    assert curriculum_of(_compose([])) is None  # default: Aligner's random sampler
+
+
 def test_readme_grpo_command_composes_and_checks():
     import re
     import shlex

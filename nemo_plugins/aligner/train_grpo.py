@@ -7,10 +7,11 @@
 
 The config is conf/aligner/grpo.yaml (Aligner's REINFORCE config plus `model.reinforce.grpo`);
 the script is the stock one with `GRPOActor` / `GRPOTrainer` in place of Aligner's REINFORCE
-classes, and the initial policy's weights kept when the loss has a KL term. The reward server
+classes, the initial policy's weights kept when the loss has a KL term, and with a
+`model.reinforce.curriculum` block (`curriculum_config`) the core's curriculum drawing the prompts. The reward server
 (e.g. `python -m nemo_plugins.aligner.reward_server`) runs beside it. It needs CUDA (Aligner's
-generation, Transformer Engine, apex); `check_config` runs first and needs neither, then the
-framework imports (an ImportError names the `aligner` extra), then the CUDA check.
+generation, Transformer Engine, apex); `check_config` and the curriculum plan come first and need
+neither, then the framework imports (an ImportError names the `aligner` extra), then the CUDA check.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from functools import partial
 from omegaconf import OmegaConf
 
 from ..config import CONF_DIR
+from .curriculum_config import curriculum_plan
 from .deps import require
 from .grpo_config import GRPOSettings
 
@@ -56,6 +58,27 @@ def check_config(cfg) -> GRPOSettings:
     return settings
 
 
+def curriculum_of(cfg):
+    """The `model.reinforce.curriculum` plan (`curriculum_config`), or None for Aligner's random order."""
+    block = cfg.model.reinforce.get("curriculum")
+    if block is None:
+        return None
+    return curriculum_plan(block, cfg.model.reinforce.num_rollout_samples, cfg.trainer.reinforce.get("max_steps"))
+
+
+def train_dataloader_builder(cfg, train_ds, collate_fn, plan=None):
+    """The prompt dataloader builder `ReinforceTrainer` calls with `consumed_samples`: Aligner's
+    `build_dataloader`, or with a curriculum plan the curriculum sampler's (at one consumed
+    sample per prompt, as `GRPOTrainer` counts them)."""
+    common = dict(cfg=cfg, dataset=train_ds, mbs=cfg.model.reinforce.rollout_micro_batch_size,
+                  gbs=cfg.model.reinforce.num_rollout_samples, collate_fn=collate_fn)  # fmt: skip
+    if plan is None:
+        return partial(require("nemo_aligner.data.nlp.builders", "GRPO training").build_dataloader, load_gbs=False, **common)
+    from .curriculum_sampler import build_curriculum_dataloader
+
+    return partial(build_curriculum_dataloader, plan=plan, rollouts_per_prompt=1, **common)
+
+
 def require_cuda() -> None:
     """Aligner's generation, Transformer Engine layers and apex optimizers run only on CUDA."""
     import torch
@@ -68,6 +91,7 @@ def require_cuda() -> None:
 def train(cfg) -> None:
     """Aligner's `train_gpt_reinforce_actor.main` with the GRPO actor and trainer."""
     settings = check_config(cfg)
+    plan = curriculum_of(cfg)
     torch = require("torch", "GRPO training")
     need = "GRPO training"
     divide = require("megatron.core.utils", need).divide
@@ -106,9 +130,7 @@ def train(cfg) -> None:
     )  # fmt: skip
     collate_fn = builders.collate_with_pad_to_max_batch(cfg.model.reinforce.length_params.max_length,
                                                         ptl_model.tokenizer.eos_id, cfg, generate_masks_and_position_ids=False)  # fmt: skip
-    train_dataloader_builder = partial(builders.build_dataloader, cfg=cfg, dataset=train_ds,
-                                       mbs=cfg.model.reinforce.rollout_micro_batch_size,
-                                       gbs=cfg.model.reinforce.num_rollout_samples, collate_fn=collate_fn, load_gbs=False)  # fmt: skip
+    train_builder = train_dataloader_builder(cfg, train_ds, collate_fn, plan)
     val_dataloader_builder = partial(builders.build_dataloader, cfg=cfg, dataset=validation_ds,
                                      mbs=cfg.model.reinforce.val_rollout_micro_batch_size,
                                      gbs=cfg.model.reinforce.num_val_samples, collate_fn=collate_fn, load_gbs=False,
@@ -124,7 +146,7 @@ def train(cfg) -> None:
     rm = clients.RemoteGPTRMClient(cfg.remote_rm)
     grpo_trainer = GRPOTrainer(
         cfg=cfg.trainer.reinforce, model=ptl_model, optimizer=optimizer, scheduler=scheduler,
-        train_dataloader_builder=train_dataloader_builder, val_dataloader_builder=val_dataloader_builder,
+        train_dataloader_builder=train_builder, val_dataloader_builder=val_dataloader_builder,
         collate_fn=collate_fn, rm=rm, batch_iterator_cls=get_batch_iterator_cls(cfg.trainer.reinforce.get("batch_iterator", {})),
         logger=logger, ckpt_callback=ckpt_callback,
         run_timer=Timer(cfg.exp_manager.get("max_time_per_run") if cfg.exp_manager else None),
