@@ -6,7 +6,8 @@ model of a Puzzle child without a GPU. `megatron_cpu()` is a context manager tha
 - starts a gloo process group of world size 1 and megatron's parallel state with TP=1/PP=1
   (unless they are already up), and tears down what it started (`run_cpu_world(fn, n)` does
   the same in n spawned processes with TP=n);
-- applies the three CPU patches found for megatron-core 0.16.1 and undoes them on exit:
+- applies the three CPU patches found for megatron-core 0.16.1 (they also serve 0.12.3, the
+  Aligner venv's) and undoes them on exit:
   1. an inference RNG tracker (its `add`/`fork` do not touch CUDA; dropout then uses the CPU
      generator), instead of `tensor_parallel.model_parallel_cuda_manual_seed`;
   2. `torch.cuda.current_device()` returns "cpu" (RotaryEmbedding.get_emb moves `inv_freq` to
