@@ -62,17 +62,11 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    drop_finished: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens of each, ending at (and including) a stop token.
 
     With `use_cache=False` every step re-runs the whole sequence (the slow path, kept for
-    benchmarks and as a check of the cache). `drop_finished=True` (with the cache) takes rows that
-    have stopped out of the forward batch, and their KV cache rows with them, whenever a quarter of
-    it has stopped. Sampling still draws for every row, so the random stream is the one of the full
-    batch; but the BLAS may pick another kernel for the smaller batch, so a live row's logits can
-    differ in the last bits and a near-tie can then go the other way: off by default, so that the
-    same seed gives the same completions as before.
+    benchmarks and as a check of the cache).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -88,7 +82,6 @@ def generate(
 
     cache = model.new_cache(B, T + cfg.max_new_tokens) if use_cache else None
     logits = _last_logits(model, ids, positions, valid if padded else None, cache)
-    live = torch.arange(B, device=device)  # the batch rows in the forward batch (and the cache)
     for step in range(cfg.max_new_tokens):
         nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -101,15 +94,7 @@ def generate(
         next_pos = positions[:, -1:] + 1
         valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         positions = torch.cat([positions, next_pos], dim=1)
-        if use_cache and drop_finished and 4 * int(done[live].sum()) >= len(live):
-            still = ~done[live]
-            cache.keep_rows(still.nonzero().squeeze(1))
-            live = live[still]
-        if use_cache and len(live) < B:
-            key_valid = valid[live] if padded else None
-            part = model(nxt[live, None], positions=next_pos[live], key_valid=key_valid, cache=cache)[:, -1]
-            logits = part.new_zeros(B, part.shape[-1]).index_copy_(0, live, part)  # stopped rows: ignored
-        elif use_cache:
+        if use_cache:
             logits = model(nxt[:, None], positions=next_pos, key_valid=valid if padded else None, cache=cache)[:, -1]
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)

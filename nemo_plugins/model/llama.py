@@ -97,12 +97,6 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def keep_rows(self, rows: torch.Tensor):
-        """Keep only the sequences at indices `rows` (e.g. drop the ones that have finished)."""
-        for cached in (self.k, self.v):
-            for layer, t in cached.items():
-                cached[layer] = t.index_select(0, rows)
-
 
 # ----------------------------------------------------------------------------- sub-blocks
 
