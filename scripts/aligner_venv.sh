@@ -26,10 +26,10 @@ if [[ -e "$VENV" ]]; then
 fi
 
 read -r -a PACKAGES < <("$PYTHON" - "$ROOT/setup.py" <<'PY'
-import ast, shlex, sys
+import ast, sys
 tree = ast.parse(open(sys.argv[1]).read())
 extras = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "EXTRAS")
-print(" ".join(shlex.quote(p) for p in ast.literal_eval(extras.value)["aligner"]))
+print(" ".join(ast.literal_eval(extras.value)["aligner"]))  # specs hold no spaces
 PY
 )
 start=$(date +%s)
