@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_nemo_recipes import ACCOUNT, IMAGE, PARTITION, RECOVERY_DATA, SLURM_ARGS, nr, run_cli, slurm, stdin  # noqa: F401
+from test_nemo_recipes import ACCOUNT, IMAGE, RECOVERY_DATA, SLURM_ARGS, run_cli, slurm
 
 pytestmark = pytest.mark.nemo
 
@@ -20,6 +20,29 @@ REPO = Path(__file__).resolve().parent.parent
 ALIGNER_IMAGE = "registry.example/nemo_plugins-aligner:0.7.0"
 RL_ARGS = [f"aligner_image={ALIGNER_IMAGE}", "rl_prompts=['/results/data/aligner_prompts.jsonl']",
            "reward_prompts=['/results/data/rl_prompts.jsonl']", "rpo_prompts=/results/data/chat_prompts.jsonl"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def nr(tmp_path_factory):
+    """The NeMo-Run modules (as test_nemo_recipes' fixture of that name), NeMo-Run's home in a temp dir."""
+    import types
+
+    from nemo_run.config import get_nemorun_home, set_nemorun_home
+
+    from nemo_plugins.nemo import executors, pipeline, recipes  # recipes first, as the entry point loads them
+
+    old_home = get_nemorun_home()
+    set_nemorun_home(str(tmp_path_factory.mktemp("nemorun_home")))
+    yield types.SimpleNamespace(pipeline=pipeline, executors=executors, recipes=recipes)
+    set_nemorun_home(old_home)
+
+
+@pytest.fixture
+def stdin(monkeypatch):
+    """NeMo-Run packages code through `invoke`, which reads stdin; pytest's stdin refuses reads."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO())
 
 
 def _scripts(out: str) -> dict[str, str]:
