@@ -164,3 +164,19 @@ def test_aligner_script_dry_runs_in_a_fresh_process(nr, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(_scripts(proc.stdout)) == ["export_hf", "rloo", "to_aligner"]
     assert "--config-name=rloo" in " ".join(proc.stdout.split())
+
+
+def test_readme_aligner_recipe_command_dry_runs(nr, tmp_path):
+    """The README's recipes/nemo_aligner.py command, placeholders filled, in a fresh process."""
+    import shlex
+
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("python recipes/nemo_aligner.py "))
+    args = [a.replace("ACCOUNT", ACCOUNT).replace("ALIGNER_IMAGE", ALIGNER_IMAGE).replace("=IMAGE", f"={IMAGE}")
+            for a in shlex.split(line)[2:]]  # fmt: skip
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "nemo_aligner.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripts = _scripts(proc.stdout)
+    assert sorted(scripts) == ["export_hf", "grpo", "rloo", "rpo", "to_aligner"]
+    assert all(scripts[s].count(f"--container-image {ALIGNER_IMAGE}") == 2 for s in ("grpo", "rloo", "rpo"))
