@@ -16,7 +16,7 @@ PYTHON="${PYTHON:-python3}"
 MARKER="$VENV/.nemo_plugins_aligner_built"
 CHECK='import nemo_aligner, pytriton, nemo.collections.nlp, nemo_plugins.aligner.reward_server'
 
-if [[ -f "$MARKER" ]] && "$VENV/bin/python" -c "$CHECK" 2>/dev/null; then
+if [[ -f "$MARKER" ]] && "$VENV/bin/python" -c "$CHECK" >/dev/null 2>&1; then
     echo "aligner venv: $VENV is built (marker $MARKER); nothing to do"
     exit 0
 fi
