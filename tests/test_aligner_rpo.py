@@ -265,3 +265,21 @@ def test_online_rpo_hands_each_iterations_policy_to_the_next_and_resumes(tmp_pat
         load_online_rpo_config([*argv, "responses_per_prompt=1"])
     with pytest.raises(Exception, match="policy is not set"):
         load_online_rpo_config(argv[1:])
+
+
+def test_online_rpo_training_overrides_compose_with_rpo_yaml():
+    """The DPO command's Hydra overrides (and a dpo_overrides entry) exist in conf/aligner/rpo.yaml."""
+    pytest.importorskip("hydra")
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path as P
+
+    from nemo_plugins.aligner.online_rpo import load_online_rpo_config, train_command
+
+    cfg = load_online_rpo_config(["policy=/c/p.nemo", "prompts=/d/p.jsonl", "work_dir=/r", "dpo_overrides=[trainer.devices=4]"])
+    cmd = train_command(cfg, "/c/p.nemo", P("/r/iter0/pairs.jsonl"), P("/r/iter0/train"))
+    overrides = [w for w in cmd if "=" in w and not w.startswith("--")]
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "aligner"), version_base=None):
+        dpo = compose(config_name="rpo", overrides=overrides)
+    assert dpo.pretrained_checkpoint.restore_from_path == "/c/p.nemo" and dpo.trainer.devices == 4
+    assert list(dpo.model.data.data_prefix.train) == ["/r/iter0/pairs.jsonl"] and dpo.model.peft.peft_scheme == "none"
+    assert dpo.exp_manager.explicit_log_dir == "/r/iter0/train" and dpo.model.dpo.preference_loss == "rpo_bwd_kl"

@@ -180,3 +180,26 @@ def test_readme_aligner_recipe_command_dry_runs(nr, tmp_path):
     scripts = _scripts(proc.stdout)
     assert sorted(scripts) == ["export_hf", "grpo", "rloo", "rpo", "to_aligner"]
     assert all(scripts[s].count(f"--container-image {ALIGNER_IMAGE}") == 2 for s in ("grpo", "rloo", "rpo"))
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_trainer_overrides_compose_with_the_stage_config(nr, stage):
+    """Every Hydra override a GRPO/RLOO job passes exists in its config (Hydra's struct mode, as the
+    Aligner scripts' hydra_runner), and lands where Aligner reads it."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    A = nr.pipeline.A
+    cmd = A.reinforce_command(stage, "/w/policy.nemo", ["/d/a.jsonl"], "/w/aligner/" + stage, 2, 8, 5555,
+                              overrides=["trainer.reinforce.max_steps=7"]).replace("$RM_HOST", "node017")  # fmt: skip
+    words = shlex.split(cmd.splitlines()[1])
+    overrides = [w for w in words if "=" in w and not w.startswith("--")]
+    with initialize_config_dir(config_dir=str(REPO / "conf" / "aligner"), version_base=None):
+        cfg = compose(config_name=stage, overrides=overrides)
+    assert cfg.pretrained_checkpoint.restore_from_path == "/w/policy.nemo"
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.reinforce.max_steps) == (2, 8, 7)
+    assert (cfg.remote_rm.reward_model.ip, cfg.remote_rm.reward_model.port) == ("node017", 5555)
+    assert cfg.exp_manager.explicit_log_dir == f"/w/aligner/{stage}" and cfg.exp_manager.name == A.NEMO_NAME
+    assert cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end is True
+    assert list(cfg.model.data.data_prefix.train) == ["/d/a.jsonl"]
