@@ -280,6 +280,6 @@ def test_online_rpo_training_overrides_compose_with_rpo_yaml():
     overrides = [w for w in cmd if "=" in w and not w.startswith("--")]
     with initialize_config_dir(config_dir=str(ROOT / "conf" / "aligner"), version_base=None):
         dpo = compose(config_name="rpo", overrides=overrides)
-    assert dpo.pretrained_checkpoint.restore_from_path == "/c/p.nemo" and dpo.trainer.devices == 4
+    assert dpo.pretrained_checkpoint.restore_from_path == "/c/p.nemo" and (dpo.trainer.num_nodes, dpo.trainer.devices) == (1, 4)
     assert list(dpo.model.data.data_prefix.train) == ["/r/iter0/pairs.jsonl"] and dpo.model.peft.peft_scheme == "none"
     assert dpo.exp_manager.explicit_log_dir == "/r/iter0/train" and dpo.model.dpo.preference_loss == "rpo_bwd_kl"

@@ -116,6 +116,7 @@ def train_command(cfg: OnlineRPOConfig, policy: str, pairs: Path, train_dir: Pat
         f"pretrained_checkpoint.restore_from_path={policy}", f"model.data.data_prefix={data}",
         f"exp_manager.explicit_log_dir={train_dir}", f"exp_manager.name={NEMO_NAME}",
         "exp_manager.checkpoint_callback_params.save_nemo_on_train_end=True", "model.peft.peft_scheme=none",
+        "trainer.num_nodes=1",  # `launch` starts the processes of this node only (the stock config says 8 nodes)
         *cfg.dpo_overrides,
     ]  # fmt: skip
 
