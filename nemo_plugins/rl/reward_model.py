@@ -17,7 +17,6 @@ with it, e.g. an RL rollout's prompt + completion).
 from __future__ import annotations
 
 import functools
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
