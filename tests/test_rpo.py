@@ -309,3 +309,38 @@ def test_config_errors_name_the_field(section, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(Root, [CONF_DIR / "reward_model" / "tiny.yaml", CONF_DIR / "rpo" / "tiny.yaml"], [override])
     assert load_config(Root, [CONF_DIR / "reward_model" / "tiny.yaml", CONF_DIR / "rpo" / "tiny.yaml"]).rpo.iterations == 2
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+RM_TINY = ["reward_model.steps=2", "reward_model.batch_size=4", "reward_model.train_pairs=16",
+           "reward_model.heldout_pairs=4", "reward_model.val_every=1", "reward_model.ckpt_every=2"]  # fmt: skip
+RPO_TINY = ["rpo.steps=1", "rpo.iterations=1", "rpo.train_problems=8", "rpo.prompts_per_step=2", "rpo.group_size=2",
+            "rpo.max_new_tokens=8", "rpo.eval_problems=4", "rpo.rewards.workers=0", "rpo.ckpt_every=1"]  # fmt: skip
+
+
+def test_rpo_continues_the_policy_not_the_reward_model_in_the_pipeline(tmp_path):
+    from test_fusion_recovery_stages import small as pipeline
+
+    from nemo_plugins.errors import CheckpointError
+    from nemo_plugins.pipeline import run_pipeline
+
+    with pytest.raises(CheckpointError, match="rpo.reward_model"):  # no reward model yet
+        run_pipeline(pipeline(tmp_path, "stages=[world,parent,rpo]", *RPO_TINY))
+    summary = run_pipeline(pipeline(tmp_path, "stages=[world,parent,reward_model,rpo]", *RM_TINY, *RPO_TINY))
+    out = tmp_path / "out"
+    assert "model" not in summary["reward_model"] and summary["reward_model"]["reward_model"] == str(out / "reward_model")
+    assert summary["rpo"]["start"] == summary["parent"]["model"]  # the policy, not the reward model's backbone
+    assert summary["rpo"]["reward_model"] == str(out / "reward_model")
+    assert read_config_of(out / "rpo" / "model") == read_config_of(summary["parent"]["model"])
+    # model=DIR with both stages: the reward model and RPO both start from DIR
+    other = tmp_path / "other"
+    summary = run_pipeline(pipeline(tmp_path, "stages=[reward_model,rpo]", f"model={summary['parent']['model']}",
+                                    f"output_dir={other}", *RM_TINY, *RPO_TINY))  # fmt: skip
+    assert summary["reward_model"]["start"] == summary["rpo"]["start"] == str(out / "parent" / "model")
+
+
+def read_config_of(path):
+    from nemo_plugins.model.checkpoint import read_config
+
+    return read_config(path)
