@@ -168,7 +168,7 @@ def run_rpo_stage(
 
     def evaluate(policy) -> dict:
         name = fingerprint(policy)
-        return _cached(out_dir / "evals" / f"{name}.json", {**eval_key, "model": name},
+        return _cached(out_dir / "evals" / f"{name}-{config_hash(eval_key)}.json", {**eval_key, "model": name},
                        lambda: evaluate_policy(policy, rm, chat, held_out, cfg, problems.task))  # fmt: skip
 
     base = evaluate(model)
