@@ -91,7 +91,7 @@ def test_best_and_worst_make_the_pair_and_ties_are_skipped():
                            0.2, 0.2, 0.2, 0.2,  # group 1: all equal -> tie
                            1.0, 3.0, 3.0, -2.0,  # group 2: best 9 (first of the equal), worst 11
                            0.4, 0.7, 0.1, 0.3])  # group 3: best 13, worst 14 but the same response  # fmt: skip
-    completions = [[1]] * 12 + [[5, 6], [7, 8], [7, 8], [9]]
+    completions = [[i] for i in range(12)] + [[5, 6], [7, 8], [7, 8], [9]]
     pairs, ties = R.best_worst_pairs(scores, 4, completions)
     assert pairs.tolist() == [[1, 2], [9, 11]] and ties == 2
     pairs, ties = R.best_worst_pairs(scores, 4)  # without responses only equal scores tie
