@@ -16,7 +16,8 @@ T = TypeVar("T")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The embedded default (tiny world on CPU): the pipeline, then each later stage's settings.
-DEFAULT_CONFIGS = tuple(CONF_DIR / stage / "tiny.yaml" for stage in ("pipeline", "puzzle", "fusion", "recovery", "sft", "grpo"))
+DEFAULT_CONFIGS = tuple(CONF_DIR / stage / "tiny.yaml" for stage in ("pipeline", "puzzle", "fusion", "recovery", "sft", "grpo",
+                                                                "reward_model", "rpo"))
 
 
 class ConfigError(ValueError):

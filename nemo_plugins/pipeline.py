@@ -39,6 +39,8 @@ from .model.checkpoint import fingerprint, load_checkpoint, read_config, save_ch
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
 from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
+from .rl.reward_model_stage import RewardModelStageConfig
+from .rl.rpo_stage import RPOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
 from .utils.environment import environment, weights_digest
@@ -46,7 +48,7 @@ from .utils.resources import measured, release_memory
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo")
+STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo", "reward_model", "rpo")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -87,6 +89,8 @@ class PipelineConfig:
     recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig)
+    rpo: RPOStageConfig = field(default_factory=RPOStageConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -293,16 +297,49 @@ def run_grpo_stage(ctx: StageContext) -> dict:
     return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("table", "model") if k in rep}}
 
 
+def run_reward_model_stage(ctx: StageContext) -> dict:
+    """A reward model from the input policy's weights; its directory is named under
+    `reward_model`, not `model`: the policy goes on to the next stage (`Stage.passes_policy`)."""
+    from .rl.reward_model_stage import run_reward_model_stage as train
+
+    rep, _ = train(ctx.load_model(), ctx.world, ctx.cfg.reward_model, ctx.out_dir, progress=ctx.progress,
+                   chat=ctx.chat(), problems=ctx.problems)  # fmt: skip
+    return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("heldout_accuracy", "pairs", "reward_model")}}
+
+
+def reward_model_dir(ctx: StageContext) -> Path:
+    """`rpo.reward_model`, else the reward model the `reward_model` stage wrote in this output_dir."""
+    if ctx.cfg.rpo.reward_model:
+        return _checked_dir(ctx.cfg.rpo.reward_model, "rpo.reward_model")
+    report = ctx.out_dir.parent / "reward_model" / REPORT
+    try:
+        return _checked_dir(json.loads(report.read_text())["reward_model"], f"{report}: reward_model")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"stage 'rpo' needs a reward model: no {report}; run the reward_model stage first "
+                              "or give rpo.reward_model=DIR") from None  # fmt: skip
+
+
+def run_rpo_stage(ctx: StageContext) -> dict:
+    from .rl.rpo_stage import run_rpo_stage as rpo
+
+    rep, _ = rpo(ctx.load_model(), ctx.world, ctx.cfg.rpo, ctx.out_dir, reward_model_dir=reward_model_dir(ctx),
+                 progress=ctx.progress, chat=ctx.chat(), problems=ctx.problems)  # fmt: skip
+    return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("reward_model", "iterations", "model")}}
+
+
 @dataclass(frozen=True)
 class Stage:
     """A registry entry: `run(ctx) -> summary` reads `ctx.model_dir` when `starts_from` is not
     empty (the stages whose model it continues, nearest first) and `ctx.teacher_dir` when
-    `teacher`; it writes <stage>/report.json and, when it makes a model, <stage>/model."""
+    `teacher`; it writes <stage>/report.json and, when it makes a model, <stage>/model. A stage
+    that `passes_policy` reads a policy and makes no new one (e.g. a reward model from it): a
+    later stage that starts from it continues from the policy it read."""
 
     name: str
     run: Callable[[StageContext], dict]
     starts_from: tuple[str, ...] = ()
     teacher: bool = False
+    passes_policy: bool = False
 
 
 REGISTRY: dict[str, Stage] = {
@@ -316,6 +353,9 @@ REGISTRY: dict[str, Stage] = {
         Stage("recovery", run_recovery_stage, starts_from=("fusion", "puzzle"), teacher=True),
         Stage("sft", run_sft_stage, starts_from=("recovery", "fusion", "puzzle", "parent")),
         Stage("grpo", run_grpo_stage, starts_from=("sft", "recovery", "fusion", "puzzle", "parent")),
+        Stage("reward_model", run_reward_model_stage, passes_policy=True,
+              starts_from=("rloo", "grpo", "sft", "recovery", "fusion", "puzzle", "parent")),
+        Stage("rpo", run_rpo_stage, starts_from=("reward_model", "rloo", "grpo", "sft", "recovery", "fusion", "puzzle", "parent")),
     )
 }
 assert tuple(REGISTRY) == STAGES
@@ -395,6 +435,8 @@ class _Run:
         if MODEL in summary:
             self.made[stage.name] = Path(summary[MODEL])
             self.summary["resources"][stage.name]["weights_sha256"] = weights_digest(Path(summary[MODEL]))
+        elif stage.passes_policy and ctx.model_dir is not None:
+            self.made[stage.name] = ctx.model_dir
         self.summary[stage.name] = summary
         self.summary["data"] = {"text": self.corpus.report, "problems": self.problems.report}
         write_json_atomic(self.out / REPORT, self.summary, default=str)

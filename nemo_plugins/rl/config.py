@@ -1,7 +1,7 @@
 """Settings every RL loop shares (`rl.loop`): steps and batch shape, sampling, optimizer,
 rewards, the overlong penalty, prompt ordering, checkpoints and evaluation. An algorithm's config
 extends `LoopConfig` with its own fields (GRPO: `grpo.GRPOConfig`). Errors name the YAML key
-(`grpo.<field>`: GRPO is the one loop today)."""
+(`grpo.<field>`; `rpo.RPOConfig` renames them `rpo.<field>`)."""
 
 from __future__ import annotations
 

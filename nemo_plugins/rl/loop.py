@@ -8,7 +8,7 @@ One step:
 2. **Score.** Through the reward protocol (`experience.score_rollout`: the run's `Scorer`, plus
    DAPO's soft overlong penalty on the response length).
 3. **Prepare.** The algorithm turns the scored rollout into what it trains on (`Algorithm.prepare`:
-   per-sequence advantages and which sequences to keep).
+   per-sequence advantages and which sequences to keep, or preference pairs and their rewards).
 4. **Update.** `updates_per_rollout` optimizer steps over the kept sequences through the
    algorithm's `PolicyLoss` (`update.train_batches`, `update.apply_updates`), the frozen reference's
    log-probs in every batch when a reference is kept; then one scheduler step. No kept token: no
@@ -57,17 +57,21 @@ from .experience import Rewards, Rollout, choose_modes, make_sampler, rollout, s
 from .metrics import heldout_accuracy, rollout_metrics, write_metrics
 from .policy_loss import PolicyLoss
 from .scoring import RuleScorer, Scorer
-from .update import apply_updates, train_batches
+from .update import apply_updates, pair_batches, train_batches
 
 
 @dataclass
 class Prepared:
     """What an algorithm makes of a scored rollout: per-sequence `advantages` [N], which sequences
-    it trains on (`keep` [N] bool) and its own metrics for the step's row."""
+    it trains on (`keep` [N] bool) and its own metrics for the step's row. A pairwise algorithm
+    gives `pairs` [P, 2] (chosen, rejected sequence indices) and the per-sequence `rewards` [N]
+    its loss compares instead of advantages (`update.pair_batches`)."""
 
-    advantages: torch.Tensor
+    advantages: torch.Tensor | None
     keep: torch.Tensor
     metrics: dict = field(default_factory=dict)
+    pairs: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
 
 
 class Algorithm(Protocol):
@@ -117,7 +121,10 @@ class RLModule(StepModule):
         rewards = score_rollout(roll, self.scorer, cfg)
         prepared = self.algorithm.prepare(roll, rewards)
         lr = self.lr_schedulers().get_last_lr()[0]
-        batches = train_batches(self.policy, self.reference, roll, prepared.advantages, prepared.keep, cfg, self.pad_id)
+        if prepared.pairs is None:
+            batches = train_batches(self.policy, self.reference, roll, prepared.advantages, prepared.keep, cfg, self.pad_id)
+        else:
+            batches = pair_batches(self.policy, self.reference, roll, prepared.pairs, prepared.rewards, cfg, self.pad_id)
         update = apply_updates(self.policy, self.optimizers(), batches, self.algorithm.loss, cfg, self.manual_backward)
         with warnings.catch_warnings():  # a step without an update (nothing kept) is expected
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")

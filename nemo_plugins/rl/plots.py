@@ -111,3 +111,19 @@ def plot_reward_curves(runs: Mapping[str, dict], path: str | Path, baseline: flo
     _finish(axes[1], "train pass rate (sampled)")
     _finish(axes[2], "held-out accuracy (greedy, thinking on)")
     return _save(fig, path)
+
+
+def plot_rpo_iterations(rows: Sequence[dict], path: str | Path) -> Path:
+    """Three panels over RPO rounds (0 = the starting policy), on held-out prompts: the reward
+    model's mean score, the win rate against the start (½ = even) and task accuracy."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    xs = [r["iteration"] for r in rows]
+    for ax, key, title in zip(axes, ("rm_score", "win_rate", "accuracy"),
+                              ("reward model score (mean)", "win rate vs start (RM judge)", "task accuracy")):  # fmt: skip
+        ax.plot(xs, [r[key] for r in rows], marker="o", color="tab:blue")
+        if key == "win_rate":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(xs)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RPO iteration")
+    return _save(fig, path)

@@ -32,14 +32,16 @@ class TrainBatch:
 
     ids [B, T] prompt + response; mask [B, T] the predicting positions of response tokens;
     advantages [B] one per sequence (policy-gradient losses) or pair_index [B] the preference
-    pair a sequence belongs to (pairwise losses); old_logp [B, T] the sampling policy's
-    log-probs (None: on-policy, the loss uses detached `logp`); ref_logp [B, T] the frozen
-    reference's (None: no reference kept)."""
+    pair a sequence belongs to and rewards [B] the reward it compares (pairwise losses: each pair
+    is two consecutive rows, chosen then rejected, see `preference_loss.PreferenceLoss`);
+    old_logp [B, T] the sampling policy's log-probs (None: on-policy, the loss uses detached
+    `logp`); ref_logp [B, T] the frozen reference's (None: no reference kept)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     advantages: torch.Tensor | None = None
     pair_index: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
 

@@ -8,15 +8,15 @@ metrics.csv and a plot); it validates on held-out pairs at step 0 (the untrained
 `val_every` steps and at the end. Pair accuracy counts r_chosen > r_rejected as 1 and a tie as ½
 (an untrained constant scorer sits at chance, 0.5).
 
-Saved as a directory holding the model directory `model/` (`model.checkpoint.save_checkpoint`:
+Saved into a directory as the model directory `model/` (`model.checkpoint.save_checkpoint`:
 config + safetensors, loadable as a plain causal LM) and beside it the head,
-`reward_head.safetensors`, and `reward_model.json`.
+`reward_head.safetensors`, and `reward_model.json` (`score_sequences` scores token sequences
+with it, e.g. an RL rollout's prompt + completion).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as save_bytes
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -32,7 +32,7 @@ from ..errors import CheckpointError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils import checks
-from ..utils.atomic import atomic_directory
+from ..utils.atomic import write_bytes_atomic, write_json_atomic
 from ..utils.training import PRECISIONS, LossModule, RunPaths, StepSampler, fit_steps, resume_or_seed, run_summary
 
 MODEL_DIR = "model"
@@ -120,6 +120,23 @@ def score_pairs(rm: RewardModel, pairs: Sequence[PairIds], pad_id: int) -> tuple
     ids, valid = pad([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
     scores = rm(ids.to(rm.head.weight.device), valid.to(rm.head.weight.device))
     return scores[: len(pairs)], scores[len(pairs) :]
+
+
+@torch.no_grad()
+def score_sequences(rm: RewardModel, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """[N] float32 CPU scores of token sequences (prompt + response), `batch_size` per forward, in
+    eval mode (restored after)."""
+    was_training = rm.training
+    rm.eval()
+    device = rm.head.weight.device
+    out = []
+    try:
+        for i in range(0, len(seqs), batch_size):
+            ids, valid = pad(seqs[i : i + batch_size], pad_id)
+            out.append(rm(ids.to(device), valid.to(device)).float().cpu())
+    finally:
+        rm.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------- loss and accuracy
@@ -212,16 +229,17 @@ def train_reward_model(
 
 def save_reward_model(rm: RewardModel, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write `path/model/` (the backbone as a model directory, with `extra_files` such as the
-    tokenizer), `path/reward_head.safetensors` and `path/reward_model.json`, atomically. The head
-    sits outside the model directory, whose loader reads every *.safetensors in it as weights."""
+    tokenizer), `path/reward_head.safetensors` and `path/reward_model.json`, each atomically, and
+    nothing else in `path` (a stage keeps its report beside them). The head sits outside the
+    model directory, whose loader reads every *.safetensors in it as weights."""
+    path = Path(path)
     head = {k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()}
     meta = {"model": MODEL_DIR, "head": HEAD_FILE, "hidden_size": rm.backbone.config.hidden_size,
             "score": "linear head on the final-norm hidden state of the last non-pad token"}  # fmt: skip
-    with atomic_directory(path) as tmp:
-        save_checkpoint(rm.backbone, tmp / MODEL_DIR, extra_files=extra_files)
-        save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(path)
+    save_checkpoint(rm.backbone, path / MODEL_DIR, extra_files=extra_files)
+    write_bytes_atomic(path / HEAD_FILE, save_bytes(head, metadata={"format": "pt"}))
+    write_json_atomic(path / META_FILE, meta)
+    return path
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> RewardModel:

@@ -1,5 +1,5 @@
-"""The update of an RL step: the kept sequences of a rollout cut into `TrainBatch`es (with the
-old policy's and the reference's log-probs, no grad), then `updates_per_rollout` optimizer steps
+"""The update of an RL step: the kept sequences of a rollout (or its preference pairs, kept whole)
+cut into `TrainBatch`es (with the old policy's and the reference's log-probs, no grad), then `updates_per_rollout` optimizer steps
 through any `PolicyLoss`.
 
 Each update spans the WHOLE batch of kept sequences, in micro-batches of `micro_batch_size`
@@ -23,8 +23,9 @@ from .config import LoopConfig
 from .experience import Rollout
 from .policy_loss import PolicyLoss, TrainBatch, entropy, token_logprobs
 
-# Loss metrics already normalized by the step's global counts: summed over micro-batches as they are.
-GLOBAL_METRICS = ("loss", "pg_loss", "kl_loss")
+# Loss metrics already normalized by the step's global counts: summed over micro-batches as they
+# are (the others are token-weighted). A loss returns "loss" and whichever of the rest it has.
+GLOBAL_METRICS = ("loss", "pg_loss", "kl_loss", "pref_margin", "reward_margin", "pref_accuracy")
 
 
 def sequence_token_logprobs(model, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,19 +45,39 @@ def train_batches(
 ) -> list[TrainBatch]:
     """Kept sequences in micro-batches (each trimmed to its own longest sequence), with the
     reference's log-probs and, when there are several updates, the old policy's (no grad)."""
-    device = policy.lm_head.weight.device
     kept = [i for i in range(len(roll.completions)) if bool(keep[i])]
+    return [_batch(policy, reference, roll, chunk, cfg, pad_id, advantages=advantages[chunk])
+            for chunk in micro_batch_indices(kept, cfg.micro_batch_size)]  # fmt: skip
+
+
+def pair_batches(
+    policy, reference, roll: Rollout, pairs: torch.Tensor, rewards: torch.Tensor, cfg: LoopConfig, pad_id: int
+) -> list[TrainBatch]:
+    """Preference pairs [P, 2] (chosen, rejected sequence indices of `roll`) in micro-batches of
+    whole pairs (micro_batch_size // 2 pairs, at least one), each pair two consecutive rows with
+    its `pair_index`, every sequence with its reward; log-probs as in `train_batches`."""
+    per_micro = max(1, cfg.micro_batch_size // 2)
     out = []
-    for chunk in micro_batch_indices(kept, cfg.micro_batch_size):
-        ids, response = roll.sequences(chunk, pad_id)
-        batch = TrainBatch(ids.to(device), next_token_mask(response).to(device), advantages[chunk].to(device))
-        with torch.no_grad():
-            if cfg.updates_per_rollout > 1:
-                batch.old_logp = sequence_token_logprobs(policy, batch.ids, cfg.temperature)[0]
-            if reference is not None:
-                batch.ref_logp = sequence_token_logprobs(reference, batch.ids, cfg.temperature)[0]
-        out.append(batch)
+    for chunk in micro_batch_indices(list(range(len(pairs))), per_micro):
+        rows = [int(i) for p in chunk for i in pairs[p]]
+        index = torch.tensor([p for p in chunk for _ in range(2)], dtype=torch.long)
+        out.append(_batch(policy, reference, roll, rows, cfg, pad_id, pair_index=index, rewards=rewards[rows]))
     return out
+
+
+def _batch(policy, reference, roll: Rollout, rows: list[int], cfg: LoopConfig, pad_id: int, **per_sequence) -> TrainBatch:
+    """The TrainBatch of `roll`'s sequences `rows` with the given per-sequence fields, and the
+    reference's and (several updates) the old policy's log-probs, no grad."""
+    device = policy.lm_head.weight.device
+    ids, response = roll.sequences(rows, pad_id)
+    fields = {k: v.to(device) for k, v in per_sequence.items()}
+    batch = TrainBatch(ids.to(device), next_token_mask(response).to(device), **fields)
+    with torch.no_grad():
+        if cfg.updates_per_rollout > 1:
+            batch.old_logp = sequence_token_logprobs(policy, batch.ids, cfg.temperature)[0]
+        if reference is not None:
+            batch.ref_logp = sequence_token_logprobs(reference, batch.ids, cfg.temperature)[0]
+    return batch
 
 
 def _add_metrics(acc: dict, metrics: Mapping[str, torch.Tensor], weight: float) -> None:
@@ -90,7 +111,8 @@ def apply_updates(
             backward(loss)
             n = float(metrics.pop("tokens"))
             for k in GLOBAL_METRICS:
-                sums[k] = sums.get(k, 0.0) + float(metrics.pop(k))
+                if k in metrics:
+                    sums[k] = sums.get(k, 0.0) + float(metrics.pop(k))
             _add_metrics(sums, metrics, n / tokens)
             if update == 0:
                 with torch.no_grad():

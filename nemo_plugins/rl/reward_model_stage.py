@@ -1,0 +1,146 @@
+"""The `reward_model` stage: a reward model (`rl.reward_model`: the policy's architecture with a
+scalar head, Bradley-Terry loss) trained from the input policy's weights on preference pairs.
+
+Pairs: with `pairs_path` null (the tiny world), built by `data.preference_pairs.world_pairs`
+(a correct, well-formatted response against a wrong one) on three disjoint prompt sets: the
+first `train_pairs` training problems, a "tuning" set that validates during training (the set
+the defaults were chosen on), and a "report" set drawn apart from both, on which the stage
+reports its held-out accuracy. With `pairs_path` (JSONL of {prompt, chosen, rejected}), the
+prompts are split by a hash of the prompt text: `heldout_fraction` of them to each held-out set,
+so no prompt is in two sets.
+
+Writes `<stage>/model/` (the backbone), `<stage>/reward_head.safetensors` and
+`<stage>/reward_model.json` (`reward_model.load_reward_model(<stage>)` reads them), and
+`report.json`. The policy is not replaced: the stage's summary names the reward model under
+`reward_model`, and the next stage continues from the policy this stage started from.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..data.chat_tokenizer import ChatTokenizer
+from ..data.preference_pairs import PreferencePair, load_pairs, pair_examples, world_pairs
+from ..data.problems import ProblemSet
+from ..data.tiny_world import World
+from ..model.checkpoint import fingerprint
+from ..utils.atomic import write_json_atomic
+from ..utils.hashing import config_hash
+from .reward_model import RewardModel, RewardModelConfig, evaluate_pairs, save_reward_model, train_reward_model
+
+log = logging.getLogger("nemo_plugins.reward_model")
+
+_REPORT_ONLY = ("val_every",)
+
+
+def _bad(name: str, value, expected: str):
+    raise ValueError(f"reward_model.{name}={value!r}: expected {expected}")
+
+
+@dataclass
+class RewardModelStageConfig(RewardModelConfig):
+    """Training settings (`reward_model.RewardModelConfig`) plus where the pairs come from (see
+    the module doc): `pairs_path` (JSONL; null: the tiny world), `train_pairs` (tiny world:
+    training problems, one pair each), `heldout_pairs` (tiny world: pairs in each held-out set),
+    `difficulties` (tiny world: levels the pairs' problems come from; null: all) and
+    `heldout_fraction` (JSONL: share of prompts in each held-out set)."""
+
+    pairs_path: str | None = None
+    train_pairs: int = 2048
+    heldout_pairs: int = 300
+    difficulties: list[int] | None = None
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("train_pairs", "heldout_pairs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _bad(name, value, "a positive integer")
+        if self.difficulties is not None and (not self.difficulties or any(d < 1 for d in self.difficulties)):
+            _bad("difficulties", self.difficulties, "a non-empty list of integers >= 1, or null for all")
+        if not (isinstance(self.heldout_fraction, (int, float)) and 0 < self.heldout_fraction < 0.5):
+            _bad("heldout_fraction", self.heldout_fraction, "a number in (0, 0.5): the share of prompts in each held-out set")
+        if self.pairs_path is not None and not str(self.pairs_path).strip():
+            _bad("pairs_path", self.pairs_path, "a JSONL file or directory of pairs, or null for the tiny world")
+
+
+def _prompt_bucket(prompt: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the prompt text (and seed): the same prompt, the same set."""
+    return int(hashlib.sha256(f"{seed}/{prompt}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def split_by_prompt(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> dict[str, list[PreferencePair]]:
+    """{"train", "tuning", "report"}: `fraction` of the prompts to each held-out set, by prompt hash."""
+    out: dict[str, list[PreferencePair]] = {"train": [], "tuning": [], "report": []}
+    for p in pairs:
+        u = _prompt_bucket(p.prompt, seed)
+        out["report" if u < fraction else "tuning" if u < 2 * fraction else "train"].append(p)
+    return out
+
+
+def stage_pairs(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str, list[PreferencePair]]:
+    """The train / tuning / report pairs (disjoint prompts) of the stage (see the module doc)."""
+    if cfg.pairs_path is not None:
+        pairs, read = load_pairs(cfg.pairs_path)
+        if read.skipped:
+            log.warning("reward_model.pairs_path=%s: skipped %d of %d records (%s)", cfg.pairs_path, read.skipped,
+                        read.read, dict(read.reasons))  # fmt: skip
+        sets = split_by_prompt(pairs, cfg.heldout_fraction, cfg.seed)
+        empty = [k for k, v in sets.items() if not v]
+        if empty:
+            _bad("pairs_path", cfg.pairs_path, f"pairs enough for every set (the {empty[0]} set is empty: "
+                 f"{len(pairs)} pairs, heldout_fraction={cfg.heldout_fraction})")  # fmt: skip
+        return sets
+    if problems.cfg.source != "tiny":
+        _bad("pairs_path", cfg.pairs_path, f"a JSONL of pairs: data.problems.source={problems.cfg.source} has no "
+             "tiny-world responses to build pairs from")  # fmt: skip
+    world = problems.world
+    levels = cfg.difficulties or world.config.difficulties
+    train = [p for p in world.train if p.difficulty in set(levels)]
+    unique = list({p.question: p for p in train}.values())[: cfg.train_pairs]
+    tuning = world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-tuning")
+    report = world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-report", exclude=tuning)
+    return {"train": world_pairs(unique, cfg.seed), "tuning": world_pairs(tuning, cfg.seed + 1),
+            "report": world_pairs(report, cfg.seed + 2)}  # fmt: skip
+
+
+def run_reward_model_stage(
+    model, world: World, cfg: RewardModelStageConfig, out_dir: str | Path, *, progress: bool = False,
+    chat: ChatTokenizer | None = None, problems: ProblemSet | None = None,
+) -> tuple[dict, RewardModel]:  # fmt: skip
+    """(report, reward model) trained from a copy of the policy `model` (not changed)."""
+    out_dir = Path(out_dir)
+    chat = chat or world.chat
+    problems = problems or ProblemSet(world)
+    sets = stage_pairs(problems, cfg)
+    ids = {name: pair_examples(chat, pairs) for name, pairs in sets.items()}
+    start = fingerprint(model)
+    key = {k: v for k, v in asdict(cfg).items() if k not in _REPORT_ONLY}
+    data = [[(p.prompt, p.chosen, p.rejected) for p in sets[n]] for n in ("train", "tuning")]
+    run_dir = out_dir / f"run-{config_hash(key, start, data)}"
+    rm = RewardModel(copy.deepcopy(model))
+    summary = train_reward_model(rm, ids["train"], ids["tuning"], cfg, run_dir, pad_id=chat.pad_id, progress=progress)
+    held_out = evaluate_pairs(rm, ids["report"], chat.pad_id, cfg.batch_size, kinds=[p.kind or "all" for p in sets["report"]])
+    save_reward_model(rm, out_dir, extra_files=chat.files())
+    report = {
+        "start_fingerprint": start,
+        "pairs": {name: len(v) for name, v in sets.items()},
+        "source": cfg.pairs_path or "tiny world (world_pairs)",
+        "heldout_accuracy": held_out["val_accuracy"],
+        "heldout": {"set": "report", **held_out},
+        "tuning_accuracy": summary["accuracy"],
+        "untrained_tuning_accuracy": summary["untrained_accuracy"],
+        "steps": summary["steps"],
+        "run_dir": str(run_dir),
+        "reward_model": str(out_dir),
+    }
+    write_json_atomic(out_dir / "report.json", report)
+    log.info("reward model: held-out pair accuracy %.3f (tuning %.3f, untrained %.3f)", report["heldout_accuracy"],
+             report["tuning_accuracy"], report["untrained_tuning_accuracy"])  # fmt: skip
+    return report, rm
