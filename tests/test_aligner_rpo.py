@@ -161,7 +161,6 @@ def _hand(kind, d_pi, d_r):
 @pytest.mark.aligner
 @pytest.mark.parametrize("kind", ["rpo_bwd_kl", "rpo_fwd_kl", "rpo_sq", "dpo"])
 def test_aligner_dpo_loss_func_equals_the_core_preference_loss(kind, model_parallel):
-    pytest.importorskip("nemo_plugins.rl.preference_loss", reason="the core's preference_loss (issue 16, branch issue16-rpo) is not merged yet")
     from nemo_plugins.rl.preference_loss import preference_loss
 
     gen = torch.Generator().manual_seed(0)
