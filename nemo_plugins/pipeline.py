@@ -39,6 +39,7 @@ from .model.checkpoint import fingerprint, load_checkpoint, read_config, save_ch
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
 from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
+from .rl.rloo_stage import RLOOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
 from .utils.environment import environment, weights_digest
@@ -46,7 +47,7 @@ from .utils.resources import measured, release_memory
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo")
+STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -87,6 +88,7 @@ class PipelineConfig:
     recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    rloo: RLOOStageConfig = field(default_factory=RLOOStageConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -293,6 +295,14 @@ def run_grpo_stage(ctx: StageContext) -> dict:
     return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("table", "model") if k in rep}}
 
 
+def run_rloo_stage(ctx: StageContext) -> dict:
+    from .rl.rloo_stage import run_rloo_stage as rloo
+
+    rep, _ = rloo(ctx.load_model(), ctx.world, ctx.cfg.rloo, ctx.out_dir, progress=ctx.progress, chat=ctx.chat(),
+                  problems=ctx.problems)  # fmt: skip
+    return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("before", "after", "after_minus_before", "model")}}
+
+
 @dataclass(frozen=True)
 class Stage:
     """A registry entry: `run(ctx) -> summary` reads `ctx.model_dir` when `starts_from` is not
@@ -316,6 +326,7 @@ REGISTRY: dict[str, Stage] = {
         Stage("recovery", run_recovery_stage, starts_from=("fusion", "puzzle"), teacher=True),
         Stage("sft", run_sft_stage, starts_from=("recovery", "fusion", "puzzle", "parent")),
         Stage("grpo", run_grpo_stage, starts_from=("sft", "recovery", "fusion", "puzzle", "parent")),
+        Stage("rloo", run_rloo_stage, starts_from=("grpo", "sft", "recovery", "fusion", "puzzle", "parent")),
     )
 }
 assert tuple(REGISTRY) == STAGES
