@@ -392,3 +392,19 @@ def test_stage_writes_model_and_report_on_held_out_prompts_and_resumes(tok, star
     monkeypatch.setattr(S, "instruction_eval", lambda *a, **k: pytest.fail("re-evaluated"))
     again, model2 = S.run_rloo_stage(start_model, world, cfg, tmp_path)
     assert again["after"] == report["after"] and not changed(weights(model2), weights(model))
+
+
+def test_stage_crashed_then_rerun_ends_with_the_uninterrupted_weights(tok, start_model, tmp_path):
+    world = tiny_world(tok)
+    cfg = S.RLOOStageConfig(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=24, micro_batch_size=16, lr=3e-3,
+                            ckpt_every=1, eval_problems=3, train_problems=24, rewards=C.RewardSettings(workers=0))  # fmt: skip
+    clean_report, clean = S.run_rloo_stage(start_model, world, cfg, tmp_path / "clean")
+    with pytest.raises(RuntimeError, match="simulated crash after step 2"):
+        S.run_rloo_stage(start_model, world, cfg, tmp_path / "crashed", callbacks=[Crash(2)])
+    assert not (tmp_path / "crashed" / "report.json").exists()
+    report, resumed = S.run_rloo_stage(start_model, world, cfg, tmp_path / "crashed")
+    assert report["training"]["steps"] == 3 and report["after"] == clean_report["after"]
+    expected = weights(clean)
+    for k, v in weights(resumed).items():
+        assert torch.equal(v, expected[k]), k  # bit for bit
+    assert not changed(weights(load_checkpoint(tmp_path / "crashed" / "model")), expected)
