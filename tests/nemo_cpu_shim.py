@@ -6,7 +6,8 @@ model of a Puzzle child without a GPU. `megatron_cpu()` is a context manager tha
 - starts a gloo process group of world size 1 and megatron's parallel state with TP=1/PP=1
   (unless they are already up), and tears down what it started (`run_cpu_world(fn, n)` does
   the same in n spawned processes with TP=n);
-- applies the three CPU patches found for megatron-core 0.16.1 and undoes them on exit:
+- applies the three CPU patches found for megatron-core 0.16.1 (they also serve 0.12.3, the
+  Aligner venv's) and undoes them on exit:
   1. an inference RNG tracker (its `add`/`fork` do not touch CUDA; dropout then uses the CPU
      generator), instead of `tensor_parallel.model_parallel_cuda_manual_seed`;
   2. `torch.cuda.current_device()` returns "cpu" (RotaryEmbedding.get_emb moves `inv_freq` to
@@ -107,7 +108,8 @@ def _cpu_patches():
     saved_tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
     saved_device = torch.cuda.current_device
     saved_mask = fused_softmax.get_default_causal_mask
-    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False  # force_reset=True, which megatron-core 0.12 (Aligner's) lacks
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True)
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"
     fused_softmax.get_default_causal_mask = _cpu_causal_mask

@@ -91,7 +91,7 @@ def test_two_ranks_return_the_core_curriculum_and_resume(setup, monkeypatch):
     from nemo_plugins.aligner.curriculum_batches import CurriculumPlan, CurriculumSettings
     from nemo_plugins.aligner.prompt_index import PromptIndex
     from nemo_plugins.data.curriculum import CurriculumConfig, CurriculumSampler
-    from nemo_plugins.rl.grpo import choose_modes
+    from nemo_plugins.rl.experience import choose_modes
 
     d, tok, prompt_set, rates = setup
     dataset = _aligner_dataset(d / "aligner.jsonl", tok)

@@ -51,8 +51,34 @@ def boom(x: str) -> float:
     raise KeyError(x)
 
 
+def nap_or_spin(how: str) -> float:
+    """Sleeps (uses no CPU, like a worker starved by a loaded machine) or spins on the CPU."""
+    seconds = float(how[1:])
+    if how[0] == "n":
+        time.sleep(seconds)
+    else:
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+    return 1.0
+
+
+_WARMED: list[str] = []  # per worker process
+
+
+def warmed(x: str) -> str:
+    """Records warm-up calls; a probe returns what this worker saw before it."""
+    if x == "probe":
+        return ",".join(_WARMED)
+    if x == "bad":
+        raise ValueError(x)
+    _WARMED.append(x)
+    return x
+
+
 def bounded_map(pool, items, bound_s):
-    """pool.map(items), asserting it returns within bound_s (a broken time limit fails, not hangs)."""
+    """pool.map(items), asserting it returns within bound_s (a broken time limit fails, not hangs;
+    bounds leave ~30 s for a loaded machine, far below the 120 s a hung sample sleeps)."""
     out = {}
 
     def run():
@@ -353,7 +379,8 @@ def test_reward_config_names_the_bad_field(kwargs, field):
 
 @pytest.fixture(scope="module")
 def math_pool():
-    with RewardPool(R.math_accuracy, workers=2, timeout_s=2.0, memory_mb=512, max_chars=100_000) as pool:
+    with RewardPool(R.math_accuracy, workers=2, timeout_s=2.0, memory_mb=512, max_chars=100_000,
+                    warmup=[("\\boxed{1/2}", "1/2")]) as pool:  # fmt: skip
         yield pool
 
 
@@ -384,7 +411,7 @@ def test_pool_rejects_a_10mb_completion_fast(math_pool):
 def test_pool_kills_a_pathological_expression(math_pool):
     items = [(TOWER, "5"), *GOOD_ITEMS]
     pids = set(math_pool.pids)
-    values, failures = bounded_map(math_pool, items, math_pool.timeout_s + 3.0)
+    values, failures = bounded_map(math_pool, items, math_pool.timeout_s + 30.0)
     assert failures == Counter(timeout=1)
     assert values == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert set(math_pool.pids) != pids  # the stuck worker was replaced
@@ -394,7 +421,7 @@ def test_pool_kills_a_pathological_expression(math_pool):
 def test_pool_scores_an_answer_after_a_long_space_run(math_pool):
     """The reviewed case: a line with "The answer is" and 1,500 spaces used to time out (0)."""
     text = "Let me think. The answer is not obvious" + " " * 1500 + "at first.\nThe answer is 1/2."
-    assert bounded_map(math_pool, [(text, "0.5")], math_pool.timeout_s + 3.0) == ([1.0], Counter())
+    assert bounded_map(math_pool, [(text, "0.5")], math_pool.timeout_s + 30.0) == ([1.0], Counter())
 
 
 def test_pool_fails_a_bad_reference_fast(math_pool):
@@ -417,7 +444,7 @@ def test_pool_counts_unsafe_and_nested_answers(math_pool, tmp_path):
 
 def test_hung_worker_is_killed_and_pool_keeps_working():
     with RewardPool(sleepy, workers=2, timeout_s=0.5, memory_mb=None) as pool:
-        values, failures = bounded_map(pool, ["a", "hang", "bb", "hang", "ccc"], 2 * pool.timeout_s + 3.0)
+        values, failures = bounded_map(pool, ["a", "hang", "bb", "hang", "ccc"], 2 * pool.timeout_s + 30.0)
         assert values == [1.0, 0.0, 2.0, 0.0, 3.0] and failures == Counter(timeout=2)
         assert pool.map(["dddd", "e"]) == ([4.0, 1.0], Counter())
         assert pool.failures == Counter(timeout=2)
@@ -439,6 +466,44 @@ def test_crash_and_errors_are_counted():
     assert direct_map(boom, ["x"]) == ([0.0], Counter({"error:KeyError": 1}))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU time from /proc")
+def test_the_time_limit_is_on_cpu_time_with_a_wall_backstop():
+    """A sample that waits without using the CPU (as one starved on a loaded machine does) is not
+    failed at timeout_s of wall time; one that spins past timeout_s of CPU is; nothing outlives
+    WALL_FACTOR x timeout_s of wall time."""
+    from nemo_plugins.rl import sandbox
+
+    assert sandbox.cpu_seconds(os.getpid()) > 0
+    with RewardPool(nap_or_spin, workers=1, timeout_s=0.3, memory_mb=None) as pool:
+        assert pool.map(["n0.9"]) == ([1.0], Counter())  # 3x the limit in wall time, ~0 CPU
+        assert bounded_map(pool, ["s5"], 30.0) == ([0.0], Counter(timeout=1))
+        start = time.monotonic()
+        assert bounded_map(pool, ["n60"], 30.0) == ([0.0], Counter(timeout=1))
+        assert time.monotonic() - start >= sandbox.WALL_FACTOR * pool.timeout_s - 0.1
+
+
+def test_workers_run_the_warmup_before_taking_work():
+    """Each worker computes the warm-up items (a failing one included) before its first sample,
+    and a fresh replacement worker warms up again."""
+    with RewardPool(warmed, workers=1, timeout_s=5.0, memory_mb=None, warmup=["w1", "bad", "w2"], failure_value="") as pool:
+        assert pool.map(["probe"]) == (["w1,w2"], Counter())
+        assert pool.map(["x", "probe"]) == (["x", "w1,w2,x"], Counter())
+    with RewardPool(warmed, workers=1, timeout_s=5.0, memory_mb=None, failure_value="") as pool:
+        assert pool.map(["probe"]) == ([""], Counter())
+
+
+def test_math_reward_workers_parse_once_before_the_first_sample():
+    """math-verify's first parse in a process costs about a second; scorers warm their workers
+    with a real math item so it never counts against the first sample's deadline."""
+    (item,) = R.warmup_completions("math")
+    assert R.combined_reward(*item, config=R.RewardConfig(task="math")).total == 1.1
+    assert R.warmup_completions("world") == () and R.warmup_completions("choice") == ()
+    from nemo_plugins.rl.scoring import RuleScorer, SandboxLimits
+
+    with RuleScorer(R.RewardConfig(task="math"), SandboxLimits(workers=1)) as scorer:
+        assert scorer._pool().warmup == R.warmup_completions("math")
+
+
 def test_combined_reward_pool_scores_breakdowns():
     items = [
         ("<think>x</think>\\boxed{0.5}", "1/2", True),
@@ -446,8 +511,10 @@ def test_combined_reward_pool_scores_breakdowns():
         ("x" * 200, "1", False),
     ]
     reward = partial(R.combined_reward, config=R.RewardConfig(format_weight=0.5))
-    with RewardPool(reward, workers=2, timeout_s=1.0, max_chars=100, failure_value=R.ZERO_REWARD) as pool:
-        values, failures = bounded_map(pool, items, pool.timeout_s + 3.0)
+    # warmed up: otherwise the first parse's one-time cost (~1 s) can time out the first item under load
+    with RewardPool(reward, workers=2, timeout_s=1.0, max_chars=100, failure_value=R.ZERO_REWARD,
+                    warmup=R.warmup_completions("math")) as pool:  # fmt: skip
+        values, failures = bounded_map(pool, items, pool.timeout_s + 30.0)
     assert values == [R.RewardBreakdown(1.5, 1.0, 1.0), R.ZERO_REWARD, R.ZERO_REWARD]
     assert failures == Counter(timeout=1, too_long=1)
 

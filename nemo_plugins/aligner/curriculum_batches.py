@@ -2,7 +2,7 @@
 
 What the core's GRPO does per step, here per Aligner rollout step: pass rates from a prior model
 (`rl.pass_rates`, keyed by `data.curriculum.problem_id`), prompts at or above `threshold` dropped
-(`filter_by_pass_rate`), the rest batched by the core's sampler (as `rl.grpo.make_sampler`: the Gaussian
+(`filter_by_pass_rate`), the rest batched by the core's sampler (as `rl.experience.make_sampler`: the Gaussian
 curriculum over pass-rate levels, or uniform), each prompt's thinking mode drawn by GRPO's
 `choose_modes` (`off_fraction` off). Global batch b is a pure function of the settings, so a run
 resumed at `consumed_samples` replays to batch `consumed_samples // global_batch_size` and draws
@@ -19,7 +19,8 @@ from os import PathLike
 from pathlib import Path
 
 from ..data.curriculum import CurriculumSampler, RandomSampler, filter_by_pass_rate
-from ..rl.grpo import SamplerSettings, choose_modes
+from ..rl.config import SamplerSettings
+from ..rl.experience import choose_modes
 from .prompt_set import PromptSet
 
 
@@ -35,7 +36,7 @@ def load_pass_rates(path: str | PathLike) -> dict[str, float]:
 
 @dataclass
 class CurriculumSettings:
-    """The sampler's settings: GRPO's (`rl.grpo.SamplerSettings`: kind, levels, Gaussian schedule),
+    """The sampler's settings: GRPO's (`rl.config.SamplerSettings`: kind, levels, Gaussian schedule),
     the pass-rate `threshold` (paper: 0.75), `total_batches` the schedule spans (the run's steps),
     `seed`, and the fraction of prompts per batch under "detailed thinking off"."""
 

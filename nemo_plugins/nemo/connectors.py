@@ -117,13 +117,12 @@ def _lightning_loops_restored():
     Each setup wraps again, and `llm.export_ckpt` sets up a trainer before calling the exporter,
     so the modules get Lightning's own function back (not the one found on entry).
     """
-    from lightning.pytorch.loops import evaluation_loop, fit_loop, prediction_loop, utilities
+    from ..utils.training import restore_lightning_data_fetchers
 
     try:
         yield
     finally:
-        for module in (fit_loop, evaluation_loop, prediction_loop):
-            module._select_data_fetcher = utilities._select_data_fetcher
+        restore_lightning_data_fetchers()
 
 
 def _atomic_call(connector, output_path, overwrite: bool, kwargs, reuse: bool) -> Path:

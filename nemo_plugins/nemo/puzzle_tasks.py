@@ -234,6 +234,19 @@ def import_hf(hf_dir: str, output: str, overwrite: bool = False) -> str:
     return str(llm.import_ckpt(model, f"hf://{source}", output_path=Path(output), overwrite=overwrite))
 
 
+
+@run.cli.entrypoint(namespace="nemo_plugins")
+def export_hf(nemo_path: str, output: str) -> str:
+    """Write a NeMo 2 checkpoint of PuzzleChildModel (or a log dir: its newest checkpoint, e.g. the
+    SFT stage's) as a HF directory at `output` (plain Llama when every layer is the same; what
+    NeMo-Aligner's HF -> .nemo converter reads); returns its path. Skipped when `output` has a config."""
+    from .recipes import resolve_checkpoint
+
+    if (Path(output) / "config.json").is_file():
+        return output
+    importlib.import_module(f"{__package__}.connectors")  # registers the HF exporter
+    return str(llm.export_ckpt(path=Path(resolve_checkpoint(nemo_path)), target="hf", output_path=Path(output)))
+
 # `nemo nemo_plugins puzzle_bld --factory h100_preset executor=... "overrides=[...]"` (not named
 # "h100": NeMo-Run reads a string value equal to a factory name back as that factory's output): the paper's library,
 # BLD settings and H100 costs (conf/puzzle/h100.yaml) on top of the defaults.

@@ -40,7 +40,7 @@ def _number(name: str, value, lo: float = 0.0, lo_open: bool = False, hi: float 
 class RewardSettings:
     """What a completion scores (`rewards.RewardConfig`, kept mutable so YAML/overrides can set
     it) and the sandbox limits of the reward pool. `workers: 0` scores in-process without limits
-    (tests, debugging); otherwise `workers` processes with `timeout_s` wall time and `memory_mb`
+    (tests, debugging); otherwise `workers` processes with `timeout_s` CPU time and `memory_mb`
     extra address space per sample, and completions longer than `max_chars` fail as too_long."""
 
     task: str = "world"

@@ -21,8 +21,9 @@ in the checkpoint's `extra`), the modes and the rollout's torch generator are se
 (seed, k) alone, and the reward functions are pure; so a run resumed from the checkpoint of
 step k draws the same batch k+1, samples the same completions and, with the restored weights,
 optimizer, scheduler and RNG states, ends with the same weights as an uninterrupted run (bit for
-bit on CPU; tested). A reward sample that hits the pool's time limit under heavy load is the one
-source of run-to-run difference (it scores 0 and is counted under `fail_timeout`).
+bit on CPU; tested). A reward sample near the pool's time limit is the one source of run-to-run
+difference (it scores 0 and is counted under `fail_timeout`); the limit is on the worker's CPU
+time, so a loaded machine alone does not push a sample over it.
 
 Files under `out_dir`: `checkpoints/step-*/` (utils/resume.py), `metrics.csv` and
 `metrics.jsonl` (one row per step, rewritten from the checkpointed history, so a resumed run

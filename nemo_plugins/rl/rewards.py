@@ -6,7 +6,7 @@ text when there is no think block; an answer that only appears inside the (possi
 think block earns nothing, as in `data.reasoning_world`.
 
 Parsing model output can be slow or memory hungry (math-verify/sympy on `9^{9^{9^{9}}}`, deeply
-nested parentheses), so run these functions through `sandbox.RewardPool`, which enforces a wall time and memory limit per sample. `math_accuracy` disables
+nested parentheses), so run these functions through `sandbox.RewardPool`, which enforces a CPU time (and wall time) and memory limit per sample. `math_accuracy` disables
 math-verify's own signal-based timeouts for that reason (they would turn a timeout into a silent
 0 the pool cannot count, and they fail outside the main thread); called in-process it has no
 time limit.
@@ -384,7 +384,8 @@ def check_references(references: Mapping, task: str, timeout_s: float = 1.0, wor
     if task == "math" and refs:
         from nemo_plugins.rl.sandbox import RewardPool
 
-        with RewardPool(_reference_problem, workers=workers, timeout_s=timeout_s, max_chars=None) as pool:
+        warmup = [(_WARMUP_REFERENCE, task)]
+        with RewardPool(_reference_problem, workers=workers, timeout_s=timeout_s, max_chars=None, warmup=warmup) as pool:
             outcomes = pool.map_outcomes([(r, task) for r in refs])
         problems = [
             o.value if not o.failure else f"reference {_short(str(r))} failed to parse in the sandbox: "
@@ -476,3 +477,15 @@ def combined_reward(
     total = config.accuracy_weight * accuracy + config.format_weight * fmt
     return RewardBreakdown(total=total, accuracy=accuracy, format=fmt)
 
+
+
+_WARMUP_REFERENCE = "\\frac{1}{2}"  # exercises math-verify's LaTeX parser and sympy once
+
+
+def warmup_completions(task: str) -> tuple:
+    """`combined_reward` items a reward worker computes before taking work: math-verify's first
+    parse in a process takes about a second (grammar and sympy set-up), which would otherwise
+    count against the first sample's time limit. Other tasks need no parser, so none."""
+    if task != "math":
+        return ()
+    return ((f"{THINK_START}half{THINK_END}The answer is \\boxed{{{_WARMUP_REFERENCE}}}.", _WARMUP_REFERENCE, True),)

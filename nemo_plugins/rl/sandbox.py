@@ -7,7 +7,11 @@ worker processes (not a ProcessPoolExecutor, whose stuck workers cannot be kille
 - too long: items whose string arguments exceed `max_chars` in total never leave the parent
   (failure `too_long`);
 - time: the parent tracks a deadline per dispatched sample and SIGKILLs a worker that overruns
-  it, then starts a replacement (failure `timeout`); nothing inside the worker has to cooperate;
+  it, then starts a replacement (failure `timeout`); nothing inside the worker has to cooperate.
+  The limit is on the worker's CPU time where the OS reports it (Linux /proc): a sample that
+  was starved by other processes on a loaded machine gets more wall time, up to
+  `WALL_FACTOR` x `timeout_s`, so whether a sample times out depends on the sample, not on the
+  machine's load. Elsewhere the limit is wall time;
 - memory: each worker caps its address space with `resource.setrlimit(RLIMIT_AS)` at start, so
   an allocation beyond the cap raises MemoryError there (failure `memory`; the worker is
   replaced, as its state is suspect);
@@ -40,6 +44,18 @@ TOO_LONG = "too_long"
 CRASH = "crash"
 _READY = "__ready__"
 MAX_START_FAILURES = 3  # consecutive workers dying before ready: a broken fn/module, so raise
+WALL_FACTOR = 10.0  # a sample's wall time limit, in multiples of its CPU time limit
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process `pid` has used (Linux /proc), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def error_reason(exc: BaseException) -> str:
@@ -107,10 +123,16 @@ def _limit_memory(memory_mb: float | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _worker_main(conn, fn: Callable, memory_mb: float | None) -> None:
-    """Worker loop: limit memory, say ready, then answer (index, args) with (index, value, failure)."""
+def _worker_main(conn, fn: Callable, memory_mb: float | None, warmup: Sequence = ()) -> None:
+    """Worker loop: limit memory, run the warm-up items, say ready, then answer (index, args)
+    with (index, value, failure)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     _limit_memory(memory_mb)
+    for item in warmup:  # one-time costs (a parser's first use) before the first deadline starts
+        try:
+            fn(*_as_args(item))
+        except Exception:  # noqa: BLE001 - a warm-up that fails warms nothing; real samples report errors
+            pass
     conn.send(_READY)
     while True:
         try:
@@ -141,6 +163,8 @@ class _Worker:
     ready: bool = False
     index: int | None = None  # sample being worked on
     deadline: float = 0.0
+    wall_limit: float = 0.0  # the latest the sample may end, however starved
+    cpu_start: float | None = None  # the worker's CPU seconds when the sample was sent
 
 
 def _default_start_method() -> str:
@@ -174,10 +198,13 @@ class RewardPool:
     """A pool of `workers` processes computing `fn(*item)` with per-sample limits.
 
     fn: a picklable (module-level) function; items are tuples of its positional arguments
-    (a non-tuple item is one argument). timeout_s: wall time per sample, enforced by killing
-    the worker. memory_mb: how much address space a worker may add beyond its size at start.
+    (a non-tuple item is one argument). timeout_s: CPU time per sample (wall time up to
+    WALL_FACTOR x timeout_s), enforced by killing the worker. memory_mb: how much address space a worker may add beyond its size at start.
     max_chars: limit on the total length of an item's string arguments (None: no limit).
-    failure_value: what a failed sample scores. Use as a context manager or call close().
+    failure_value: what a failed sample scores. warmup: items each worker computes once before it
+    takes work, so one-time costs (math-verify's first parse takes about a second) count against
+    `start_timeout_s`, not against the first samples' deadlines. Use as a context manager or call
+    close().
     """
 
     def __init__(
@@ -190,6 +217,7 @@ class RewardPool:
         failure_value: Any = 0.0,
         start_method: str | None = None,
         start_timeout_s: float = 120.0,
+        warmup: Sequence = (),
     ):
         _check_positive("workers", workers, integer=True)
         _check_positive("timeout_s", timeout_s)
@@ -201,6 +229,7 @@ class RewardPool:
         self.fn, self.num_workers, self.timeout_s = fn, workers, float(timeout_s)
         self.memory_mb, self.max_chars, self.failure_value = memory_mb, max_chars, failure_value
         self.start_timeout_s = float(start_timeout_s)
+        self.warmup = tuple(warmup)
         self.failures: Counter = Counter()  # over the pool's lifetime
         self._ctx = mp.get_context(start_method or _default_start_method())
         if self._ctx.get_start_method() != "fork" and (missing := _missing_main_script()) is not None:
@@ -224,7 +253,7 @@ class RewardPool:
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self.fn, self.memory_mb), daemon=True, name="reward-worker"
+            target=_worker_main, args=(child_conn, self.fn, self.memory_mb, self.warmup), daemon=True, name="reward-worker"
         )
         proc.start()
         child_conn.close()  # so the parent sees EOF when the worker dies
@@ -319,7 +348,9 @@ class RewardPool:
                 except Exception as exc:  # noqa: BLE001 - unpicklable arguments: nothing was sent
                     results[i] = Outcome(self.failure_value, error_reason(exc))
                     continue
-                w.index, w.deadline = i, time.monotonic() + self.timeout_s
+                now = time.monotonic()
+                w.index, w.deadline, w.wall_limit = i, now + self.timeout_s, now + WALL_FACTOR * self.timeout_s
+                w.cpu_start = cpu_seconds(w.proc.pid)
 
     def _collect(self, results: list) -> None:
         """Wait for replies or the nearest deadline; settle finished, dead and overdue samples."""
@@ -337,10 +368,19 @@ class RewardPool:
         now = time.monotonic()
         for w in list(self._workers):
             if w.index is not None and now > w.deadline:
+                left = self._cpu_time_left(w)
+                if left > 0 and now < w.wall_limit:  # starved by other processes, not slow: wait on
+                    w.deadline = min(w.wall_limit, now + left)
+                    continue
                 results[w.index] = Outcome(self.failure_value, TIMEOUT)
                 self._replace(w)
             elif not w.ready and now > w.started + self.start_timeout_s:
                 raise RuntimeError(f"reward worker did not start within start_timeout_s={self.start_timeout_s}")
+
+    def _cpu_time_left(self, w: _Worker) -> float:
+        """CPU seconds the worker's current sample may still use (0 where CPU time is unknown)."""
+        now_cpu = cpu_seconds(w.proc.pid) if w.cpu_start is not None else None
+        return 0.0 if now_cpu is None else self.timeout_s - (now_cpu - w.cpu_start)
 
     def _read(self, w: _Worker, results: list) -> None:
         try:

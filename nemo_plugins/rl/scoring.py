@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from .instructions import instruction_followed
-from .rewards import ZERO_REWARD, RewardConfig, combined_reward
+from .rewards import ZERO_REWARD, RewardConfig, combined_reward, warmup_completions
 from .sandbox import RewardPool, direct_map
 
 
@@ -49,7 +49,7 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """`workers` processes (0: in-process, no limits), each sample with `timeout_s` wall time and
+    """`workers` processes (0: in-process, no limits), each sample with `timeout_s` CPU time and
     `memory_mb` extra address space; completions longer than `max_chars` fail as too_long."""
 
     workers: int = 2
@@ -72,7 +72,8 @@ class RuleScorer:
         if self.pool is None:
             lim = self.limits
             self.pool = RewardPool(self.fn, workers=lim.workers, timeout_s=lim.timeout_s, memory_mb=lim.memory_mb,
-                                   max_chars=lim.max_chars, failure_value=ZERO_REWARD)  # fmt: skip
+                                   max_chars=lim.max_chars, failure_value=ZERO_REWARD,
+                                   warmup=warmup_completions(self.config.task))  # fmt: skip
         return self.pool
 
     def score(self, completions: Sequence[str], references: Sequence[Reference]) -> Scores:

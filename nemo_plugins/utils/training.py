@@ -366,7 +366,7 @@ class _CheckpointOnSigterm(L.Callback):
             pl_module.save_on_sigterm()
 
 
-def _restore_lightning_data_fetchers() -> None:
+def restore_lightning_data_fetchers() -> None:
     """Point Lightning's fit, evaluation and prediction loops at Lightning's own
     `_select_data_fetcher` (undoing a process-wide wrapper another framework left there)."""
     from lightning.pytorch.loops import evaluation_loop, fit_loop, prediction_loop, utilities
@@ -395,7 +395,7 @@ def fit_module(module: L.LightningModule, loader, *, callbacks: Sequence[L.Callb
       for any other strategy (`'NoneType' object has no attribute 'setup'`); the loops get
       Lightning's function back first (NeMo wraps it again at its next setup).
     """
-    _restore_lightning_data_fetchers()
+    restore_lightning_data_fetchers()
     callbacks = list(callbacks)
     if hasattr(module, "save_on_sigterm"):
         callbacks.append(_CheckpointOnSigterm())
