@@ -16,8 +16,8 @@ T = TypeVar("T")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The embedded default (tiny world on CPU): the pipeline, then each later stage's settings.
-DEFAULT_CONFIGS = tuple(CONF_DIR / stage / "tiny.yaml" for stage in ("pipeline", "puzzle", "fusion", "recovery", "sft", "grpo",
-                                                                "reward_model", "rpo"))
+_STAGE_CONFS = ("pipeline", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo", "reward_model", "rpo")
+DEFAULT_CONFIGS = tuple(CONF_DIR / stage / "tiny.yaml" for stage in _STAGE_CONFS)
 
 
 class ConfigError(ValueError):

@@ -39,6 +39,7 @@ from .model.checkpoint import fingerprint, load_checkpoint, read_config, save_ch
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
 from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
+from .rl.rloo_stage import RLOOStageConfig
 from .rl.reward_model_stage import RewardModelStageConfig
 from .rl.rpo_stage import RPOStageConfig
 from .sft.stage import SFTStageConfig
@@ -48,7 +49,7 @@ from .utils.resources import measured, release_memory
 
 log = logging.getLogger("nemo_plugins")
 
-STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo", "reward_model", "rpo")
+STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo", "reward_model", "rpo")
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -89,6 +90,7 @@ class PipelineConfig:
     recovery: RecoveryStageConfig = field(default_factory=RecoveryStageConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    rloo: RLOOStageConfig = field(default_factory=RLOOStageConfig)
     reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig)
     rpo: RPOStageConfig = field(default_factory=RPOStageConfig)
 
@@ -297,6 +299,14 @@ def run_grpo_stage(ctx: StageContext) -> dict:
     return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("table", "model") if k in rep}}
 
 
+def run_rloo_stage(ctx: StageContext) -> dict:
+    from .rl.rloo_stage import run_rloo_stage as rloo
+
+    rep, _ = rloo(ctx.load_model(), ctx.world, ctx.cfg.rloo, ctx.out_dir, progress=ctx.progress, chat=ctx.chat(),
+                  problems=ctx.problems)  # fmt: skip
+    return {"start": str(ctx.model_dir), **{k: rep[k] for k in ("before", "after", "after_minus_before", "model")}}
+
+
 def run_reward_model_stage(ctx: StageContext) -> dict:
     """A reward model from the input policy's weights; its directory is named under
     `reward_model`, not `model`: the policy goes on to the next stage (`Stage.passes_policy`)."""
@@ -353,6 +363,7 @@ REGISTRY: dict[str, Stage] = {
         Stage("recovery", run_recovery_stage, starts_from=("fusion", "puzzle"), teacher=True),
         Stage("sft", run_sft_stage, starts_from=("recovery", "fusion", "puzzle", "parent")),
         Stage("grpo", run_grpo_stage, starts_from=("sft", "recovery", "fusion", "puzzle", "parent")),
+        Stage("rloo", run_rloo_stage, starts_from=("grpo", "sft", "recovery", "fusion", "puzzle", "parent")),
         Stage("reward_model", run_reward_model_stage, passes_policy=True,
               starts_from=("rloo", "grpo", "sft", "recovery", "fusion", "puzzle", "parent")),
         Stage("rpo", run_rpo_stage, starts_from=("reward_model", "rloo", "grpo", "sft", "recovery", "fusion", "puzzle", "parent")),

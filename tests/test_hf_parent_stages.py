@@ -33,8 +33,10 @@ SMALL = [
     "grpo.steps=1", "grpo.train_problems=4", "grpo.pass_rate_k=2", "grpo.prompts_per_step=2", "grpo.group_size=2",
     "grpo.max_new_tokens=8", "grpo.eval_problems=2", "grpo.rewards.workers=0", "grpo.compare_random=false",
     "grpo.eval_off=false", "grpo.difficulties=[1,2]", "grpo.ckpt_every=1",
+    "rloo.steps=1", "rloo.train_problems=4", "rloo.prompts_per_step=2", "rloo.group_size=2", "rloo.max_new_tokens=8",
+    "rloo.eval_problems=3", "rloo.rewards.workers=0", "rloo.difficulties=[1,2]", "rloo.ckpt_every=1",
 ]  # fmt: skip
-MODEL_STAGES = ("puzzle", "fusion", "recovery", "sft", "grpo")
+MODEL_STAGES = ("puzzle", "fusion", "recovery", "sft", "grpo", "rloo")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,7 @@ def test_every_stage_runs_on_a_hf_parent_and_hands_over_its_template(hf_parent, 
         assert cfg.rope_scaling == parent.rope_scaling, stage
     # each stage started from the one before it
     assert summary["sft"]["start"] == str(out / "recovery" / "model")
+    assert summary["rloo"]["start"] == str(out / "grpo" / "model")
     assert summary["grpo"]["start"] == str(out / "sft" / "model")
     assert sum(b.attention.kind == "gqa" for b in read_config(out / "puzzle" / "model").blocks) <= 1
     # the prompts the stages trained and evaluated on are in the parent's own template
@@ -100,7 +103,7 @@ def test_each_stage_runs_alone_from_the_directory_the_previous_one_wrote(hf_pare
     from a copy of the previous stage's model (so nothing else in the chained run is read)."""
     src, _ = chained
     previous = {"puzzle": hf_parent, "fusion": src / "puzzle" / "model", "recovery": src / "fusion" / "model",
-                "sft": src / "recovery" / "model", "grpo": src / "sft" / "model"}  # fmt: skip
+                "sft": src / "recovery" / "model", "grpo": src / "sft" / "model", "rloo": src / "grpo" / "model"}  # fmt: skip
     for stage, model in previous.items():
         moved = shutil.copytree(model, tmp_path / f"{stage}-input")  # e.g. written on another machine
         out = tmp_path / f"{stage}-out"

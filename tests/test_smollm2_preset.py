@@ -29,6 +29,8 @@ REDUCED = [
     "sft.ckpt_every=2", "sft.eval_problems=2", "sft.max_new_tokens=16",
     "grpo.steps=1", "grpo.train_problems=4", "grpo.pass_rate_k=2", "grpo.prompts_per_step=2", "grpo.group_size=2",
     "grpo.max_new_tokens=24", "grpo.eval_problems=2", "grpo.eval_off=false", "grpo.rewards.workers=0",
+    "rloo.steps=1", "rloo.train_problems=4", "rloo.prompts_per_step=2", "rloo.group_size=2", "rloo.max_new_tokens=16",
+    "rloo.eval_problems=2", "rloo.rewards.workers=0",
 ]  # fmt: skip
 
 
@@ -44,5 +46,5 @@ def test_smollm2_preset_runs_every_stage(tmp_path):
     assert summary["puzzle"]["child_params"] < summary["puzzle"]["parent_params"]
     assert summary["puzzle"]["child_kv_cache_bytes_per_token"] <= 0.5 * summary["puzzle"]["parent_kv_cache_bytes_per_token"]
     assert child.vocab_size == parent.vocab_size
-    for stage in ("puzzle", "fusion", "recovery", "sft", "grpo"):
+    for stage in ("puzzle", "fusion", "recovery", "sft", "grpo", "rloo"):
         assert "<|im_start|>" in ChatTokenizer.from_dir(out / stage / "model").chat_template, stage

@@ -8,6 +8,7 @@
     nemo-plugins recovery [--config FILE ...] [key=value ...] # ... up to recovery distillation
     nemo-plugins sft [--config FILE ...] [key=value ...]      # ... up to reasoning-toggle SFT
     nemo-plugins grpo [--config FILE ...] [key=value ...]     # ... up to GRPO with the curriculum
+    nemo-plugins rloo [--config FILE ...] [key=value ...]     # ... up to RLOO instruction following
     nemo-plugins reward_model [...] / nemo-plugins rpo [...]  # ... up to the reward model / iterative online RPO
     nemo-plugins recovery model=DIR teacher=DIR [key=value ...]  # a stage alone, from model directories
     nemo-plugins config [--config FILE] [key=value ...]   # print the resolved pipeline config
@@ -45,8 +46,9 @@ STAGE_COMMANDS = {
     "recovery": ("world", "parent", "puzzle", "fusion", "recovery"),
     "sft": ("world", "parent", "puzzle", "fusion", "recovery", "sft"),
     "grpo": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo"),
-    "reward_model": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo", "reward_model"),
-    "rpo": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo", "reward_model", "rpo"),
+    "rloo": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo"),
+    "reward_model": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo", "reward_model"),
+    "rpo": ("world", "parent", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo", "reward_model", "rpo"),
 }
 
 
@@ -214,12 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     gg.set_defaults(func=cmd_import_gguf)
 
     for name, func, help_ in (
-        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> puzzle -> fusion -> recovery -> sft -> grpo -> reward_model -> rpo)"),
+        ("pipeline", cmd_pipeline, "run the main job (tiny world -> parent -> evaluate -> puzzle -> fusion -> recovery -> sft -> grpo -> rloo -> reward_model -> rpo)"),
         ("puzzle", cmd_pipeline, "Puzzle NAS on the parent: library, BLD, scores, costs, MIP, child, report"),
         ("fusion", cmd_pipeline, "FFN Fusion of the Puzzle child: dependency analysis, exact fusion, report"),
         ("recovery", cmd_pipeline, "recovery of the compressed child: KD from the parent (and LM-loss training to compare)"),
         ("sft", cmd_pipeline, "reasoning-toggle SFT (detailed thinking on/off) of the recovered child, or of the parent"),
         ("grpo", cmd_pipeline, "GRPO with pass-rate filtering and curriculum (and random order to compare) after SFT"),
+        ("rloo", cmd_pipeline, "RLOO for instruction following (verifier reward, KL to the start) after GRPO"),
         ("reward_model", cmd_pipeline, "a reward model (Bradley-Terry on preference pairs) from the policy after GRPO"),
         ("rpo", cmd_pipeline, "iterative online RPO of the policy against the reward model (two rounds)"),
         ("config", cmd_config, "print the resolved pipeline config"),
@@ -228,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--config", action="append",
             help="YAML file, merged in order when given several times (default: conf/pipeline/tiny.yaml "
-            "then conf/{puzzle,fusion,recovery,sft,grpo,reward_model,rpo}/tiny.yaml)",
+            "then conf/{puzzle,fusion,recovery,sft,grpo,rloo,reward_model,rpo}/tiny.yaml)",
         )  # fmt: skip
         sp.add_argument("--preset", help="conf/pipeline/NAME.yaml on top of the defaults, e.g. --preset smollm2")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parent.steps=200")

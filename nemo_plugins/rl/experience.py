@@ -10,7 +10,7 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,7 @@ class Rollout:
     thinking: list[bool]
     answers: list[int]
     truncated: list[bool]
+    instructions: list[str | None] | None = None  # per sequence, the prompt's instruction spec (RLOO)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -85,6 +86,7 @@ def rollout(
         prompt_ids=done.prompt_ids, completions=done.ids, texts=done.texts,
         thinking=[t for t in thinking for _ in range(G)], answers=[p.answer for p in problems for _ in range(G)],
         truncated=[not s for s in done.stopped],
+        instructions=[getattr(p, "instruction", None) for p in problems for _ in range(G)],
     )  # fmt: skip
 
 
@@ -97,11 +99,14 @@ class Rewards:
     format: torch.Tensor  # 0/1, unweighted
     overlong: torch.Tensor  # <= 0
     failures: Counter
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # every part the scorer gave, by name
 
 
 def score_rollout(roll: Rollout, scorer: Scorer, cfg: LoopConfig) -> Rewards:
     """Rewards of every completion (`scoring` protocol), the overlong penalty added; failed samples score 0."""
-    scores = scorer.score(roll.texts, [Reference(a, t) for a, t in zip(roll.answers, roll.thinking)])
+    instructions = roll.instructions or [None] * len(roll.texts)
+    refs = [Reference(a, t, i) for a, t, i in zip(roll.answers, roll.thinking, instructions)]
+    scores = scorer.score(roll.texts, refs)
     penalty = overlong_penalty(roll.lengths, cfg.overlong_max_len, cfg.overlong.buffer, cfg.overlong.penalty)
     return Rewards(total=scores.total + penalty, accuracy=scores.parts["accuracy"], format=scores.parts["format"],
-                   overlong=penalty, failures=Counter(scores.failures))  # fmt: skip
+                   overlong=penalty, failures=Counter(scores.failures), parts=dict(scores.parts))  # fmt: skip

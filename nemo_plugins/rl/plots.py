@@ -127,3 +127,23 @@ def plot_rpo_iterations(rows: Sequence[dict], path: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RPO iteration")
     return _save(fig, path)
+
+
+def plot_rloo(history: Sequence[dict], before: Mapping | None, after: Mapping | None, path: str | Path) -> Path:
+    """RLOO per step: reward; the sampled completions' instruction-following rate and task pass
+    rate, with held-out greedy accuracies before (dashed) and after (dotted); KL to the reference."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    _line(axes[0], history, "reward", "total", "black", smooth=True)
+    _finish(axes[0], "reward (mean per completion)")
+    for ax, key, held, title in ((axes[1], "instruction_rate", "instruction_accuracy", "instruction followed"),
+                                 (axes[1], "pass_rate", "task_accuracy", "task correct")):  # fmt: skip
+        color = "tab:blue" if key == "instruction_rate" else "tab:green"
+        _line(ax, history, key, f"{title} (train, sampled)", color, smooth=True)
+        if before is not None:
+            ax.axhline(before[held], color=color, ls="--", lw=1, label=f"{title}: held-out before")
+        if after is not None:
+            ax.axhline(after[held], color=color, ls=":", lw=1.5, label=f"{title}: held-out after")
+    _finish(axes[1], "instruction following and task accuracy")
+    _line(axes[2], history, "kl_ref", "KL(π ‖ ref), k3 per token", "tab:red")
+    _finish(axes[2], "KL to the reference")
+    return _save(fig, path)

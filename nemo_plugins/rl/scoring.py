@@ -2,6 +2,8 @@
 named parts and the failures counted by reason, so an RL loop scores the same way whatever
 stands behind it. `RuleScorer` is the first implementation: the rule rewards of `rewards.py`
 (`combined_reward`: answer accuracy + format) in the sandboxed `sandbox.RewardPool`.
+`InstructionScorer` adds whether each completion followed its instruction (`rl.instructions`)
+to a `RuleScorer`'s task reward (RLOO's instruction following).
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from typing import Protocol
 
 import torch
 
+from .instructions import instruction_followed
 from .rewards import ZERO_REWARD, RewardConfig, combined_reward, warmup_completions
 from .sandbox import RewardPool, direct_map
 
 
 @dataclass(frozen=True)
 class Reference:
-    """What one completion is scored against: its prompt's answer and thinking mode."""
+    """What one completion is scored against: its prompt's answer and thinking mode, and the
+    instruction spec its prompt carries (`data.instructions`; None: no instruction)."""
 
     answer: str | int
     thinking: bool
+    instruction: str | None = None
 
 
 @dataclass
@@ -92,6 +97,42 @@ class RuleScorer:
             self.pool = None
 
     def __enter__(self) -> RuleScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InstructionScorer:
+    """`instruction_weight` x (instruction followed, 0/1) + the task reward of `task` (a
+    `RuleScorer`: accuracy_weight x accuracy + format_weight x format, in its sandboxed pool).
+
+    The instruction check is pure string work, linear in the text and bounded by the sandbox's
+    `max_chars`, so it runs in-process; a completion whose task part fails in the pool scores 0 on
+    the task and is still checked for its instruction. Exposes `config` and `limits` of the task
+    scorer (the loop checks them against its settings). Every reference must carry an instruction."""
+
+    def __init__(self, task: RuleScorer, instruction_weight: float = 1.0):
+        if not (isinstance(instruction_weight, (int, float)) and instruction_weight >= 0):
+            raise ValueError(f"instruction_weight={instruction_weight!r}: expected a number >= 0")
+        self.task, self.instruction_weight = task, float(instruction_weight)
+        self.config, self.limits = task.config, task.limits
+
+    def score(self, completions: Sequence[str], references: Sequence[Reference]) -> Scores:
+        """Total and parts ("instruction", plus the task scorer's "accuracy" and "format")."""
+        missing = [i for i, r in enumerate(references) if r.instruction is None]
+        if missing:
+            raise ValueError(f"reference {missing[0]} has no instruction: InstructionScorer scores instructed prompts")
+        task = self.task.score(completions, references)
+        followed = torch.tensor([float(instruction_followed(c, r.instruction, self.limits.max_chars))
+                                 for c, r in zip(completions, references)], dtype=torch.float32)  # fmt: skip
+        return Scores(task.total + self.instruction_weight * followed, {"instruction": followed, **task.parts},
+                      task.failures)  # fmt: skip
+
+    def close(self) -> None:
+        self.task.close()
+
+    def __enter__(self) -> InstructionScorer:
         return self
 
     def __exit__(self, *exc) -> None:
