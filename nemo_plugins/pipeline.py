@@ -9,6 +9,8 @@ of the run that reads a model, `teacher=DIR` the parent that recovery distils fr
 
 Without `model=`, a stage starts from the output of the nearest earlier stage of this run (its
 `starts_from`, nearest first), else from the newest such output already in `output_dir`. The
+alignment stages after GRPO (rloo, reward_model, rpo) run in the order `stages` lists them, each
+from the policy the stage before it in this run left. The
 parent is `parent.path` (any local HF Llama directory) or the tiny parent, trained once and
 cached (see `model.tiny_parent`). Every stage keeps its heavy work on disk keyed by its inputs
 and config, so a rerun restores finished work instead of redoing it.
@@ -50,6 +52,7 @@ from .utils.resources import measured, release_memory
 log = logging.getLogger("nemo_plugins")
 
 STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo", "reward_model", "rpo")
+ALIGNMENT = ("rloo", "reward_model", "rpo")  # after grpo, in the order `stages` lists them
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -417,6 +420,8 @@ class _Run:
         if self.cfg.model and not self.model_taken:
             self.model_taken = True
             return _checked_dir(self.cfg.model, "model")
+        if stage.name in ALIGNMENT and self.made:  # the policy the previous stage of this run left
+            return self.made[next(reversed(self.made))]
         for name in stage.starts_from:
             if name in self.made:
                 return self.made[name]
@@ -460,13 +465,21 @@ def load_pipeline_config(preset: str | None = None, overrides=()) -> PipelineCon
     return load_config(PipelineConfig, [*DEFAULT_CONFIGS, *([preset_path(preset)] if preset else [])], overrides)
 
 
+def run_order(stages) -> list[str]:
+    """The order the selected `stages` run in: registry order, then the alignment stages after
+    GRPO (`ALIGNMENT`) in the order `stages` lists them (default: the paper's, rloo, reward_model,
+    rpo)."""
+    fixed = [n for n in STAGES if n in stages and n not in ALIGNMENT]
+    return fixed + [n for n in dict.fromkeys(stages) if n in ALIGNMENT]
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Run the selected stages in registry order; returns (and writes to output_dir/report.json)
+    """Run the selected stages (in `run_order`); returns (and writes to output_dir/report.json)
     a summary with each stage's."""
     world = DeferredWorld(cfg.world, Path(cfg.cache_dir) if cfg.cache_dir else None)  # built only if used
     run = _Run(cfg, world)
-    for name in STAGES:
-        if name in cfg.stages and name not in run.summary:
+    for name in run_order(cfg.stages):
+        if name not in run.summary:
             run.run(REGISTRY[name])
     write_json_atomic(run.out / REPORT, run.summary, default=str)
     return run.summary
