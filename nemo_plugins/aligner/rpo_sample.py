@@ -95,6 +95,12 @@ def _restore(cfg: SampleConfig):
         model_cfg.precision = cfg.precision
     model = MegatronGPTModel.restore_from(cfg.policy, trainer=trainer, override_config_path=model_cfg, save_restore_connector=connector)
     model.freeze()
+    from megatron.core import parallel_state
+
+    if parallel_state.is_unitialized():  # as NeMo's megatron_gpt_eval.py: `sample` reads the DP group before generate
+        if trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.launch(lambda: None, trainer=trainer)
+        trainer.strategy.setup_environment()
     return model
 
 
