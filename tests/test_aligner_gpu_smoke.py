@@ -20,7 +20,8 @@ runs them:
    With beta = 1e-5 the policy/reference log-ratio term is negligible, so each step's loss is the
    hand value KL(sigmoid(eta * (r_chosen - r_rejected)) || 1/2).
 
-The aligner-tier CPU tests below check what the GPU run cannot be checked for here: the exact
+The file is named for the aligner tier's `tests/test_aligner_*.py`, so the README's test command
+runs its CPU tests in the Aligner venv. They check what the GPU run cannot be checked for here: the exact
 override lists compose against conf/aligner/{grpo,rpo}.yaml (and pass `check_config`), NeMo's
 tokenizer for the converted model encodes the prompt rows as the reward server keys them, and
 the TensorBoard reader the GPU test asserts through.
