@@ -14,6 +14,9 @@ which RLOO needs and GRPO and RPO read like any prompt), the same prompts_per_st
 max_new_tokens, temperature, top_p, thinking on, generate batch, micro-batch and seed. The loop
 seeds the rollout by (seed, step) alone, so all three sample the SAME completions: the same
 generated tokens per step (printed and checked: same prompt batch hash and same lengths).
+`--prompt-set own` gives GRPO and RPO the same problems WITHOUT the instruction (what their
+stages train on; a policy not trained on instructions answers those differently): the same
+problems are drawn, the completions and their token counts then differ, hence per-token figures.
 Everything else is each algorithm's own setting from the pipeline's config (conf/*/tiny.yaml;
 `key=value` overrides as for the pipeline): GRPO drops zero-variance groups and logs the KL to
 the reference, RLOO trains every sequence with its KL loss term, RPO scores every sequence with
@@ -55,6 +58,7 @@ import torch
 from nemo_plugins.data.chat_tokenizer import ChatTokenizer
 from nemo_plugins.data.curriculum import problems_by_id
 from nemo_plugins.data.problems import ProblemSet
+from nemo_plugins.data.reasoning_world import Problem
 from nemo_plugins.data.tiny_world import build_world
 from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.pipeline import load_pipeline_config, parent_source
@@ -66,6 +70,7 @@ from nemo_plugins.rl.rloo_stage import training_prompts
 from nemo_plugins.rl.rpo import RPO
 
 ALGORITHMS = ("grpo", "rloo", "rpo")
+PROMPT_SETS = ("instructed", "own")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8, help="completions per prompt (GRPO's G, RLOO's k, RPO's n)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--prompt-set", choices=PROMPT_SETS, default="instructed",
+                   help="instructed: all three on RLOO's instruction-augmented prompts (the same completions); "
+                        "own: GRPO and RPO on the same problems without the instruction, as their stages train")  # fmt: skip
     p.add_argument("--reps", type=int, default=3, help="timed steps per algorithm")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of the three first")
     p.add_argument("--threads", type=int, default=1,
@@ -140,7 +148,10 @@ def load_setup(args, cache_dir: str | None = None) -> dict:
     source = parent_source(pcfg, world)
     policy = load_checkpoint(source, dtype=torch.float32).eval()
     cfgs = configs(pcfg, args)
-    prompts = problems_by_id(training_prompts(ProblemSet(world), cfgs["rloo"]))
+    instructed = problems_by_id(training_prompts(ProblemSet(world), cfgs["rloo"]))
+    # The same problems under the same ids (so the sampler draws the same ones), without the instruction.
+    plain = {pid: Problem(p.base_question, p.steps, p.answer, p.difficulty) for pid, p in instructed.items()}
+    prompts = {name: instructed if name == "rloo" or args.prompt_set == "instructed" else plain for name in ALGORITHMS}
     if args.reward_model:
         rm, rm_source = load_reward_model(args.reward_model), str(Path(args.reward_model).resolve())
     else:
@@ -156,7 +167,7 @@ def load_setup(args, cache_dir: str | None = None) -> dict:
 def one_step(name: str, setup: dict, scorers: dict, out_dir: Path) -> dict:
     """Run one loop step of algorithm `name` from a fresh copy of the starting policy; its metrics row."""
     policy = copy.deepcopy(setup["policy"])
-    cfg, chat, prompts = setup["cfgs"][name], setup["chat"], setup["prompts"]
+    cfg, chat, prompts = setup["cfgs"][name], setup["chat"], setup["prompts"][name]
     rates = dict.fromkeys(prompts, 0.0)
     if name == "grpo":
         summary = run_grpo(policy, chat, prompts, rates, cfg, out_dir, rewarder=scorers[name])
@@ -245,8 +256,8 @@ def summarize(rows: dict[str, list[dict]], sequences: int) -> dict:
         out[f"paired_ratio_{name}_over_grpo"] = statistics.median(
             x / g for x, g in zip(a[name]["s_per_1k_tokens_each"], a["grpo"]["s_per_1k_tokens_each"])
         )  # fmt: skip
-    every = [(b, n) for al in a.values() for b, n in zip(al["batches"], al["generated_tokens"])]
-    out["same_prompts_and_tokens"] = len(set(every)) == 1
+    out["same_prompt_batch"] = len({b for al in a.values() for b in al["batches"]}) == 1
+    out["same_generated_tokens"] = len({n for al in a.values() for n in al["generated_tokens"]}) == 1
     return out
 
 
@@ -275,7 +286,7 @@ def main(argv=None, cache_dir: str | None = None) -> dict:
                   "layers": policy.config.num_layers, "reward_model": setup["reward_model_source"]},  # fmt: skip
         "workload": {"prompts_per_step": args.prompts, "group_size": args.group_size, "sequences": sequences,
                      "max_new_tokens": args.max_new_tokens, "requested_token_budget": sequences * args.max_new_tokens,
-                     "temperature": args.temperature, "top_p": 1.0, "thinking": "on", "reps": args.reps,
+                     "prompt_set": args.prompt_set, "temperature": args.temperature, "top_p": 1.0, "thinking": "on", "reps": args.reps,
                      "warmup": args.warmup, "seed": args.seed,
                      "reward_workers": {n: c.rewards.workers for n, c in cfgs.items()},
                      "budgets": {n: c.prompts_per_step * c.group_size * c.max_new_tokens for n, c in cfgs.items()}},  # fmt: skip
@@ -306,6 +317,7 @@ def format_report(r: dict) -> str:
         f"workload per step, all three: {w['prompts_per_step']} prompts x {w['group_size']} = {w['sequences']} sequences, "
         f"<= {w['max_new_tokens']} new tokens (requested budget {w['requested_token_budget']} tokens), "
         f"temperature {w['temperature']}, thinking on, seed {w['seed']}; reward workers {w['reward_workers']}",
+        f"prompts: {'all three on RLOO instruction-augmented prompts' if w['prompt_set'] == 'instructed' else 'RLOO instruction-augmented, GRPO and RPO the same problems without the instruction'}",
         f"{w['reps']} timed steps + {w['warmup']} warm-up per algorithm, interleaved GRPO/RLOO/RPO, "
         f"each from a fresh copy of the same start; time = the loop's time_s of the step; medians",
         "",
@@ -328,14 +340,21 @@ def format_report(r: dict) -> str:
         f"  (measured: GRPO dropped {statistics.median(dropped):.0f} of {w['prompts_per_step']} groups; "
         f"RPO trained {statistics.median(pairs):.0f} pairs; pass rate of the samples {a['grpo']['pass_rate'][0]:.3f})"
         if pairs and dropped else "",
-        f"sanity: the same prompt batch and the same number of generated tokens in every step of all three: "
-        f"{'yes' if r['same_prompts_and_tokens'] else 'NO'}",
+        f"sanity: the same problems drawn in every step of all three: {'yes' if r['same_prompt_batch'] else 'NO'}; "
+        f"the same number of generated tokens: {'yes' if r['same_generated_tokens'] else 'no'}"
+        f"{' (expected with --prompt-set instructed: the same prompts, seed and weights)' if w['prompt_set'] == 'instructed' else ''}",
         f"(wall {e['wall_s']:.0f} s for the steps and their runs' set-up; timings on a shared machine: trust the "
         "interleaved ratios, not the absolute figures)",
     ]
     return "\n".join(line for line in lines if line is not None)
 
 
+def passed(result: dict) -> bool:
+    """Sanity: the same problems in every step; with the instructed set, also the same tokens."""
+    same_tokens = result["same_generated_tokens"] or result["workload"]["prompt_set"] != "instructed"
+    return bool(result["same_prompt_batch"] and same_tokens)
+
+
 if __name__ == "__main__":
     res = main()
-    sys.exit(0 if res["same_prompts_and_tokens"] else 1)
+    sys.exit(0 if passed(res) else 1)

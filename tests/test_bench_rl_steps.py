@@ -2,7 +2,7 @@
 
 A tiny workload on the cached tiny parent (seconds): every figure is a positive finite number,
 the three algorithms got the same requested token budget and actually sampled the same prompt
-batch and token count, each trained on what its algorithm trains on, and the per-token ratios
+batch (and with the instructed prompt set the same token count), each trained on what its algorithm trains on, and the per-token ratios
 are computed as stated (checked on hand-made rows). No timing assertion: this machine's speed
 is not tested.
 """
@@ -28,10 +28,11 @@ def _load():
     return mod
 
 
-def test_bench_rl_steps_on_the_tiny_parent(parent_checkpoint, tmp_path):
+@pytest.mark.parametrize("prompt_set", ["instructed", "own"])
+def test_bench_rl_steps_on_the_tiny_parent(prompt_set, parent_checkpoint, tmp_path):
     bench = _load()
     out = tmp_path / "steps.json"
-    res = bench.main([*TINY, "--json", str(out)])
+    res = bench.main([*TINY, "--prompt-set", prompt_set, "--json", str(out)])
     assert Path(res["model"]["source"]) == Path(parent_checkpoint)
     sequences, budget = 2 * 3, 2 * 3 * 8
     assert res["workload"]["budgets"] == {"grpo": budget, "rloo": budget, "rpo": budget}
@@ -42,7 +43,9 @@ def test_bench_rl_steps_on_the_tiny_parent(parent_checkpoint, tmp_path):
         assert math.isfinite(d["s_per_1k_tokens"]) and d["s_per_1k_tokens"] > 0, (name, d)
     for key in ("ratio_rloo_over_grpo", "paired_ratio_rloo_over_grpo", "ratio_rpo_over_grpo", "paired_ratio_rpo_over_grpo"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
-    assert res["same_prompts_and_tokens"]  # the same batch and completions' length for all three
+    assert res["same_prompt_batch"] and bench.passed(res)  # the same problems drawn for all three
+    if prompt_set == "instructed":  # the same prompts, seed and weights: the same completions
+        assert res["same_generated_tokens"]
     a = res["algorithms"]
     assert a["rloo"]["seqs_trained"] == [sequences]  # RLOO trains every sequence
     assert all(s == 2 * p for s, p in zip(a["rpo"]["seqs_trained"], a["rpo"]["pairs"]))  # RPO: the pairs
@@ -66,7 +69,7 @@ def test_ratios_are_per_generated_token():
     assert s["ratio_rloo_over_grpo"] == pytest.approx(4.0 / 2.0)
     assert s["paired_ratio_rloo_over_grpo"] == pytest.approx(2.0)  # median of 3/1, 4/2, 4/4
     assert s["ratio_rpo_over_grpo"] == pytest.approx((2.0 / 20) / (2.0 / 40))  # fewer tokens: dearer per token
-    assert not s["same_prompts_and_tokens"]  # RPO's rows generated 20 tokens, the others 40
+    assert s["same_prompt_batch"] and not s["same_generated_tokens"]  # RPO generated 20 tokens, the others 40
 
 
 @pytest.mark.parametrize("argv, message", [(["--group-size", "1"], "--group-size=1"), (["--reps", "0"], "--reps=0"),
