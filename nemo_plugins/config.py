@@ -96,7 +96,27 @@ def load_config(
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(_rooted_at_failing_section(cfg, str(e))) from None
+
+
+def _rooted_at_failing_section(cfg, message: str) -> str:
+    """`message` ("<section>.<key>=...") with its section replaced by the top-level section that
+    failed to build. Sections share settings classes (the RL loops share `rl.config`'s, whose
+    messages name `grpo.`), so an error in `rpo.rewards` must not name `grpo.rewards`."""
+    head, dot, rest = message.partition(".")
+    if not dot or not head.isidentifier():
+        return message
+    for section in [head, *(k for k in cfg if k != head)]:
+        node = cfg.get(section) if section in cfg else None
+        if not OmegaConf.is_config(node):
+            continue
+        try:
+            OmegaConf.to_object(node)
+        except ValueError:
+            return message if section == head else f"{section}.{rest}"
+        except OmegaConfBaseException:
+            continue
+    return message
 
 
 def to_yaml(cfg) -> str:

@@ -292,6 +292,8 @@ def test_jsonl_pairs_split_by_prompt_into_disjoint_sets():
         ("rpo", "rpo.curriculum.kind=easy", "rpo.curriculum.kind='easy'"),
         ("rpo", "rpo.eval_set=heldout", "rpo.eval_set='heldout'"),
         ("rpo", "rpo.train_problems=0", "rpo.train_problems=0"),
+        ("rpo", "rpo.rewards.timeout_s=0", "rpo.rewards.timeout_s=0"),  # shared settings: named by this section
+        ("rpo", "rpo.overlong.penalty=-1", "rpo.overlong.penalty=-1"),
         ("reward_model", "reward_model.steps=0", "reward_model.steps"),
         ("reward_model", "reward_model.heldout_fraction=0.6", "reward_model.heldout_fraction=0.6"),
         ("reward_model", "reward_model.train_pairs=0", "reward_model.train_pairs=0"),
@@ -306,7 +308,7 @@ def test_config_errors_name_the_field(section, override, message):
         reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig)
         rpo: RPOStageConfig = field(default_factory=RPOStageConfig)
 
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):  # from the start: "grpo.x" contains "rpo.x"
         load_config(Root, [CONF_DIR / "reward_model" / "tiny.yaml", CONF_DIR / "rpo" / "tiny.yaml"], [override])
     assert load_config(Root, [CONF_DIR / "reward_model" / "tiny.yaml", CONF_DIR / "rpo" / "tiny.yaml"]).rpo.iterations == 2
 

@@ -27,7 +27,7 @@ import torch
 
 from ..data.chat_tokenizer import ChatTokenizer
 from ..data.curriculum import problems_by_id
-from .config import LoopConfig, OverlongConfig, RewardSettings, SamplerSettings
+from .config import LoopConfig, SamplerSettings
 from .experience import Rewards, Rollout
 from .loop import Prepared, run_loop
 from .rloo_loss import RLOOLoss, RLOOLossConfig, rloo_advantages
@@ -38,28 +38,6 @@ def _renamed(error: ValueError, section: str = "rloo") -> ValueError:
     """The shared loop settings name their key `grpo.<key>`; in this section it is `rloo.<key>`."""
     text = re.sub(r"^grpo\.", f"{section}.", str(error))
     return ValueError(text if text.startswith(f"{section}.") else f"{section}.{text}")
-
-
-@dataclass
-class RLOORewardSettings(RewardSettings):
-    """`RewardSettings` whose errors name `rloo.rewards.<field>`."""
-
-    def __post_init__(self):
-        try:
-            super().__post_init__()
-        except ValueError as e:
-            raise _renamed(e) from None
-
-
-@dataclass
-class RLOOOverlongConfig(OverlongConfig):
-    """`OverlongConfig` whose errors name `rloo.overlong.<field>`."""
-
-    def __post_init__(self):
-        try:
-            super().__post_init__()
-        except ValueError as e:
-            raise _renamed(e) from None
 
 
 @dataclass
@@ -97,16 +75,11 @@ class RLOOConfig(LoopConfig):
 
     instruction_weight: float = 1.0
     loss: RLOOLossSettings = field(default_factory=RLOOLossSettings)
-    rewards: RLOORewardSettings = field(default_factory=RLOORewardSettings)
-    overlong: RLOOOverlongConfig = field(default_factory=RLOOOverlongConfig)
     curriculum: RLOOSamplerSettings = field(default_factory=RLOOSamplerSettings)
 
     def __post_init__(self):
-        for name, kind in (("rewards", RLOORewardSettings), ("overlong", RLOOOverlongConfig),
-                           ("curriculum", RLOOSamplerSettings)):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, Mapping):
-                setattr(self, name, kind(**value))
+        if isinstance(self.curriculum, Mapping):
+            self.curriculum = RLOOSamplerSettings(**self.curriculum)
         if isinstance(self.loss, Mapping):
             self.loss = RLOOLossSettings(**self.loss)
         elif type(self.loss) is RLOOLossConfig:
