@@ -196,3 +196,15 @@ def test_bad_values_fail_at_load_naming_the_full_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(PipelineConfig, list(DEFAULT_CONFIGS), [override])
     assert message in str(e.value)
+
+
+def test_presets_only_run_stages_their_data_can_feed():
+    """The reward model builds its own pairs only on the tiny world; a preset on other problems
+    that runs it must name a pairs file, or it fails after every stage before it has run."""
+    from nemo_plugins.pipeline import load_pipeline_config
+
+    for preset in ("tiny", "smollm2"):
+        cfg = load_pipeline_config(preset)
+        if "reward_model" in cfg.stages and cfg.data.problems.source != "tiny":
+            assert cfg.reward_model.pairs_path, preset
+    assert "rloo" in load_pipeline_config("smollm2").stages
