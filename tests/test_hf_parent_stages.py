@@ -6,6 +6,7 @@ would give), and each stage runs alone from the directory the previous one wrote
 the tiny world's problems, so both kinds of problems meet the parent's template)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -223,3 +224,20 @@ def test_a_real_parent_with_real_data_builds_no_tiny_world(hf_parent, tmp_path):
     assert not (cache / "tiny_world").exists()
     assert summary["data"]["problems"]["source"] == "champ" and summary["puzzle"]["model"]
 
+
+def test_the_reward_model_on_real_problems_without_pairs_names_the_key_before_any_stage_runs(hf_parent, tmp_path, capsys):
+    """Only the tiny world builds its own pairs: on other problems the reward model needs a pairs
+    file, and the run is refused when its config loads (not after the stages before it)."""
+    from nemo_plugins.rl.reward_model_stage import RewardModelStageConfig, stage_pairs
+
+    out = tmp_path / "out"
+    wanted = "reward_model.pairs_path=None: data.problems.source=champ has no tiny-world responses"
+    assert main(["reward_model", f"model={hf_parent}", f"output_dir={out}", *SMALL, *CHAMP]) == 2
+    err = capsys.readouterr().err
+    assert wanted in err and "give reward_model.pairs_path=PAIRS.jsonl" in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=re.escape(wanted)):  # the stage itself, called as a library
+        stage_pairs(ProblemSet(None, ProblemSourceConfig(source="champ")), RewardModelStageConfig())
+    # stages without the reward model, or with a pairs file, load
+    assert load_config(PipelineConfig, DEFAULT_CONFIGS, ["data.problems.source=champ", "stages=[world,parent,sft]"])
+    assert load_config(PipelineConfig, DEFAULT_CONFIGS, ["data.problems.source=champ", "reward_model.pairs_path=p.jsonl"])
