@@ -42,7 +42,7 @@ from .model.tiny_parent import ParentConfig, read_train_log, train_parent
 from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
 from .rl.rloo_stage import RLOOStageConfig
-from .rl.reward_model_stage import RewardModelStageConfig
+from .rl.reward_model_stage import RewardModelStageConfig, missing_pairs_message
 from .rl.rpo_stage import RPOStageConfig
 from .sft.stage import SFTStageConfig
 from .utils.atomic import write_json_atomic
@@ -101,6 +101,9 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"stages: unknown stage {bad[0]!r} (expected some of {list(STAGES)})")
+        if "reward_model" in self.stages and self.data.problems.source != "tiny" and self.reward_model.pairs_path is None:
+            # refused here, not after every stage before it has run
+            raise ValueError(missing_pairs_message(self.data.problems.source))
 
 
 # ----------------------------------------------------------------------------- stage context

@@ -70,6 +70,13 @@ class RewardModelStageConfig(RewardModelConfig):
             _bad("pairs_path", self.pairs_path, "a JSONL file or directory of pairs, or null for the tiny world")
 
 
+def missing_pairs_message(source: str) -> str:
+    """Why the stage has no pairs on `source`'s problems (not the tiny world's), and what to give."""
+    return (f"reward_model.pairs_path=None: data.problems.source={source} has no tiny-world responses to build "
+            'preference pairs from; give reward_model.pairs_path=PAIRS.jsonl (one {"prompt", "chosen", "rejected"} '
+            "a line), or leave reward_model out of stages")  # fmt: skip
+
+
 def _prompt_bucket(prompt: str, seed: int) -> float:
     """A number in [0, 1) fixed by the prompt text (and seed): the same prompt, the same set."""
     return int(hashlib.sha256(f"{seed}/{prompt}".encode()).hexdigest()[:12], 16) / 16**12
@@ -98,8 +105,7 @@ def stage_pairs(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str, 
                  f"{len(pairs)} pairs, heldout_fraction={cfg.heldout_fraction})")  # fmt: skip
         return sets
     if problems.cfg.source != "tiny":
-        _bad("pairs_path", cfg.pairs_path, f"a JSONL of pairs: data.problems.source={problems.cfg.source} has no "
-             "tiny-world responses to build pairs from")  # fmt: skip
+        raise ValueError(missing_pairs_message(problems.cfg.source))
     world = problems.world
     levels = cfg.difficulties or world.config.difficulties
     train = [p for p in world.train if p.difficulty in set(levels)]
