@@ -28,9 +28,9 @@ import torch
 
 from .utils import checks
 from .arch.accounting import report as arch_report
-from .config import DEFAULT_CONFIGS, load_config, preset_path
+from .config import DEFAULT_CONFIGS, ConfigError, load_config, preset_path
 from .data.chat_tokenizer import ChatTokenizer
-from .data.problems import ProblemSet
+from .data.problems import SOURCE_TASKS, ProblemSet
 from .data.sources import Corpus, DataConfig
 from .data.tiny_world import DeferredWorld, World, WorldConfig
 from .distill.stage import RecoveryStageConfig
@@ -41,6 +41,7 @@ from .model.checkpoint import fingerprint, load_checkpoint, read_config, save_ch
 from .model.tiny_parent import ParentConfig, read_train_log, train_parent
 from .puzzle.stage import PuzzleConfig
 from .rl.grpo_stage import GRPOStageConfig
+from .rl.problem_fit import Misfit, misfit_message, misfits
 from .rl.rloo_stage import RLOOStageConfig
 from .rl.reward_model_stage import RewardModelStageConfig, missing_pairs_message
 from .rl.rpo_stage import RPOStageConfig
@@ -53,6 +54,7 @@ log = logging.getLogger("nemo_plugins")
 
 STAGES = ("world", "parent", "evaluate", "puzzle", "fusion", "recovery", "sft", "grpo", "rloo", "reward_model", "rpo")
 ALIGNMENT = ("rloo", "reward_model", "rpo")  # after grpo, in the order `stages` lists them
+RL_STAGES = ("grpo", "rloo", "rpo")  # the stages whose settings must fit the problems (`rl.problem_fit`)
 MODES = {"on": True, "off": False}
 # YAML and OmegaConf read a bare on/off as a boolean; accept those spellings too.
 _MODE_ALIASES = {"True": "on", "true": "on", "False": "off", "false": "off"}
@@ -101,9 +103,21 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"stages: unknown stage {bad[0]!r} (expected some of {list(STAGES)})")
-        if "reward_model" in self.stages and self.data.problems.source != "tiny" and self.reward_model.pairs_path is None:
-            # refused here, not after every stage before it has run
-            raise ValueError(missing_pairs_message(self.data.problems.source))
+        # settings the problems cannot feed are refused here, all at once, not after every stage before them has run
+        source, errors = self.data.problems.source, []
+        found = self.misfits(SOURCE_TASKS.get(source))
+        if found:
+            errors.append(misfit_message(found, source, task_known=source in SOURCE_TASKS))
+        if "reward_model" in self.stages and source != "tiny" and self.reward_model.pairs_path is None:
+            errors.append(missing_pairs_message(source))
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    def misfits(self, task: str | None) -> list[Misfit]:
+        """The selected RL stages' settings that cannot run on `data.problems` of reward task
+        `task` (None: not known before the problems are read)."""
+        selected = {name: getattr(self, name) for name in RL_STAGES if name in self.stages}
+        return misfits(selected, self.data.problems.source, task)
 
 
 # ----------------------------------------------------------------------------- stage context
@@ -405,8 +419,11 @@ class _Run:
 
     def __init__(self, cfg: PipelineConfig, world: World):
         self.cfg, self.world, self.out = cfg, world, Path(cfg.output_dir)
-        self.corpus = Corpus(world, cfg.data.text)
         self.problems = ProblemSet(world, cfg.data.problems)
+        found = cfg.misfits(self.problems.task)  # a JSONL's task is known only now, before any stage runs
+        if found:
+            raise ConfigError(misfit_message(found, cfg.data.problems.source))
+        self.corpus = Corpus(world, cfg.data.text)
         self.made: dict[str, Path] = {}  # model directories written by this run's stages
         self.summary: dict = {"config": asdict(cfg), "environment": environment()}
         self.model_taken = False  # `model=` goes to the first stage that reads a model

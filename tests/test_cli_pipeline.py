@@ -208,3 +208,81 @@ def test_presets_only_run_stages_their_data_can_feed():
         if "reward_model" in cfg.stages and cfg.data.problems.source != "tiny":
             assert cfg.reward_model.pairs_path, preset
     assert "rloo" in load_pipeline_config("smollm2").stages
+
+
+# The tiny-world RL defaults that CHAMP's problems cannot feed: no levels, and a math task.
+CHAMP_MISFITS = [
+    "grpo.difficulties=[2,3,4]", "grpo.eval_difficulties=[2,3,4]", "grpo.rewards.task=world",
+    "rloo.difficulties=[2,3,4]", "rloo.rewards.task=world",
+    "rpo.difficulties=[2,3,4]", "rpo.eval_difficulties=[2,3,4]", "rpo.rewards.task=world",
+]  # fmt: skip
+
+
+def _listed(message: str) -> list[str]:
+    """The key=value settings an error lists, one a line as '  key=value: why'."""
+    return [line.split(": ", 1)[0].strip() for line in message.splitlines() if line.startswith("  ")]
+
+
+def _fix_line(message: str) -> list[str]:
+    return next(line for line in message.splitlines() if line.startswith("fix: add ")).removeprefix("fix: add ").split()
+
+
+def test_the_cli_refuses_tiny_world_rl_settings_on_champ_naming_every_key(tmp_path, capsys):
+    """On CHAMP the RL stages' tiny-world defaults are refused when the config loads, every one at
+    once with its reason, and the error's fix line is overrides that load as they are."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["pipeline", f"output_dir={out}", f"cache_dir={cache}", "data.problems.source=champ"]) == 2
+    err = capsys.readouterr().err
+    assert _listed(err) == CHAMP_MISFITS
+    assert "levels exist only in the tiny world; champ problems have none" in err
+    assert "the rewards must check the problems' task, and champ's is math" in err
+    assert "reward_model.pairs_path=None" in err  # the reward model's missing pairs in the same error
+    assert not out.exists() and not cache.exists()
+    fix = _fix_line(err)
+    assert fix == [s.split("=")[0] + ("=math" if s.endswith("=world") else "=null") for s in CHAMP_MISFITS]
+    cfg = load_config(PipelineConfig, DEFAULT_CONFIGS, ["data.problems.source=champ", "reward_model.pairs_path=p.jsonl",
+                                                        *fix])  # fmt: skip
+    assert cfg.grpo.difficulties is None and cfg.rpo.rewards.task == "math"
+    assert " ".join(fix) in (Path(__file__).parents[1] / "README.md").read_text()  # the line the README gives
+
+
+def test_only_the_selected_rl_stages_must_fit_the_problems():
+    from nemo_plugins.pipeline import load_pipeline_config
+
+    def refused(*overrides, preset=None) -> list[str]:
+        with pytest.raises(ConfigError) as e:
+            load_pipeline_config(preset, overrides)
+        return _listed(str(e.value))
+
+    assert load_pipeline_config().data.problems.source == "tiny"  # the tiny defaults fit the tiny world
+    assert refused("grpo.rewards.task=math") == ["grpo.rewards.task=math"]  # ... whose task is world
+    # the SmolLM2 preset (CHAMP) fits for the stages it runs; adding rpo brings rpo's defaults in
+    smol = load_pipeline_config("smollm2")
+    assert "rpo" not in smol.stages and smol.grpo.rewards.task == "math"
+    assert refused(f"stages=[{','.join(smol.stages)},reward_model,rpo]", "reward_model.pairs_path=p.jsonl",
+                   preset="smollm2") == [s for s in CHAMP_MISFITS if s.startswith("rpo.")]  # fmt: skip
+    champ = ["data.problems.source=champ"]
+    assert load_pipeline_config(None, [*champ, "stages=[world,parent,evaluate,sft]"])  # no RL stage selected
+    assert refused(*champ, "stages=[grpo]") == [s for s in CHAMP_MISFITS if s.startswith("grpo.")]
+    assert refused(*champ, "stages=[grpo]", "grpo.difficulties=null", "grpo.eval_difficulties=null",
+                   "grpo.rewards.task=math", "grpo.prompt_source=fresh") == ["grpo.prompt_source=fresh"]  # fmt: skip
+
+
+def test_a_jsonl_task_is_checked_when_the_prompts_are_read_before_any_stage(tmp_path, capsys):
+    """A JSONL's task is known only once read: at load the levels are refused (the error says the
+    task comes later), and the task as soon as the file is read, before the first stage."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1),
+                                           "task": "math"}) + "\n" for i in range(10)))  # fmt: skip
+    out = tmp_path / "out"
+    base = ["pipeline", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}", "stages=[grpo]",
+            "data.problems.source=jsonl", f"data.problems.paths=[{prompts}]"]  # fmt: skip
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert _listed(err) == ["grpo.difficulties=[2,3,4]", "grpo.eval_difficulties=[2,3,4]"]
+    assert "rewards.task must also be the task of the prompts in data.problems.paths" in err
+    assert main([*base, *_fix_line(err)]) == 2
+    err = capsys.readouterr().err
+    assert _listed(err) == ["grpo.rewards.task=world"] and "jsonl's is math" in err
+    assert _fix_line(err) == ["grpo.rewards.task=math"]
+    assert not out.exists()

@@ -240,4 +240,4 @@ def test_the_reward_model_on_real_problems_without_pairs_names_the_key_before_an
         stage_pairs(ProblemSet(None, ProblemSourceConfig(source="champ")), RewardModelStageConfig())
     # stages without the reward model, or with a pairs file, load
     assert load_config(PipelineConfig, DEFAULT_CONFIGS, ["data.problems.source=champ", "stages=[world,parent,sft]"])
-    assert load_config(PipelineConfig, DEFAULT_CONFIGS, ["data.problems.source=champ", "reward_model.pairs_path=p.jsonl"])
+    assert load_config(PipelineConfig, DEFAULT_CONFIGS, [*CHAMP, "reward_model.pairs_path=p.jsonl"])

@@ -71,13 +71,22 @@ def test_evaluate_sft_and_grpo_run_on_champ(tmp_path):
 
 
 def test_grpo_refuses_settings_that_do_not_fit_the_problems(tmp_path):
+    """The pipeline refuses them when its config loads; the stage alone (a library call) too."""
+    from nemo_plugins.rl.grpo_stage import GRPOStageConfig, heldout_set, run_grpo_stage
+
     overrides = [*SMALL, f"output_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
                  "stages=[world,parent,grpo]", "data.problems.source=champ"]  # fmt: skip
+    with pytest.raises(ConfigError, match="grpo.rewards.task=world: the rewards must check the problems' task"):
+        load_config(PipelineConfig, DEFAULT_CONFIGS, overrides)
+    with pytest.raises(ConfigError, match=r"grpo.eval_difficulties=\[2\]: levels exist only in the tiny world"):
+        load_config(PipelineConfig, DEFAULT_CONFIGS, [*overrides, "grpo.rewards.task=math",
+                                                      "grpo.eval_difficulties=[2]"])  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    champ = ProblemSet(None, ProblemSourceConfig(source="champ"))
     with pytest.raises(ValueError, match="grpo.rewards.task='world': expected 'math'"):
-        run_pipeline(load_config(PipelineConfig, DEFAULT_CONFIGS, overrides))
+        run_grpo_stage(None, None, GRPOStageConfig(), tmp_path / "alone", chat=object(), problems=champ)
     with pytest.raises(ValueError, match=r"grpo.eval_difficulties=\[2\]: expected null: it draws new tiny-world"):
-        run_pipeline(load_config(PipelineConfig, DEFAULT_CONFIGS, [*overrides, "grpo.rewards.task=math",
-                                                                   "grpo.eval_difficulties=[2]"]))  # fmt: skip
+        heldout_set(champ, GRPOStageConfig(eval_difficulties=[2]))
 
 
 def test_grpo_results_are_keyed_by_the_problems(tmp_path):

@@ -24,6 +24,8 @@ from ..utils.hashing import config_hash
 from .tiny_world import World
 
 PROBLEM_SOURCES = ("tiny", "champ", "jsonl")
+# The reward task of a source's problems where the source fixes it (a JSONL's prompts name theirs).
+SOURCE_TASKS = {"tiny": "world", "champ": "math"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class ProblemSet:
         self.report: dict = {"source": self.cfg.source}
         self._sft: dict[str, ChatExample | tuple] = {}
         if self.cfg.source == "tiny":
-            self.task, self.train, self.eval = "world", world.train, world.eval
+            self.task, self.train, self.eval = SOURCE_TASKS["tiny"], world.train, world.eval
         elif self.cfg.source == "champ":
             self._champ()
         else:
@@ -84,7 +86,7 @@ class ProblemSet:
 
         champ = [p for p in load_champ() if p.reference is not None]
         problems = [TaskProblem(f"{DEFAULT_INSTRUCTION}\n\n{p.statement}", p.reference, p.id, steps=p.steps) for p in champ]
-        self.task = "math"
+        self.task = SOURCE_TASKS["champ"]
         self.train, self.eval = self._split(problems)
         pairs = champ_sft_examples(champ)
         self._sft = {p.id: (pairs[2 * i], pairs[2 * i + 1]) for i, p in enumerate(champ)}
