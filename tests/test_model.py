@@ -19,7 +19,7 @@ from nemo_plugins.arch import (
     to_hf_config,
 )
 from nemo_plugins.model import HeteroLlamaForCausalLM
-from nemo_plugins.model.generate import SamplingConfig, generate, sample_next
+from nemo_plugins.model.generate import SamplingConfig, generate, penalize_repeats, sample_next
 from nemo_plugins.model.llama import rope_inv_freq
 
 VOCAB = 97
@@ -213,3 +213,38 @@ def test_bad_sampling_config_rejected():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=0.9)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=float("inf"))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0], [2.0, -1.0, 0.5, -3.0]])
+    seen = torch.tensor([[True, True, False, False], [False, False, False, True]])
+    out = penalize_repeats(logits, seen, 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, -3.0], [2.0, -1.0, 0.5, -6.0]]))
+
+
+def test_repetition_penalty_matches_a_full_recompute_loop_with_transformers_processor():
+    """Greedy decoding with a penalty (batched, left-padded, KV cache) equals an independent loop:
+    transformers' model on the whole sequence each step and its `RepetitionPenaltyLogitsProcessor`
+    over the completion so far (the prompt is not counted, see `SamplingConfig`)."""
+    torch.manual_seed(9)
+    ours = HeteroLlamaForCausalLM(tiny_cfg(tie_word_embeddings=True)).eval()
+    hf = hf_twin(ours)
+    penalty = transformers.RepetitionPenaltyLogitsProcessor(1.5)
+    prompts = [[5, 6, 7, 5, 6, 7, 8], [11, 12], [13, 14, 13, 14, 15]]
+    n = 16
+    got = generate(ours, prompts, SamplingConfig(max_new_tokens=n, repetition_penalty=1.5), pad_id=3)
+    assert got != generate(ours, prompts, SamplingConfig(max_new_tokens=n), pad_id=3)  # it changes these loops
+    for p, row in zip(prompts, got):
+        ids, new = list(p), []
+        with torch.no_grad():
+            for _ in range(n):
+                logits = hf(torch.tensor([ids])).logits[:, -1]
+                if new:
+                    logits = penalty(torch.tensor([new]), logits)
+                new.append(int(logits.argmax(-1)))
+                ids.append(new[-1])
+        assert row == new

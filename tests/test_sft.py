@@ -355,6 +355,33 @@ def test_stage_writes_report_and_model_and_resumes_without_retraining(world, tmp
     assert other["run_dir"] != report["run_dir"] and other["train"]["start_step"] == 0
 
 
+def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain_greedy(world, tmp_path, monkeypatch):
+    """sft.repetition_penalty=1.3: before and after are decoded with it, the SFT model is also
+    scored under plain greedy (`after_without_penalty`), and a cached evaluation made without the
+    penalty is not reused for one with it."""
+    calls = []
+
+    def fake_toggle(model, tok, problems, **kw):
+        calls.append(kw["repetition_penalty"])
+        score = {"adherence": kw["repetition_penalty"], "accuracy": 0.0, "mean_response_tokens": 1.0,
+                 "n": len(problems)}  # fmt: skip
+        return {"on": score, "off": score}
+
+    monkeypatch.setattr(sft_stage, "evaluate_toggle", fake_toggle)
+    kw = dict(steps=1, batch_size=2, max_len=96, warmup_steps=0, val_every=1, ckpt_every=1, val_batches=1,
+              world_problems=4, val_problems=2, eval_problems=3, eval_batch_size=3, max_new_tokens=4)  # fmt: skip
+    out = tmp_path / "sft"
+    plain, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw), out)
+    assert calls == [1.0, 1.0] and "after_without_penalty" not in plain and plain["repetition_penalty"] == 1.0
+    calls.clear()
+    report, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.3), out)
+    assert calls == [1.3, 1.3, 1.0]  # before and after with the penalty; after again without it
+    assert report["before"]["on"]["adherence"] == report["after"]["on"]["adherence"] == 1.3
+    assert report["after_without_penalty"]["on"]["adherence"] == 1.0 and report["repetition_penalty"] == 1.3
+    with pytest.raises(ValueError, match="sft.repetition_penalty"):
+        SFTStageConfig(**kw, repetition_penalty=0.5)
+
+
 @pytest.mark.parametrize("loss_average", ["token", "example"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_decision_weight_adds_weight_to_each_response_first_targets(loss_average, n):

@@ -1,4 +1,5 @@
-"""Batched generation: left-padded prompts, KV cache, greedy / temperature / top-p, stop tokens."""
+"""Batched generation: left-padded prompts, KV cache, greedy / temperature / top-p, a repetition
+penalty, stop tokens."""
 
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ from .llama import HeteroLlamaForCausalLM
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy; top_p 1.0 keeps the whole distribution."""
+    """temperature 0 means greedy; top_p 1.0 keeps the whole distribution.
+
+    `repetition_penalty` > 1 lowers the logit of every token the completion already holds, before
+    sampling: divided by it where positive, multiplied where negative (transformers' rule). 1.0 is
+    off. Unlike transformers, the prompt's tokens are not counted: every chat prompt holds the
+    end-of-turn token, and penalizing it keeps answers from stopping (on SmolLM2's SFT child,
+    penalty 1.2: 57% of thinking answers cut at the token limit with the prompt counted, 0% without)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -26,6 +34,13 @@ class SamplingConfig:
             raise ValueError(f"temperature={self.temperature}: expected >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
+        if not 1.0 <= self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: expected a finite number >= 1 (1 is off)")
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """`logits` [B, V] with each row's `seen` [B, V] tokens penalized (see `SamplingConfig`)."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,9 +97,15 @@ def generate(
 
     cache = model.new_cache(B, T + cfg.max_new_tokens) if use_cache else None
     logits = _last_logits(model, ids, positions, valid if padded else None, cache)
+    penalize = cfg.repetition_penalty != 1.0
+    seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device) if penalize else None
     for step in range(cfg.max_new_tokens):
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
         nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
         out[:, step] = nxt
         n_out += (~done).long()
         if len(stop):

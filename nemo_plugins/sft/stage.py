@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,9 +59,15 @@ class SFTStageConfig(SFTConfig):
     eval_problems: int = 250  # world.eval problems for the toggle evaluation
     eval_batch_size: int = 64
     max_new_tokens: int = 64
+    # > 1: the toggle evaluation decodes with this repetition penalty (`SamplingConfig`), and the
+    # report adds the SFT model's plain greedy scores as `after_without_penalty`
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 1.0 <= rp < math.inf:
+            raise ValueError(f"sft.repetition_penalty={rp!r}: expected a finite number >= 1 (1 is off)")
         for name in ("world_problems",):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
                 raise ValueError(f"sft.{name}={getattr(self, name)!r}: expected an integer >= 0")
@@ -83,8 +90,9 @@ class SFTStageConfig(SFTConfig):
         return {k: getattr(self, k) for k in keys}
 
     def eval_fields(self) -> dict:
+        penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1.0 else {}
         return {"eval_problems": self.eval_problems, "batch_size": self.eval_batch_size,
-                "max_new_tokens": self.max_new_tokens}  # fmt: skip
+                "max_new_tokens": self.max_new_tokens, **penalty}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
@@ -157,8 +165,8 @@ def _cached_toggle(path: Path, model, problems: ProblemSet, cfg: SFTStageConfig,
         if saved.get("settings") == settings:
             return saved["result"]
     result = evaluate_toggle(
-        model, chat, problems.eval[: cfg.eval_problems],
-        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, verify=verify,
+        model, chat, problems.eval[: cfg.eval_problems], batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_new_tokens, verify=verify, repetition_penalty=cfg.repetition_penalty,
     )  # fmt: skip
     write_json_atomic(path, {"settings": settings, "result": result})
     return result
@@ -195,12 +203,18 @@ def run_sft_stage(
     summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
     after = _cached_toggle(run_dir / "toggle_after.json", model, problems, cfg, chat, verify)
     _log_toggle(before, after)
+    plain = None
+    if cfg.repetition_penalty != 1.0:  # what the penalty changes, on the same model and problems
+        plain_cfg = replace(cfg, repetition_penalty=1.0)
+        plain = _cached_toggle(run_dir / "toggle_after_greedy.json", model, problems, plain_cfg, chat, verify)
     target = out_dir / "model"
     save_checkpoint(model, target, extra_files=chat.files())
     history = summary["val_history"]
     report = {
         "before": before,
         "after": after,
+        **({"after_without_penalty": plain} if plain is not None else {}),
+        "repetition_penalty": cfg.repetition_penalty,
         "data": counts,
         "train": {
             "steps": summary["steps"], "start_step": summary["start_step"],

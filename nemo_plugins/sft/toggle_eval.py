@@ -12,6 +12,10 @@ Per mode, over the same problems:
   the mode but does not adhere;
 - truncated: the share of responses cut at max_new_tokens (no stop token);
 - mean_response_tokens: generated tokens, the stop token excluded; n: problems.
+
+Decoding is greedy, with an optional repetition penalty (`SamplingConfig.repetition_penalty`):
+a small model's greedy thinking trace can loop on one sentence until it is cut, which no prompt
+format fixes.
 """
 
 from __future__ import annotations
@@ -70,11 +74,12 @@ def mode_scores(
 
 def greedy_responses(
     model: HeteroLlamaForCausalLM, tok: ChatTokenizer, problems: Sequence[Problem], thinking: bool, *,
-    batch_size: int, max_new_tokens: int,
+    batch_size: int, max_new_tokens: int, repetition_penalty: float = 1.0,
 ) -> tuple[list[str], list[int], list[bool]]:  # fmt: skip
     """(texts, token counts, stopped) of greedy responses to each problem's prompt (`model.rollout`),
     stop token dropped; `stopped` is False where max_new_tokens cut the response."""
-    cfg = RolloutConfig(SamplingConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    cfg = RolloutConfig(sampling, batch_size=batch_size)
     done = sample_questions(model, tok, [p.question for p in problems], thinking, cfg)
     return done.texts, done.lengths, done.stopped
 
@@ -82,6 +87,7 @@ def greedy_responses(
 def evaluate_toggle(
     model: HeteroLlamaForCausalLM, tokenizer: ChatTokenizer, problems: Sequence[Problem], *,
     batch_size: int = 64, max_new_tokens: int = 64, verify: Callable[[str, Problem], bool] = is_correct,
+    repetition_penalty: float = 1.0,
 ) -> dict:  # fmt: skip
     """{"on": scores, "off": scores} (see `mode_scores`) from greedy answers to the same problems."""
     if not problems:
@@ -91,7 +97,8 @@ def evaluate_toggle(
     out = {}
     for mode, thinking in MODES.items():
         texts, lengths, stopped = greedy_responses(
-            model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens
+            model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
         )
         out[mode] = mode_scores(problems, texts, lengths, thinking, verify, stopped)
     return out
