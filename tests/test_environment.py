@@ -1,6 +1,7 @@
 """report.json's environment and weight digests: what tells two runs apart."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,32 @@ def test_the_cached_stages_name_sources_that_exist():
 
     digests = {source_digest(*parts) for parts in (WORLD_SOURCE, PARENT_SOURCE, LIBRARY_SOURCE)}
     assert len(digests) == 3 and all(len(d) == 12 for d in digests)
+
+
+def test_generation_code_is_not_in_the_parent_or_library_keys_but_the_model_is(tmp_path, monkeypatch):
+    """Editing the sampler must not retrain the tiny parent and every block library (it reads
+    them, never makes them); editing the model's forward pass must."""
+
+    import nemo_plugins
+    from nemo_plugins.model.tiny_parent import PARENT_SOURCE
+    from nemo_plugins.puzzle.stage import LIBRARY_SOURCE
+    from nemo_plugins.utils import hashing
+
+    pkg = tmp_path / "nemo_plugins"
+    shutil.copytree(Path(nemo_plugins.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(hashing, "PACKAGE_DIR", pkg)
+
+    def keys():
+        hashing.source_digest.cache_clear()
+        return hashing.source_digest(*PARENT_SOURCE), hashing.source_digest(*LIBRARY_SOURCE)
+
+    before = keys()
+    for name in ("generate.py", "rollout.py", "gguf_import.py"):
+        with open(pkg / "model" / name, "a") as f:
+            f.write("# edited\n")
+    assert keys() == before
+    with open(pkg / "model" / "llama.py", "a") as f:
+        f.write("# edited\n")
+    after = keys()
+    assert after[0] != before[0] and after[1] != before[1]
+    hashing.source_digest.cache_clear()

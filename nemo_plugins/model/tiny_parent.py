@@ -24,8 +24,11 @@ from .llama import HeteroLlamaForCausalLM
 from ..utils.training import OptimConfig
 from .train import fit_lm
 
-# The code that trains the tiny parent (model, loop, data batching): part of its cache key.
-PARENT_SOURCE = ("model", "arch", "utils/training.py", "utils/resume.py")
+# The code that trains and saves the tiny parent (model, loop, data batching): part of its cache
+# key. Not generation or rollout code, which reads a parent but never makes one: an edit there
+# would retrain the parent and every block library built on it for nothing.
+PARENT_SOURCE = ("model/llama.py", "model/train.py", "model/tiny_parent.py", "model/checkpoint.py", "arch",
+                 "utils/training.py", "utils/resume.py")  # fmt: skip
 
 
 @dataclass

@@ -36,8 +36,11 @@ from .library import LibraryConfig, build_variants, is_parent_variant
 from .realize import realize_child
 from .shards import load_shard, score_shard, train_shard
 
-# The code that initializes and trains a block library: part of its cache key.
-LIBRARY_SOURCE = ("puzzle", "model", "arch", "data/sources.py", "data/text_data.py", "utils/training.py", "utils/resume.py")
+# The code that initializes, trains and scores a block library: part of its cache key (as for the
+# parent, not the generation code, which the library never runs).
+LIBRARY_SOURCE = ("puzzle", "model/llama.py", "model/train.py", "model/metrics.py", "model/losses.py",
+                  "model/checkpoint.py", "arch", "data/sources.py", "data/text_data.py", "utils/training.py",
+                  "utils/resume.py")  # fmt: skip
 
 log = logging.getLogger("nemo_plugins.puzzle")
 
