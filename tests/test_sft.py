@@ -374,8 +374,14 @@ def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain
     plain, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw), out)
     assert calls == [1.0, 1.0] and "after_without_penalty" not in plain and plain["repetition_penalty"] == 1.0
     calls.clear()
-    report, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.3), out)
+    report, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.3), tmp_path / "fresh")
     assert calls == [1.3, 1.3, 1.0]  # before and after with the penalty; after again without it
+    calls.clear()  # beside the plain run, its plain evaluation is reused, not redone
+    again, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.3), out)
+    assert calls == [1.3, 1.3] and again["after_without_penalty"] == plain["after"]
+    calls.clear()  # and the plain run's own files were not replaced by the penalized ones
+    assert run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw), out)[0]["after"] == plain["after"]
+    assert calls == []
     assert report["before"]["on"]["adherence"] == report["after"]["on"]["adherence"] == 1.3
     assert report["after_without_penalty"]["on"]["adherence"] == 1.0 and report["repetition_penalty"] == 1.3
     with pytest.raises(ValueError, match="sft.repetition_penalty"):

@@ -172,6 +172,12 @@ def _cached_toggle(path: Path, model, problems: ProblemSet, cfg: SFTStageConfig,
     return result
 
 
+def _decoding_suffix(repetition_penalty: float) -> str:
+    """The toggle files' name suffix of a decoding: none for plain greedy, so evaluations with and
+    without a penalty sit side by side instead of replacing each other."""
+    return "" if repetition_penalty == 1.0 else f"-penalty{repetition_penalty:g}"
+
+
 def _log_toggle(before: dict, after: dict) -> None:
     for mode in ("on", "off"):
         b, a = before[mode], after[mode]
@@ -199,14 +205,15 @@ def run_sft_stage(
     key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), start)
     run_dir = out_dir / f"run-{key}"
     # the starting model's toggle depends on its weights alone: runs with other settings share it
-    before = _cached_toggle(out_dir / f"toggle-before-{config_hash(start)}.json", model, problems, cfg, chat, verify)
+    decoding = _decoding_suffix(cfg.repetition_penalty)
+    before = _cached_toggle(out_dir / f"toggle-before-{config_hash(start)}{decoding}.json", model, problems, cfg, chat, verify)
     summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
-    after = _cached_toggle(run_dir / "toggle_after.json", model, problems, cfg, chat, verify)
+    after = _cached_toggle(run_dir / f"toggle_after{decoding}.json", model, problems, cfg, chat, verify)
     _log_toggle(before, after)
     plain = None
-    if cfg.repetition_penalty != 1.0:  # what the penalty changes, on the same model and problems
+    if cfg.repetition_penalty != 1.0:  # what the penalty changes: the plain run's file, shared with it
         plain_cfg = replace(cfg, repetition_penalty=1.0)
-        plain = _cached_toggle(run_dir / "toggle_after_greedy.json", model, problems, plain_cfg, chat, verify)
+        plain = _cached_toggle(run_dir / "toggle_after.json", model, problems, plain_cfg, chat, verify)
     target = out_dir / "model"
     save_checkpoint(model, target, extra_files=chat.files())
     history = summary["val_history"]
