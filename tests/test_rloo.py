@@ -408,3 +408,13 @@ def test_stage_crashed_then_rerun_ends_with_the_uninterrupted_weights(tok, start
     for k, v in weights(resumed).items():
         assert torch.equal(v, expected[k]), k  # bit for bit
     assert not changed(weights(load_checkpoint(tmp_path / "crashed" / "model")), expected)
+
+
+def test_a_directly_built_config_names_the_rloo_curriculum_key_and_defaults_to_random_order():
+    """Without the config loader (a library user building RLOOConfig), a bad sampler setting still
+    names `rloo.curriculum.<key>`, not the shared settings' `grpo.` section."""
+    from nemo_plugins.rl.rloo import RLOOConfig
+
+    assert RLOOConfig().curriculum.kind == "random"
+    with pytest.raises(ValueError, match=r"^rloo\.curriculum\.kind='bogus'"):
+        RLOOConfig(curriculum={"kind": "bogus"})

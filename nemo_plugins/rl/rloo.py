@@ -42,15 +42,9 @@ def _renamed(error: ValueError, section: str = "rloo") -> ValueError:
 
 @dataclass
 class RLOOSamplerSettings(SamplerSettings):
-    """`SamplerSettings` whose errors name `rloo.curriculum.<field>`; random order by default."""
+    """`SamplerSettings` in random order by default (its errors are renamed with the section's)."""
 
     kind: str = "random"
-
-    def __post_init__(self):
-        try:
-            super().__post_init__()
-        except ValueError as e:
-            raise _renamed(e) from None
 
 
 @dataclass
@@ -78,13 +72,13 @@ class RLOOConfig(LoopConfig):
     curriculum: RLOOSamplerSettings = field(default_factory=RLOOSamplerSettings)
 
     def __post_init__(self):
-        if isinstance(self.curriculum, Mapping):
-            self.curriculum = RLOOSamplerSettings(**self.curriculum)
         if isinstance(self.loss, Mapping):
             self.loss = RLOOLossSettings(**self.loss)
         elif type(self.loss) is RLOOLossConfig:
             self.loss = RLOOLossSettings(**asdict(self.loss))
         try:
+            if isinstance(self.curriculum, Mapping):
+                self.curriculum = RLOOSamplerSettings(**self.curriculum)
             super().__post_init__()
         except ValueError as e:
             raise _renamed(e) from None
