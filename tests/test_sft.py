@@ -23,7 +23,7 @@ from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 from nemo_plugins.sft import SFTConfig, SFTStageConfig, evaluate_toggle, run_sft, run_sft_stage
 from nemo_plugins.sft import stage as sft_stage
 from nemo_plugins.sft import train as sft_train
-from nemo_plugins.sft.train import build_rows, response_starts, step_loss, step_micro_batches
+from nemo_plugins.sft.train import build_rows, response_starts, sequence_marks, step_loss, step_micro_batches
 from nemo_plugins.utils.resume import latest
 
 from training_callbacks import Crash, Steps
@@ -388,6 +388,21 @@ def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain
         SFTStageConfig(**kw, repetition_penalty=0.5)
 
 
+def hand_weighted_loss(model, examples, loss_average, extra) -> float:
+    """The weighted mean target loss written out from torch's cross-entropy, one example a row:
+    base weight 1 ("token") or 1/targets ("example"), plus `extra(row, t, targets)` on target t
+    (token t is the target of position t-1)."""
+    num, den = 0.0, 0.0
+    for row, (ids, mask) in enumerate(examples):
+        nll = F.cross_entropy(model.logits[row, : len(ids) - 1], torch.tensor(ids[1:]), reduction="none")
+        targets = [t for t in range(1, len(ids)) if mask[t]]
+        base = 1.0 if loss_average == "token" else 1.0 / len(targets)
+        for t in targets:
+            w = base + extra(row, t, targets)
+            num, den = num + w * float(nll[t - 1]), den + w
+    return num / den
+
+
 @pytest.mark.parametrize("loss_average", ["token", "example"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_decision_weight_adds_weight_to_each_response_first_targets(loss_average, n):
@@ -401,19 +416,69 @@ def test_decision_weight_adds_weight_to_each_response_first_targets(loss_average
     rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
     got = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), **cfg.weighting())
 
-    num, den = 0.0, 0.0
-    for row, (ids, mask) in enumerate(examples):
-        nll = F.cross_entropy(model.logits[row, : len(ids) - 1], torch.tensor(ids[1:]), reduction="none")
-        targets = [t for t in range(1, len(ids)) if mask[t]]  # token t is the target of position t-1
-        base = 1.0 if loss_average == "token" else 1.0 / len(targets)
-        for t in targets:
-            w = base + (3.0 if t in targets[:n] else 0.0)
-            num, den = num + w * float(nll[t - 1]), den + w
-    assert got == pytest.approx(num / den, rel=1e-6)
+    extra = lambda row, t, targets: 3.0 if t in targets[:n] else 0.0  # noqa: E731
+    assert got == pytest.approx(hand_weighted_loss(model, examples, loss_average, extra), rel=1e-6)
     plain = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), loss_average=loss_average)
     assert got != pytest.approx(plain)
     with pytest.raises(ValueError, match="sft.decision_weight=-1"):
         SFTConfig(decision_weight=-1)
+
+
+@pytest.mark.parametrize("loss_average", ["token", "example"])
+def test_close_weight_adds_weight_to_the_counted_close_sequence(loss_average):
+    """sft.close_weight=w, close_tokens=[7, 8]: every counted target inside an occurrence of 7, 8
+    weighs w more; a lone 7 or 8 and an occurrence in the prompt (not counted) do not. Checked
+    against the loss written out by hand from torch's cross-entropy (one example a row)."""
+    examples = [([7, 8, 5, 6, 7, 8, 9, 8], [0, 0, 0, 1, 1, 1, 1, 1]), ([11, 7, 12, 7, 8], [0, 0, 1, 1, 1])]
+    model = FixedLogits(2, 16, 20, seed=6)
+    cfg = SFTConfig(batch_size=2, max_len=16, pack=False, loss_average=loss_average, close_weight=4.0,
+                    close_tokens=[7, 8])  # fmt: skip
+    rows = build_rows(examples, cfg.max_len, cfg.pack, cfg.seed)
+    got = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), **cfg.weighting())
+
+    closing = [{4, 5}, {3, 4}]  # positions of the counted 7, 8 pairs
+    extra = lambda row, t, targets: 4.0 if t in closing[row] else 0.0  # noqa: E731
+    assert got == pytest.approx(hand_weighted_loss(model, examples, loss_average, extra), rel=1e-6)
+    plain = step_loss(model, step_micro_batches(examples, rows, [0, 1], cfg), loss_average=loss_average)
+    assert got != pytest.approx(plain)
+    with pytest.raises(ValueError, match="sft.close_weight=-1"):
+        SFTConfig(close_weight=-1)
+    with pytest.raises(ValueError, match="sft.close_tokens"):
+        SFTConfig(close_tokens=[1, "x"])
+
+
+def test_sequence_marks_and_close_weight_needs_its_tokens(tmp_path):
+    targets = torch.tensor([[1, 2, 3, 1, 2, 1, 2]])
+    counted = torch.tensor([[1.0, 1, 1, 1, 1, 0, 0]])
+    assert sequence_marks(targets, counted, [1, 2]).tolist() == [[1, 1, 0, 1, 1, 0, 0]]
+    assert sequence_marks(targets, counted, [2, 1, 2]).tolist() == [[0, 0, 0, 0, 1, 0, 0]]
+    assert sequence_marks(targets, counted, [9] * 8).sum() == 0  # longer than the row
+    examples = [([5, 6, 7, 8], [0, 1, 1, 1])] * 2
+    with pytest.raises(ValueError, match="sft.close_weight=2.*close_tokens"):
+        run_sft(tiny(build_world(WorldConfig()), seed=0), examples, examples, SFTConfig(close_weight=2.0), tmp_path)
+
+
+def test_sft_stage_weights_its_tokenizers_close_tag(tmp_path, monkeypatch):
+    """With sft.close_weight and no close_tokens, the stage trains with the tokenizer's `</think>`;
+    the run key is unchanged while the weight is off (runs made before the setting keep theirs)."""
+    seen = {}
+
+    class StopAtTraining(Exception):
+        pass
+
+    def stop_at_training(model, train, val, cfg, run_dir, **kw):
+        seen["cfg"] = cfg
+        raise StopAtTraining  # nothing after training matters here
+
+    monkeypatch.setattr(sft_stage, "run_sft", stop_at_training)
+    monkeypatch.setattr(sft_stage, "_cached_toggle", lambda *a, **k: {})
+    world = build_world(WorldConfig())
+    kw = dict(world_problems=8, val_problems=4, eval_problems=4)
+    with pytest.raises(StopAtTraining):
+        run_sft_stage(tiny(world, seed=0), world, SFTStageConfig(**kw, close_weight=5.0), tmp_path)
+    assert seen["cfg"].close_tokens == world.chat.encode("</think>") and seen["cfg"].close_weight == 5.0
+    assert "close_weight" not in SFTStageConfig(**kw).train_fields()
+    assert SFTStageConfig(**kw, close_weight=1.0).train_fields()["close_weight"] == 1.0
 
 
 def test_response_starts_marks_each_response_once_in_packed_rows():

@@ -30,7 +30,7 @@ from ..data.sft_data import (
     read_nemotron_jsonl,
     tokenize_examples,
 )
-from ..data.chat import THINK_START
+from ..data.chat import THINK_END, THINK_START
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import is_correct
 from ..data.tiny_world import World
@@ -50,6 +50,7 @@ JSONL_FORMATS = {"messages": read_messages_jsonl, "nemotron": read_nemotron_json
 @dataclass
 class SFTStageConfig(SFTConfig):
     decision_tokens: int = 0  # 0: the token count of the tokenizer's `<think>` (see SFTConfig)
+    # close_tokens (SFTConfig) empty with close_weight > 0: the tokenizer's spelling of `</think>`
     world_problems: int = 2000  # world.train problems used, each in both modes (0: none)
     val_problems: int = 64  # world.eval problems for the validation loss, each in both modes
     train_jsonl: list[str] = field(default_factory=list)  # extra SFT data files (real data)
@@ -200,6 +201,8 @@ def run_sft_stage(
     out_dir = Path(out_dir)
     if cfg.decision_tokens == 0:  # the mode is picked by the tokens that spell `<think>`
         cfg = replace(cfg, decision_tokens=len(chat.encode(THINK_START)))
+    if cfg.close_weight and not cfg.close_tokens:  # the trace ends with the tokens that spell `</think>`
+        cfg = replace(cfg, close_tokens=chat.encode(THINK_END))
     train, val, counts = build_sft_data(world, cfg, chat, problems)
     start = fingerprint(model)
     key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), start)

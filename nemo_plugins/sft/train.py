@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import lightning as L
@@ -47,6 +47,7 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Ten
 # Fields that decide which rows each step sees: a resume with other values is another run.
 _RUN_DEFINING = (
     "batch_size", "grad_accum", "seed", "max_len", "pack", "loss_average", "decision_weight", "decision_tokens",
+    "close_weight", "close_tokens",
 )  # fmt: skip
 _PACK_SEED = 0x5F7  # second SeedSequence word of the packing shuffle (epochs use small ints)
 
@@ -80,6 +81,11 @@ class SFTConfig:
     # of one token ("token") or of one whole example ("example"). 0: none
     decision_weight: float = 0.0
     decision_tokens: int = 1  # the sft stage sets 0 to the token count of the tokenizer's `<think>`
+    # extra weight on each counted target that is part of a `close_tokens` sequence (the tokens of
+    # `</think>`, which the sft stage fills in): the step out of the thinking trace, which a small
+    # model may skip by ending its turn inside the block. Units as decision_weight. 0: none
+    close_weight: float = 0.0
+    close_tokens: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_len", "grad_accum", "val_every", "ckpt_every", "keep_last"):
@@ -106,25 +112,31 @@ class SFTConfig:
             raise ValueError(f"sft.pack={self.pack!r}: expected true or false")
         if isinstance(self.decision_tokens, bool) or not isinstance(self.decision_tokens, int) or self.decision_tokens < 0:
             raise ValueError(f"sft.decision_tokens={self.decision_tokens!r}: expected an integer >= 0")
-        if isinstance(self.decision_weight, bool) or not (
-            isinstance(self.decision_weight, (int, float)) and 0 <= self.decision_weight < math.inf
-        ):
-            raise ValueError(f"sft.decision_weight={self.decision_weight!r}: expected a finite number >= 0")
+        for name in ("decision_weight", "close_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"sft.{name}={value!r}: expected a finite number >= 0")
+        self.close_tokens = list(self.close_tokens)
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.close_tokens):
+            raise ValueError(f"sft.close_tokens={self.close_tokens!r}: expected token ids (integers >= 0)")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"sft.loss_average={self.loss_average!r}: expected one of {', '.join(LOSS_AVERAGES)}")
 
     def weighting(self) -> dict:
         """`target_weights`' keywords for this config."""
         return {"loss_average": self.loss_average, "decision_weight": self.decision_weight,
-                "decision_tokens": self.decision_tokens}  # fmt: skip
+                "decision_tokens": self.decision_tokens, "close_weight": self.close_weight,
+                "close_tokens": self.close_tokens}  # fmt: skip
 
     @property
     def rows_per_step(self) -> int:
         return self.batch_size * self.grad_accum
 
     def train_fields(self) -> dict:
-        """The SFTConfig fields only (a subclass's extra settings left out): what defines the run."""
-        return {f.name: getattr(self, f.name) for f in fields(SFTConfig)}
+        """The SFTConfig fields only (a subclass's extra settings left out): what defines the run.
+        The close weighting, added later, is left out while off, so earlier runs keep their keys."""
+        off = ("close_weight", "close_tokens") if not self.close_weight else ()
+        return {f.name: getattr(self, f.name) for f in fields(SFTConfig) if f.name not in off}
 
 
 # ----------------------------------------------------------------------------- rows and micro-batches
@@ -189,14 +201,30 @@ def response_starts(counted: torch.Tensor, n: int = 1) -> torch.Tensor:
     return marks
 
 
+def sequence_marks(targets: torch.Tensor, counted: torch.Tensor, sequence: Sequence[int]) -> torch.Tensor:
+    """[rows, T-1] 1 on every counted target that belongs to an occurrence of `sequence` (token ids)
+    in `targets`, else 0."""
+    k = len(sequence)
+    marks = torch.zeros_like(counted)
+    if k == 0 or targets.shape[1] < k:
+        return marks
+    seq = torch.tensor(list(sequence), device=targets.device)
+    starts = (targets.unfold(1, k, 1) == seq).all(-1).to(counted.dtype)  # [rows, T-k]: an occurrence starts here
+    for j in range(k):  # mark the occurrence's j-th token
+        marks[:, j : j + starts.shape[1]] += starts
+    return marks.clamp_max(1.0) * counted
+
+
 def target_weights(
-    mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0, decision_tokens: int = 1
-) -> torch.Tensor:
+    mb: MicroBatch, loss_average: str = "token", decision_weight: float = 0.0, decision_tokens: int = 1,
+    close_weight: float = 0.0, close_tokens: Sequence[int] = (),
+) -> torch.Tensor:  # fmt: skip
     """[rows, T-1] weight of each next-token target: 1 on the counted ones ("token"), or
     1 / (its example's counted targets) ("example": every example sums to 1), plus
-    `decision_weight` on each response's first `decision_tokens` targets (`response_starts`).
+    `decision_weight` on each response's first `decision_tokens` targets (`response_starts`) and
+    `close_weight` on each counted target inside a `close_tokens` sequence (`sequence_marks`).
     Examples are the packed segments, or the rows when not packed."""
-    _, loss_mask, _, segments = mb
+    ids, loss_mask, _, segments = mb
     counted = loss_mask[:, 1:].float()
     if loss_average == "token":
         weights = counted
@@ -208,7 +236,11 @@ def target_weights(
             0, example.reshape(-1), counted.reshape(-1)
         )
         weights = counted / per_example[example].clamp_min(1.0)
-    return weights + decision_weight * response_starts(counted, decision_tokens) if decision_weight else weights
+    if decision_weight:
+        weights = weights + decision_weight * response_starts(counted, decision_tokens)
+    if close_weight:
+        weights = weights + close_weight * sequence_marks(ids[:, 1:], counted, close_tokens)
+    return weights
 
 
 def micro_loss_sum(model: HeteroLlamaForCausalLM, mb: MicroBatch, weighting: dict | None = None) -> torch.Tensor:
@@ -256,6 +288,8 @@ def run_sft(
         raise ValueError("run_sft: train_examples is empty")
     if not val_examples:
         raise ValueError("run_sft: val_examples is empty")
+    if cfg.close_weight and not cfg.close_tokens:
+        raise ValueError(f"sft.close_weight={cfg.close_weight}: needs sft.close_tokens (the token ids of `</think>`)")
     paths = RunPaths(Path(out_dir), "sft")
     rows = build_rows(train_examples, cfg.max_len, cfg.pack, cfg.seed)
     data = _data_stats(train_examples, rows, cfg)
