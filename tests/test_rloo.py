@@ -28,35 +28,23 @@ from nemo_plugins.rl.instructions import instruction_followed
 from nemo_plugins.rl.rewards import RewardBreakdown
 from nemo_plugins.utils.resume import latest
 
-from nemo_plugins.arch import homogeneous
-from nemo_plugins.data.chat import render_example
-from nemo_plugins.model import HeteroLlamaForCausalLM
-from nemo_plugins.model.train import fit_lm
-from nemo_plugins.utils.training import OptimConfig
 from test_grpo import Batches, changed, noisy_copy, tiny_world, weights
 from training_callbacks import Crash
+
+from rl_models import rl_tokenizer, start_policy
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return T.train_tokenizer(rw.chat_texts(rw.generate_problems(300, seed=0)), vocab_size=320)
+    return rl_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def start_model(tok):
     """A tiny model briefly trained on difficulty-1 problems in both modes (as test_grpo's)."""
-    torch.manual_seed(0)
-    cfg = homogeneous(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=1, num_attention_heads=4,
-                      num_kv_heads=2, intermediate_size=64, rope_theta=10000.0, max_position_embeddings=256)  # fmt: skip
-    model = HeteroLlamaForCausalLM(cfg)
-    examples = []
-    for i, p in enumerate(rw.generate_problems(400, seed=1, difficulties=(1,))):
-        thinking = i % 4 != 0
-        examples.append(T.encode_example(tok, *render_example(p.question, rw.response_for(p, thinking), thinking)))
-    fit_lm(model, examples, steps=60, batch_size=16, optim=OptimConfig(lr=1e-2, warmup_steps=5), progress=False)
-    return model.eval()
+    return start_policy(tok)
 
 
 # ----------------------------------------------------------------------------- baseline and loss

@@ -10,17 +10,13 @@ import lightning as L
 import pytest
 import torch
 
-from nemo_plugins.arch import homogeneous
 from nemo_plugins.config import CONF_DIR, ConfigError, load_config
 from nemo_plugins.data import reasoning_world as rw
 from nemo_plugins.data import tokenizer as T
-from nemo_plugins.data.chat import render_example
 from nemo_plugins.data.chat_tokenizer import as_chat
 from nemo_plugins.data.curriculum import problems_by_id
 from nemo_plugins.data.tiny_world import World, WorldConfig
-from nemo_plugins.model import HeteroLlamaForCausalLM
 from nemo_plugins.model.checkpoint import load_checkpoint
-from nemo_plugins.model.train import fit_lm
 from nemo_plugins.rl import config as C
 from nemo_plugins.rl import loop
 from nemo_plugins.rl import rpo as R
@@ -32,27 +28,21 @@ from nemo_plugins.rl.reward_model_stage import RewardModelStageConfig, run_rewar
 from nemo_plugins.rl.rpo_stage import RPOStageConfig, run_rpo_stage, win_rate
 from nemo_plugins.data.preference_pairs import PreferencePair
 from nemo_plugins.utils.resume import latest
-from nemo_plugins.utils.training import OptimConfig
+
+from rl_models import rl_tokenizer, start_policy
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return T.train_tokenizer(rw.chat_texts(rw.generate_problems(300, seed=0)), vocab_size=320)
+    return rl_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def start_model(tok):
     """A tiny model briefly trained on difficulty-1 problems: its samples differ, so pairs form."""
-    torch.manual_seed(0)
-    cfg = homogeneous(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=1, num_attention_heads=4,
-                      num_kv_heads=2, intermediate_size=64, rope_theta=10000.0, max_position_embeddings=256)  # fmt: skip
-    model = HeteroLlamaForCausalLM(cfg)
-    examples = [T.encode_example(tok, *render_example(p.question, rw.response_for(p, True), True))
-                for p in rw.generate_problems(300, seed=1, difficulties=(1,))]  # fmt: skip
-    fit_lm(model, examples, steps=40, batch_size=16, optim=OptimConfig(lr=1e-2, warmup_steps=5), progress=False)
-    return model.eval()
+    return start_policy(tok, problems=300, steps=40, off_every=0)
 
 
 @pytest.fixture(scope="module")
