@@ -19,17 +19,23 @@ template and its thinking toggle into token ids.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Literal
 
+from ..utils.atomic import write_jsonl_atomic
 from .chat import ASSISTANT, BOS, EOS, PAD, SYSTEM, THINK_END, THINK_START, USER
 from .chat_tokenizer import ChatTokenizer
-from .reasoning_world import STEP_SEP, Problem, answer_text, is_correct, is_well_formatted, response_for
+from .reasoning_world import (
+    STEP_SEP,
+    Problem,
+    answer_text,
+    is_correct,
+    is_well_formatted,
+    response_for,
+)
 from .sft_data import ReadReport, RecordError
 from .text_data import PathsLike, expand_paths, load_json_object
 
@@ -121,13 +127,8 @@ def load_pairs(paths: PathsLike, *, on_error: OnError = "skip") -> tuple[list[Pr
 
 
 def write_pairs(pairs: Iterable[PreferencePair], path: str | PathLike) -> int:
-    """Write pairs as JSONL (readable by `load_pairs`); returns how many were written."""
-    n = 0
-    with open(Path(path), "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    """Write pairs as JSONL (readable by `load_pairs`), atomically; returns how many were written."""
+    return write_jsonl_atomic(path, pairs)
 
 
 # ----------------------------------------------------------------------------- the tiny world

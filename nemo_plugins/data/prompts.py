@@ -24,15 +24,14 @@ Extra fields are ignored.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Literal
 
+from ..utils.atomic import write_jsonl_atomic
 from .chat import ASSISTANT, BOS, EOS, PAD, SYSTEM, USER
 from .sft_data import ReadReport, RecordError
 from .text_data import PathsLike, expand_paths, load_json_object, record_id
@@ -187,13 +186,8 @@ def load_prompts(
 
 
 def write_prompts(records: Iterable[PromptRecord], path: str | PathLike) -> int:
-    """Write records as prompt JSONL (readable by `read_prompts`); returns how many were written."""
-    n = 0
-    with open(Path(path), "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    """Write records as prompt JSONL (readable by `read_prompts`), atomically; returns how many were written."""
+    return write_jsonl_atomic(path, records)
 
 
 __all__ = [

@@ -69,6 +69,13 @@ def write_json_atomic(path: str | os.PathLike, data, **kwargs) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, **kwargs) + "\n")
 
 
+def write_jsonl_atomic(path: str | os.PathLike, records) -> int:
+    """One JSON object a line (each record's `to_json()`), written atomically; returns the count."""
+    lines = [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records]
+    write_text_atomic(path, "".join(lines))
+    return len(lines)
+
+
 # ----------------------------------------------------------------------------- directories
 
 
