@@ -384,8 +384,14 @@ def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain
     assert calls == []
     assert report["before"]["on"]["adherence"] == report["after"]["on"]["adherence"] == 1.3
     assert report["after_without_penalty"]["on"]["adherence"] == 1.0 and report["repetition_penalty"] == 1.3
+    calls.clear()  # sft.eval_without_penalty=false: no third evaluation, and no plain scores reported
+    cfg = SFTStageConfig(**kw, repetition_penalty=1.2, eval_without_penalty=False)
+    skipped, _ = run_sft_stage(tiny(world, seed=3), world, cfg, tmp_path / "skip")
+    assert calls == [1.2, 1.2] and "after_without_penalty" not in skipped
     with pytest.raises(ValueError, match="sft.repetition_penalty"):
         SFTStageConfig(**kw, repetition_penalty=0.5)
+    with pytest.raises(ValueError, match="sft.eval_without_penalty"):
+        SFTStageConfig(**kw, eval_without_penalty="no")
 
 
 def hand_weighted_loss(model, examples, loss_average, extra) -> float:

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 from ..config import CONF_DIR, ConfigError
 from .rpo_pairs import SampledPrompt, select_pairs, write_dpo_jsonl
+from .rpo_sample import SamplingSettings
 
 log = logging.getLogger("nemo_plugins.aligner.online_rpo")
 
@@ -42,21 +43,14 @@ NEMO_NAME = "megatron_gpt"  # the stock DPO config's exp_manager.name: train/che
 
 
 @dataclass
-class OnlineRPOConfig:
-    """The driver's settings: defaults <- `online_rpo` of `dpo_config` <- key=value overrides."""
+class OnlineRPOConfig(SamplingSettings):
+    """The driver's settings: defaults <- `online_rpo` of `dpo_config` <- key=value overrides
+    (the sampling ones, `SamplingSettings`, go on to each iteration's sampler)."""
 
     policy: str = ""  # the starting policy, a NeMo 1 `.nemo` (Aligner's format)
     prompts: str = ""  # Aligner prompt JSONL ({"text": ...} per line)
     work_dir: str = ""
     iterations: int = 2
-    responses_per_prompt: int = 4
-    max_prompts: int | None = None
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    rm_host: str = "localhost"
-    rm_port: int = 5555
-    rm_name: str = "reward_model"
     launch: str = "torchrun --nproc-per-node=8"
     aligner_dir: str = "/opt/NeMo-Aligner"
     dpo_config: str = str(DEFAULT_DPO_CONFIG)
@@ -99,10 +93,7 @@ def iteration_dir(cfg: OnlineRPOConfig, i: int) -> Path:
 
 def sample_command(cfg: OnlineRPOConfig, policy: str, out: Path) -> list[str]:
     """The sampling process: `launch` python -m nemo_plugins.aligner.rpo_sample ..."""
-    args = {"policy": policy, "prompts": cfg.prompts, "out": str(out), "responses_per_prompt": cfg.responses_per_prompt,
-            "max_prompts": "null" if cfg.max_prompts is None else cfg.max_prompts, "max_new_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "rm_host": cfg.rm_host, "rm_port": cfg.rm_port,
-            "rm_name": cfg.rm_name}  # fmt: skip
+    args = {"policy": policy, "prompts": cfg.prompts, "out": str(out), **cfg.sampling_overrides()}
     return [*shlex.split(cfg.launch), "-m", "nemo_plugins.aligner.rpo_sample", *(f"{k}={v}" for k, v in args.items())]
 
 

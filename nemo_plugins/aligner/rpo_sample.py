@@ -19,17 +19,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..utils.atomic import write_text_atomic
 from .deps import require
 
 
 @dataclass
-class SampleConfig:
-    policy: str = ""
-    prompts: str = ""
-    out: str = ""
+class SamplingSettings:
+    """How an iteration samples and scores: set on the online RPO driver, passed on to this sampler."""
+
     responses_per_prompt: int = 4
     max_prompts: int | None = None
     max_new_tokens: int = 1024
@@ -38,6 +37,18 @@ class SampleConfig:
     rm_host: str = "localhost"
     rm_port: int = 5555
     rm_name: str = "reward_model"
+
+    def sampling_overrides(self) -> dict:
+        """These settings as this sampler's key=value arguments (None as `null`)."""
+        values = {f.name: getattr(self, f.name) for f in fields(SamplingSettings)}
+        return {k: "null" if v is None else v for k, v in values.items()}
+
+
+@dataclass
+class SampleConfig(SamplingSettings):
+    policy: str = ""
+    prompts: str = ""
+    out: str = ""
     precision: str = "bf16"
 
 

@@ -63,6 +63,9 @@ class SFTStageConfig(SFTConfig):
     # > 1: the toggle evaluation decodes with this repetition penalty (`SamplingConfig`), and the
     # report adds the SFT model's plain greedy scores as `after_without_penalty`
     repetition_penalty: float = 1.0
+    # with a penalty, also score plain greedy (`after_without_penalty`); false skips that third
+    # evaluation (on a small model's looping traces the slowest one)
+    eval_without_penalty: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +84,8 @@ class SFTStageConfig(SFTConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"sft.{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if not isinstance(self.eval_without_penalty, bool):
+            raise ValueError(f"sft.eval_without_penalty={self.eval_without_penalty!r}: expected true or false")
         self.train_jsonl = [str(p) for p in self.train_jsonl]
         if self.world_problems == 0 and not self.train_jsonl:
             raise ValueError("sft.world_problems=0 and no sft.train_jsonl: no training data")
@@ -214,7 +219,7 @@ def run_sft_stage(
     after = _cached_toggle(run_dir / f"toggle_after{decoding}.json", model, problems, cfg, chat, verify)
     _log_toggle(before, after)
     plain = None
-    if cfg.repetition_penalty != 1.0:  # what the penalty changes: the plain run's file, shared with it
+    if cfg.repetition_penalty != 1.0 and cfg.eval_without_penalty:  # what the penalty changes: the plain run's file, shared with it
         plain_cfg = replace(cfg, repetition_penalty=1.0)
         plain = _cached_toggle(run_dir / "toggle_after.json", model, problems, plain_cfg, chat, verify)
     target = out_dir / "model"
