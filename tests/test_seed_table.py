@@ -1,0 +1,70 @@
+"""benchmarks/seed_table.py: intervals over per-seed report.json files and paired differences."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_plugins.utils.stats import mean_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "seed_table.py"
+
+
+def _reports(tmp_path, rows):
+    paths = []
+    for i, (kd, lm) in enumerate(rows):
+        p = tmp_path / f"seed{i}" / "report.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps({"kd_gap_closed": kd, "cpt_gap_closed": lm, "kd": {"kl_div": 1.0 - kd}}))
+        paths.append(str(p))
+    return paths
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture
+def seed_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_intervals_and_paired_differences(tmp_path):
+    reports = _reports(tmp_path, [(0.52, 0.28), (0.53, 0.28), (0.50, 0.30)])
+    out = tmp_path / "table.json"
+    done = _run("--reports", *reports, "--keys", "kd_gap_closed", "kd.kl_div", "--diff", "kd_gap_closed-cpt_gap_closed",
+                "--json", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = json.loads(out.read_text())
+    mean, half = mean_interval([0.52, 0.53, 0.50])
+    assert table["figures"]["kd_gap_closed"]["interval"] == f"{mean:.3f} ± {half:.3f}"
+    assert table["figures"]["kd.kl_div"]["values"] == pytest.approx([0.48, 0.47, 0.50])
+    d_mean, d_half = mean_interval([0.24, 0.25, 0.20])
+    assert table["differences"]["kd_gap_closed-cpt_gap_closed"] == f"{d_mean:+.3f} ± {d_half:.3f}"
+    assert "kd_gap_closed" in done.stdout
+
+
+def test_a_difference_within_noise_is_flagged(tmp_path, seed_table):
+    reports = _reports(tmp_path, [(0.30, 0.28), (0.27, 0.30), (0.29, 0.29)])
+    table = seed_table.seed_table(reports, [], ["kd_gap_closed-cpt_gap_closed"])
+    assert "no measurable difference here" in table["differences"]["kd_gap_closed-cpt_gap_closed"]
+
+
+def test_bad_input_names_the_file_and_key(tmp_path, seed_table):
+    reports = _reports(tmp_path, [(0.5, 0.2)])
+    with pytest.raises(SystemExit, match=f"{reports[0]}: no 'kd.lm_loss'"):
+        seed_table.seed_table(reports, ["kd.lm_loss"], [])
+    with pytest.raises(SystemExit, match="KEY_A-KEY_B"):
+        seed_table.seed_table(reports, [], ["kd_gap_closed"])
+    with pytest.raises(SystemExit, match="missing.json"):
+        seed_table.seed_table([str(tmp_path / "missing.json")], ["kd_gap_closed"], [])
