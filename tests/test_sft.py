@@ -451,6 +451,8 @@ def test_close_weight_adds_weight_to_the_counted_close_sequence(loss_average):
         SFTConfig(close_weight=-1)
     with pytest.raises(ValueError, match="sft.close_tokens"):
         SFTConfig(close_tokens=[1, "x"])
+    with pytest.raises(ValueError, match="sft.close_tokens=7: expected a list"):
+        SFTConfig(close_tokens=7)
 
 
 def test_sequence_marks_and_close_weight_needs_its_tokens(tmp_path):

@@ -28,14 +28,7 @@ from typing import Literal
 from ..utils.atomic import write_jsonl_atomic
 from .chat import ASSISTANT, BOS, EOS, PAD, SYSTEM, THINK_END, THINK_START, USER
 from .chat_tokenizer import ChatTokenizer
-from .reasoning_world import (
-    STEP_SEP,
-    Problem,
-    answer_text,
-    is_correct,
-    is_well_formatted,
-    response_for,
-)
+from .reasoning_world import STEP_SEP, Problem, answer_text, is_correct, is_well_formatted, response_for
 from .sft_data import ReadReport, RecordError
 from .text_data import PathsLike, expand_paths, load_json_object
 

@@ -116,6 +116,8 @@ class SFTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < math.inf):
                 raise ValueError(f"sft.{name}={value!r}: expected a finite number >= 0")
+        if isinstance(self.close_tokens, (str, bytes)) or not isinstance(self.close_tokens, Sequence):
+            raise ValueError(f"sft.close_tokens={self.close_tokens!r}: expected a list of token ids")
         self.close_tokens = list(self.close_tokens)
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.close_tokens):
             raise ValueError(f"sft.close_tokens={self.close_tokens!r}: expected token ids (integers >= 0)")
