@@ -7,7 +7,8 @@ greedy answers in both modes, per mode adherence, mode entry, cut share, length,
 first `--n` *training* problems (`--split train`, the default) or on the held-out ones
 (`--split heldout`, what the stage reports). Problems, tokenizer and decoding come from the
 pipeline config (`--preset` plus `key=value` overrides: `data.problems`, `sft.max_new_tokens`,
-`sft.eval_batch_size`, `sft.repetition_penalty`), so the figures are comparable with the stage's.
+`sft.eval_batch_size`, `sft.repetition_penalty`, `sft.repetition_penalty_off`), so the figures
+are comparable with the stage's.
 
     python benchmarks/bench_toggle.py --model outputs/smollm2/sft/model --preset smollm2
     python benchmarks/bench_toggle.py --model DIR --preset smollm2 sft.repetition_penalty=1.0 --json on_train.json
@@ -47,9 +48,11 @@ def toggle_scores(model_dir: str | Path, split: str, n: int, preset: str | None,
     result = evaluate_toggle(
         model, chat, chosen, batch_size=sft.eval_batch_size, max_new_tokens=sft.max_new_tokens,
         verify=answer_checker(problems.task), repetition_penalty=sft.repetition_penalty,
+        repetition_penalty_off=sft.penalty_off,
     )  # fmt: skip
     settings = {"model": str(model_dir), "split": split, "n": len(chosen), "problems": cfg.data.problems.source,
-                "max_new_tokens": sft.max_new_tokens, "repetition_penalty": sft.repetition_penalty}  # fmt: skip
+                "max_new_tokens": sft.max_new_tokens, "repetition_penalty": sft.repetition_penalty,
+                "repetition_penalty_off": sft.penalty_off}  # fmt: skip
     return {"settings": settings, "result": result}
 
 
@@ -65,7 +68,9 @@ def main(argv=None) -> int:
     if args.n <= 0:
         ap.error(f"--n {args.n}: expected a positive integer")
     out = toggle_scores(args.model, args.split, args.n, args.preset, args.overrides)
-    print(f"{args.model}: {out['settings']['n']} {args.split} problems, penalty {out['settings']['repetition_penalty']:g}")
+    st = out["settings"]
+    print(f"{args.model}: {st['n']} {args.split} problems, penalty {st['repetition_penalty']:g} "
+          f"(thinking off: {st['repetition_penalty_off']:g})")
     for mode, s in out["result"].items():
         print(f"  thinking {mode}: adherence {s['adherence']:.3f}, opens in mode {s['enters_mode']:.3f}, "
               f"cut {s['truncated']:.3f}, mean tokens {s['mean_response_tokens']:.1f}, accuracy {s['accuracy']:.3f}")  # fmt: skip

@@ -22,6 +22,7 @@ from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 from nemo_plugins.sft import SFTConfig, SFTStageConfig, evaluate_toggle, run_sft, run_sft_stage
 from nemo_plugins.sft import stage as sft_stage
+from nemo_plugins.sft import toggle_eval
 from nemo_plugins.sft import train as sft_train
 from nemo_plugins.sft.train import build_rows, response_starts, sequence_marks, step_loss, step_micro_batches
 from nemo_plugins.utils.resume import latest
@@ -392,6 +393,56 @@ def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain
         SFTStageConfig(**kw, repetition_penalty=0.5)
     with pytest.raises(ValueError, match="sft.eval_without_penalty"):
         SFTStageConfig(**kw, eval_without_penalty="no")
+
+
+def test_thinking_off_answers_decode_with_their_own_penalty(world, tmp_path, monkeypatch):
+    """sft.repetition_penalty_off: evaluate_toggle decodes each mode with its penalty; the stage
+    keys its cached evaluations and names its files by both, reports the off penalty in effect,
+    and its plain-greedy evaluation drops both penalties."""
+    asked = []
+
+    def fake_greedy(model, tok, problems, thinking, **kw):
+        asked.append((thinking, kw["repetition_penalty"]))
+        return ["x"] * len(problems), [1] * len(problems), [True] * len(problems)
+
+    monkeypatch.setattr(toggle_eval, "greedy_responses", fake_greedy)
+    probs = world.eval[:2]
+    evaluate_toggle(None, world.tokenizer, probs, batch_size=2, repetition_penalty=1.2, repetition_penalty_off=1.0)
+    evaluate_toggle(None, world.tokenizer, probs, batch_size=2, repetition_penalty=1.3)
+    assert asked == [(True, 1.2), (False, 1.0), (True, 1.3), (False, 1.3)]
+
+    calls = []
+
+    def fake_toggle(model, tok, problems, **kw):
+        calls.append((kw["repetition_penalty"], kw["repetition_penalty_off"]))
+        score = {"adherence": kw["repetition_penalty_off"], "accuracy": 0.0, "mean_response_tokens": 1.0,
+                 "n": len(problems)}  # fmt: skip
+        return {"on": score, "off": score}
+
+    monkeypatch.setattr(sft_stage, "evaluate_toggle", fake_toggle)
+    kw = dict(steps=1, batch_size=2, max_len=96, warmup_steps=0, val_every=1, ckpt_every=1, val_batches=1,
+              world_problems=4, val_problems=2, eval_problems=3, eval_batch_size=3, max_new_tokens=4)  # fmt: skip
+    out = tmp_path / "sft"
+    same, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.2), out)
+    assert calls == [(1.2, 1.2), (1.2, 1.2), (1.0, 1.0)] and same["repetition_penalty_off"] == 1.2
+    calls.clear()  # another off penalty is another evaluation, in files of its own beside the first
+    cfg = SFTStageConfig(**kw, repetition_penalty=1.2, repetition_penalty_off=1.0)
+    report, _ = run_sft_stage(tiny(world, seed=3), world, cfg, out)
+    assert calls == [(1.2, 1.0), (1.2, 1.0)]  # before and after; the plain evaluation is reused
+    assert report["repetition_penalty"] == 1.2 and report["repetition_penalty_off"] == 1.0
+    assert report["after"]["off"]["adherence"] == 1.0 and report["after_without_penalty"] == same["after_without_penalty"]
+    run_dir = Path(report["run_dir"])
+    assert (run_dir / "toggle_after-penalty1.2-off1.json").is_file() and (run_dir / "toggle_after-penalty1.2.json").is_file()
+    calls.clear()  # both cached now: nothing is evaluated again, and each keeps its own result
+    assert run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.2), out)[0]["after"] == same["after"]
+    assert run_sft_stage(tiny(world, seed=3), world, cfg, out)[0]["after"] == report["after"] and calls == []
+    # only an off penalty still counts as penalized decoding
+    only_off = SFTStageConfig(**kw, repetition_penalty_off=1.3)
+    assert only_off.penalized and sft_stage._decoding_suffix(only_off) == "-penalty1-off1.3"
+    assert sft_stage._decoding_suffix(SFTStageConfig(**kw)) == ""
+    for bad in (0.5, True, "high"):
+        with pytest.raises(ValueError, match="sft.repetition_penalty_off"):
+            SFTStageConfig(**kw, repetition_penalty_off=bad)
 
 
 def hand_weighted_loss(model, examples, loss_average, extra) -> float:

@@ -63,15 +63,20 @@ class SFTStageConfig(SFTConfig):
     # > 1: the toggle evaluation decodes with this repetition penalty (`SamplingConfig`), and the
     # report adds the SFT model's plain greedy scores as `after_without_penalty`
     repetition_penalty: float = 1.0
+    # thinking-off answers' penalty (null: repetition_penalty): short answers need no loop breaker
+    repetition_penalty_off: float | None = None
     # with a penalty, also score plain greedy (`after_without_penalty`); false skips that third
     # evaluation (on a small model's looping traces the slowest one)
     eval_without_penalty: bool = True
 
     def __post_init__(self):
         super().__post_init__()
-        rp = self.repetition_penalty
-        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 1.0 <= rp < math.inf:
-            raise ValueError(f"sft.repetition_penalty={rp!r}: expected a finite number >= 1 (1 is off)")
+        for name in ("repetition_penalty", "repetition_penalty_off"):
+            rp = getattr(self, name)
+            if name.endswith("_off") and rp is None:
+                continue
+            if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 1.0 <= rp < math.inf:
+                raise ValueError(f"sft.{name}={rp!r}: expected a finite number >= 1 (1 is off)")
         for name in ("world_problems",):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
                 raise ValueError(f"sft.{name}={getattr(self, name)!r}: expected an integer >= 0")
@@ -95,8 +100,21 @@ class SFTStageConfig(SFTConfig):
         keys = ("world_problems", "train_jsonl", "jsonl_format", "on_error", "overflow")
         return {k: getattr(self, k) for k in keys}
 
+    @property
+    def penalty_off(self) -> float:
+        """The thinking-off answers' repetition penalty in effect."""
+        return self.repetition_penalty if self.repetition_penalty_off is None else self.repetition_penalty_off
+
+    @property
+    def penalized(self) -> bool:
+        """Whether either mode decodes with a repetition penalty."""
+        return self.repetition_penalty != 1.0 or self.penalty_off != 1.0
+
     def eval_fields(self) -> dict:
+        # keys only where they differ from plain greedy / from the on penalty: older cached evaluations stay valid
         penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1.0 else {}
+        if self.penalty_off != self.repetition_penalty:
+            penalty["repetition_penalty_off"] = self.penalty_off
         return {"eval_problems": self.eval_problems, "batch_size": self.eval_batch_size,
                 "max_new_tokens": self.max_new_tokens, **penalty}  # fmt: skip
 
@@ -173,15 +191,20 @@ def _cached_toggle(path: Path, model, problems: ProblemSet, cfg: SFTStageConfig,
     result = evaluate_toggle(
         model, chat, problems.eval[: cfg.eval_problems], batch_size=cfg.eval_batch_size,
         max_new_tokens=cfg.max_new_tokens, verify=verify, repetition_penalty=cfg.repetition_penalty,
+        repetition_penalty_off=cfg.penalty_off,
     )  # fmt: skip
     write_json_atomic(path, {"settings": settings, "result": result})
     return result
 
 
-def _decoding_suffix(repetition_penalty: float) -> str:
+def _decoding_suffix(cfg: SFTStageConfig) -> str:
     """The toggle files' name suffix of a decoding: none for plain greedy, so evaluations with and
-    without a penalty sit side by side instead of replacing each other."""
-    return "" if repetition_penalty == 1.0 else f"-penalty{repetition_penalty:g}"
+    without a penalty sit side by side instead of replacing each other; "-off<P>" where the
+    thinking-off answers have another penalty than the thinking-on ones."""
+    if not cfg.penalized:
+        return ""
+    off = "" if cfg.penalty_off == cfg.repetition_penalty else f"-off{cfg.penalty_off:g}"
+    return f"-penalty{cfg.repetition_penalty:g}{off}"
 
 
 def _log_toggle(before: dict, after: dict) -> None:
@@ -213,14 +236,14 @@ def run_sft_stage(
     key = config_hash(cfg.train_fields(), cfg.data_fields(), data_digest(train), start)
     run_dir = out_dir / f"run-{key}"
     # the starting model's toggle depends on its weights alone: runs with other settings share it
-    decoding = _decoding_suffix(cfg.repetition_penalty)
+    decoding = _decoding_suffix(cfg)
     before = _cached_toggle(out_dir / f"toggle-before-{config_hash(start)}{decoding}.json", model, problems, cfg, chat, verify)
     summary = run_sft(model, train, val, cfg, run_dir, progress=progress, pad_id=0)
     after = _cached_toggle(run_dir / f"toggle_after{decoding}.json", model, problems, cfg, chat, verify)
     _log_toggle(before, after)
     plain = None
-    if cfg.repetition_penalty != 1.0 and cfg.eval_without_penalty:  # what the penalty changes: the plain run's file, shared with it
-        plain_cfg = replace(cfg, repetition_penalty=1.0)
+    if cfg.penalized and cfg.eval_without_penalty:  # what the penalty changes: the plain run's file, shared with it
+        plain_cfg = replace(cfg, repetition_penalty=1.0, repetition_penalty_off=None)
         plain = _cached_toggle(run_dir / "toggle_after.json", model, problems, plain_cfg, chat, verify)
     target = out_dir / "model"
     save_checkpoint(model, target, extra_files=chat.files())
@@ -230,6 +253,7 @@ def run_sft_stage(
         "after": after,
         **({"after_without_penalty": plain} if plain is not None else {}),
         "repetition_penalty": cfg.repetition_penalty,
+        "repetition_penalty_off": cfg.penalty_off,
         "data": counts,
         "train": {
             "steps": summary["steps"], "start_step": summary["start_step"],

@@ -15,7 +15,9 @@ Per mode, over the same problems:
 
 Decoding is greedy, with an optional repetition penalty (`SamplingConfig.repetition_penalty`):
 a small model's greedy thinking trace can loop on one sentence until it is cut, which no prompt
-format fixes.
+format fixes. Thinking-off answers can have their own penalty (`repetition_penalty_off`), as
+model cards give each mode its own decoding: off answers are short, and a penalty meant to break
+long traces' loops pushes them off their likeliest tokens.
 """
 
 from __future__ import annotations
@@ -87,18 +89,21 @@ def greedy_responses(
 def evaluate_toggle(
     model: HeteroLlamaForCausalLM, tokenizer: ChatTokenizer, problems: Sequence[Problem], *,
     batch_size: int = 64, max_new_tokens: int = 64, verify: Callable[[str, Problem], bool] = is_correct,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float = 1.0, repetition_penalty_off: float | None = None,
 ) -> dict:  # fmt: skip
-    """{"on": scores, "off": scores} (see `mode_scores`) from greedy answers to the same problems."""
+    """{"on": scores, "off": scores} (see `mode_scores`) from greedy answers to the same problems;
+    thinking-off answers decode with `repetition_penalty_off` (None: `repetition_penalty`)."""
     if not problems:
         raise ValueError("evaluate_toggle: no problems given")
     if batch_size < 1:
         raise ValueError(f"evaluate_toggle: batch_size={batch_size}, expected >= 1")
+    off = repetition_penalty if repetition_penalty_off is None else repetition_penalty_off
+    penalties = {True: repetition_penalty, False: off}
     out = {}
     for mode, thinking in MODES.items():
         texts, lengths, stopped = greedy_responses(
             model, tokenizer, problems, thinking, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=penalties[thinking],
         )
         out[mode] = mode_scores(problems, texts, lengths, thinking, verify, stopped)
     return out
