@@ -68,3 +68,15 @@ def test_bad_input_names_the_file_and_key(tmp_path, seed_table):
         seed_table.seed_table(reports, [], ["kd_gap_closed"])
     with pytest.raises(SystemExit, match="missing.json"):
         seed_table.seed_table([str(tmp_path / "missing.json")], ["kd_gap_closed"], [])
+
+
+@pytest.mark.parametrize("table", sorted((ROOT / "benchmarks" / "results").glob("smollm2_*_seeds.json")), ids=lambda p: p.name)
+def test_the_readme_quotes_each_committed_seed_table_verbatim(table):
+    """Every interval and paired difference of a committed seed table (as seed_table.py wrote it)
+    is in the README, beside the table's file name: the README's spreads cannot drift from them."""
+    readme = (ROOT / "README.md").read_text()
+    saved = json.loads(table.read_text())
+    assert f"benchmarks/results/{table.name}" in readme
+    quoted = [f["interval"] for f in saved["figures"].values()] + [d.split(" (")[0] for d in saved["differences"].values()]
+    missing = [q for q in quoted if q not in readme]
+    assert not missing, f"{table.name}: the README does not quote {missing}"
