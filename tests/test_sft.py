@@ -356,30 +356,39 @@ def test_stage_writes_report_and_model_and_resumes_without_retraining(world, tmp
     assert other["run_dir"] != report["run_dir"] and other["train"]["start_step"] == 0
 
 
+STAGE_KW = dict(steps=1, batch_size=2, max_len=96, warmup_steps=0, val_every=1, ckpt_every=1, val_batches=1,
+                world_problems=4, val_problems=2, eval_problems=3, eval_batch_size=3, max_new_tokens=4)  # fmt: skip
+
+
+def record_toggle_calls(monkeypatch) -> list:
+    """Replace the stage's evaluate_toggle by one that records each call's (on, off) penalties and
+    scores adherence as the off penalty (on answers: the on penalty), so tests see which ran."""
+    calls = []
+
+    def fake_toggle(model, tok, problems, **kw):
+        calls.append((kw["repetition_penalty"], kw["repetition_penalty_off"]))
+        score = {"accuracy": 0.0, "mean_response_tokens": 1.0, "n": len(problems)}
+        return {"on": {**score, "adherence": kw["repetition_penalty"]},
+                "off": {**score, "adherence": kw["repetition_penalty_off"]}}  # fmt: skip
+
+    monkeypatch.setattr(sft_stage, "evaluate_toggle", fake_toggle)
+    return calls
+
+
 def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain_greedy(world, tmp_path, monkeypatch):
     """sft.repetition_penalty=1.3: before and after are decoded with it, the SFT model is also
     scored under plain greedy (`after_without_penalty`), and a cached evaluation made without the
     penalty is not reused for one with it."""
-    calls = []
-
-    def fake_toggle(model, tok, problems, **kw):
-        calls.append(kw["repetition_penalty"])
-        score = {"adherence": kw["repetition_penalty"], "accuracy": 0.0, "mean_response_tokens": 1.0,
-                 "n": len(problems)}  # fmt: skip
-        return {"on": score, "off": score}
-
-    monkeypatch.setattr(sft_stage, "evaluate_toggle", fake_toggle)
-    kw = dict(steps=1, batch_size=2, max_len=96, warmup_steps=0, val_every=1, ckpt_every=1, val_batches=1,
-              world_problems=4, val_problems=2, eval_problems=3, eval_batch_size=3, max_new_tokens=4)  # fmt: skip
+    calls, kw = record_toggle_calls(monkeypatch), STAGE_KW
     out = tmp_path / "sft"
     plain, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw), out)
-    assert calls == [1.0, 1.0] and "after_without_penalty" not in plain and plain["repetition_penalty"] == 1.0
+    assert calls == [(1.0, 1.0)] * 2 and "after_without_penalty" not in plain and plain["repetition_penalty"] == 1.0
     calls.clear()
     report, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.3), tmp_path / "fresh")
-    assert calls == [1.3, 1.3, 1.0]  # before and after with the penalty; after again without it
+    assert calls == [(1.3, 1.3), (1.3, 1.3), (1.0, 1.0)]  # before and after with the penalty; after again without it
     calls.clear()  # beside the plain run, its plain evaluation is reused, not redone
     again, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.3), out)
-    assert calls == [1.3, 1.3] and again["after_without_penalty"] == plain["after"]
+    assert calls == [(1.3, 1.3)] * 2 and again["after_without_penalty"] == plain["after"]
     calls.clear()  # and the plain run's own files were not replaced by the penalized ones
     assert run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw), out)[0]["after"] == plain["after"]
     assert calls == []
@@ -388,7 +397,7 @@ def test_a_repetition_penalty_decodes_the_toggle_eval_and_the_report_keeps_plain
     calls.clear()  # sft.eval_without_penalty=false: no third evaluation, and no plain scores reported
     cfg = SFTStageConfig(**kw, repetition_penalty=1.2, eval_without_penalty=False)
     skipped, _ = run_sft_stage(tiny(world, seed=3), world, cfg, tmp_path / "skip")
-    assert calls == [1.2, 1.2] and "after_without_penalty" not in skipped
+    assert calls == [(1.2, 1.2)] * 2 and "after_without_penalty" not in skipped
     with pytest.raises(ValueError, match="sft.repetition_penalty"):
         SFTStageConfig(**kw, repetition_penalty=0.5)
     with pytest.raises(ValueError, match="sft.eval_without_penalty"):
@@ -411,17 +420,7 @@ def test_thinking_off_answers_decode_with_their_own_penalty(world, tmp_path, mon
     evaluate_toggle(None, world.tokenizer, probs, batch_size=2, repetition_penalty=1.3)
     assert asked == [(True, 1.2), (False, 1.0), (True, 1.3), (False, 1.3)]
 
-    calls = []
-
-    def fake_toggle(model, tok, problems, **kw):
-        calls.append((kw["repetition_penalty"], kw["repetition_penalty_off"]))
-        score = {"adherence": kw["repetition_penalty_off"], "accuracy": 0.0, "mean_response_tokens": 1.0,
-                 "n": len(problems)}  # fmt: skip
-        return {"on": score, "off": score}
-
-    monkeypatch.setattr(sft_stage, "evaluate_toggle", fake_toggle)
-    kw = dict(steps=1, batch_size=2, max_len=96, warmup_steps=0, val_every=1, ckpt_every=1, val_batches=1,
-              world_problems=4, val_problems=2, eval_problems=3, eval_batch_size=3, max_new_tokens=4)  # fmt: skip
+    calls, kw = record_toggle_calls(monkeypatch), STAGE_KW
     out = tmp_path / "sft"
     same, _ = run_sft_stage(tiny(world, seed=3), world, SFTStageConfig(**kw, repetition_penalty=1.2), out)
     assert calls == [(1.2, 1.2), (1.2, 1.2), (1.0, 1.0)] and same["repetition_penalty_off"] == 1.2
