@@ -603,3 +603,26 @@ def test_atomic_writes_respect_the_umask(tmp_path):
         assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_fingerprint_is_byte_exact_and_the_same_for_any_thread_count():
+    """Runs are cached under the start model's fingerprint, so it must not change with the machine:
+    a float64 sum per tensor did (its reduction order follows the thread count; SmolLM2's recovered
+    child had two fingerprints, so an SFT run under OMP_NUM_THREADS=1 was not found by one under 2).
+    Large embeddings (1M elements), where a sum is split across threads."""
+    threads = torch.get_num_threads()
+    try:
+        for seed in range(5):
+            model = make_model(homogeneous(vocab_size=16384, hidden_size=64, num_layers=1, num_attention_heads=4,
+                                           num_kv_heads=2, intermediate_size=32), seed=seed)  # fmt: skip
+            torch.set_num_threads(1)
+            one = ckpt_mod.fingerprint(model)
+            torch.set_num_threads(2)
+            assert ckpt_mod.fingerprint(model) == one
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():  # one weight one float32 step away is another model
+        w = model.lm_head.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    assert ckpt_mod.fingerprint(model) != one
+    assert ckpt_mod.fingerprint(model.to(torch.bfloat16)) != ckpt_mod.fingerprint(model.float())

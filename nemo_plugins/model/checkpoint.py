@@ -11,9 +11,11 @@ the same safetensors. Only safetensors are read; pickled weights are refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -289,8 +291,19 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
     return shards
 
 
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors' names, dtypes, shapes and bytes, in name order. Byte-exact, so
+    the same on any machine and thread count; a float sum was not: its reduction order, and so
+    its last bits, follow the number of threads."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def fingerprint(model: HeteroLlamaForCausalLM) -> str:
-    """A short digest of a model's architecture and weights (one float64 sum per tensor): the
-    key that runs starting from this model are cached under."""
-    sums = [(k, float(t.detach().double().sum())) for k, t in sorted(model.state_dict().items())]
-    return config_hash(to_dict(model.config), sums)
+    """A short digest of a model's architecture and exact weights (`tensors_digest`): the key that
+    runs starting from this model are cached under."""
+    return config_hash(to_dict(model.config), tensors_digest(model.state_dict()))

@@ -29,7 +29,7 @@ from ..data.curriculum import problems_by_id
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import Problem, is_well_formatted
 from ..data.tiny_world import World
-from ..model.checkpoint import fingerprint, save_checkpoint
+from ..model.checkpoint import fingerprint, save_checkpoint, tensors_digest
 from ..model.generate import SamplingConfig
 from ..model.rollout import RolloutConfig, sample_questions
 from ..utils.atomic import write_json_atomic
@@ -158,7 +158,7 @@ def run_rpo_stage(
         _rpo_bad("reward_model", str(reward_model_dir), f"a reward model with the policy's vocabulary "
                  f"({model.config.vocab_size} tokens, not {rm.backbone.config.vocab_size})")  # fmt: skip
     start = fingerprint(model)
-    rm_id = config_hash(fingerprint(rm.backbone), [float(t.double().sum()) for t in rm.head.state_dict().values()])
+    rm_id = config_hash(fingerprint(rm.backbone), tensors_digest(rm.head.state_dict()))
     pool = training_pool(problems, cfg)
     held_out = heldout_set(problems, cfg)
     data_key = [problems.key] if problems.key else []
