@@ -1,7 +1,7 @@
 """The Aligner boundary pieces that need no Aligner: the HF -> .nemo conversion's uniform-layer
 check (a Puzzle child is refused, naming the layer and the routes; a homogeneous nemotron-nas
-directory is rewritten as plain Llama, weights unchanged) and the trainer's wait for the reward
-server of its allocation (`rm_host`)."""
+directory is rewritten as plain Llama, weights unchanged), the trainer's wait for the reward
+server of its allocation (`rm_host`) and the reward server's settings checks."""
 
 import http.server
 import json
@@ -76,3 +76,19 @@ def test_rm_host_waits_for_the_file_and_a_ready_server(tmp_path):
             wait_for_server(host_file, port, model="other", timeout_s=0.3, poll_s=0.1)
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(("override", "named"), [("workers=-1", "workers=-1"), ("timeout_s=0", "timeout_s=0"),
+                                                 ("accuracy_weight=-1", "accuracy_weight=-1"), ("port=0", "port=0")])
+def test_reward_server_settings_are_checked_under_their_own_key_names(override, named):
+    """The reward server shares the RL loops' reward weights and sandbox limits (ScoringSettings),
+    checks included, but under its own flat keys (workers=, not grpo.rewards.workers=)."""
+    from nemo_plugins.aligner.reward_server import RewardServerConfig
+    from nemo_plugins.config import load_config
+
+    with pytest.raises(ValueError, match=named) as e:
+        load_config(RewardServerConfig, overrides=[override])
+    assert "grpo" not in str(e.value)
+    cfg = load_config(RewardServerConfig, overrides=["workers=0", "format_weight=0.5", "max_chars=99"])
+    assert (cfg.limits().workers, cfg.limits().max_chars) == (0, 99)
+    assert cfg.reward_config_for("math").format_weight == 0.5

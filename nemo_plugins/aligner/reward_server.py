@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.chat_tokenizer import ChatTokenizer
-from ..rl.rewards import RewardConfig, check_references
-from ..rl.scoring import RuleScorer, SandboxLimits
+from ..rl.config import ScoringSettings
+from ..rl.rewards import check_references
+from ..rl.scoring import RuleScorer
 from .deps import require
 from .prompt_index import PromptIndex
 from .prompt_set import load_prompt_set
@@ -40,11 +41,12 @@ MAX_BATCH = 9999999  # Aligner's server value: requests are never split by PyTri
 
 
 @dataclass
-class RewardServerConfig:
+class RewardServerConfig(ScoringSettings):
     """Settings (each overridable as key=value). `prompts`, `tokenizer` and `modes` must be what the
-    trainer's prompt file was written with (`prompt_set`); the weights are `rl.rewards.RewardConfig`'s
-    and the sandbox limits `rl.scoring.SandboxLimits`'; `unknown_reward` scores a row whose prompt
-    is not in the file. `host` 0.0.0.0 and `port` 5555 as in Aligner's reward-model server."""
+    trainer's prompt file was written with (`prompt_set`), which also gives the reward task; the
+    weights and sandbox limits are `rl.config.ScoringSettings`' (`accuracy_weight=`, `workers=`, ...);
+    `unknown_reward` scores a row whose prompt is not in the file. `host` 0.0.0.0 and `port` 5555
+    as in Aligner's reward-model server."""
 
     prompts: list[str] = field(default_factory=list)
     tokenizer: str = ""
@@ -52,16 +54,14 @@ class RewardServerConfig:
     model_name: str = "reward_model"
     host: str = "0.0.0.0"
     port: int = 5555
-    accuracy_weight: float = 1.0
-    format_weight: float = 0.1
-    workers: int = 2
-    timeout_s: float = 2.0
-    memory_mb: float = 512.0
-    max_chars: int = 4000
     unknown_reward: float = 0.0
     max_queue_delay_microseconds: float = 2000.0
 
     def __post_init__(self):
+        try:
+            super().__post_init__()
+        except ValueError as e:  # the server's keys are flat: workers=, not grpo.rewards.workers=
+            raise ValueError(str(e).replace("grpo.rewards.", "", 1)) from None
         if not 0 < self.port < 65536:
             raise ValueError(f"port={self.port}: expected 1..65535")
         if not self.model_name:
@@ -77,8 +77,7 @@ def build_verifier(cfg: RewardServerConfig) -> TokenVerifier:
     prompt_set = load_prompt_set(cfg.prompts, tok, cfg.modes)
     references = {r.problem_id: r.answer for r in prompt_set.rows}
     check_references(references, prompt_set.task, workers=max(cfg.workers, 1))
-    limits = SandboxLimits(workers=cfg.workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, max_chars=cfg.max_chars)
-    scorer = RuleScorer(RewardConfig(prompt_set.task, cfg.accuracy_weight, cfg.format_weight), limits)
+    scorer = RuleScorer(cfg.reward_config_for(prompt_set.task), cfg.limits())
     index = PromptIndex(prompt_set.rows, tok.encode)
     log.info("reward server: %d prompt rows (%d problems), task %s", len(index), len(references), prompt_set.task)
     return TokenVerifier(index, tok, scorer, cfg.unknown_reward)

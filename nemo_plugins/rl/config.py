@@ -37,13 +37,13 @@ def _number(name: str, value, lo: float = 0.0, lo_open: bool = False, hi: float 
 
 
 @dataclass
-class RewardSettings:
-    """What a completion scores (`rewards.RewardConfig`, kept mutable so YAML/overrides can set
-    it) and the sandbox limits of the reward pool. `workers: 0` scores in-process without limits
-    (tests, debugging); otherwise `workers` processes with `timeout_s` CPU time and `memory_mb`
-    extra address space per sample, and completions longer than `max_chars` fail as too_long."""
+class ScoringSettings:
+    """The rule rewards' weights (`rewards.RewardConfig`) and the sandbox limits of the reward pool,
+    for a task given elsewhere. `workers: 0` scores in-process without limits (tests, debugging);
+    otherwise `workers` processes with `timeout_s` CPU time and `memory_mb` extra address space
+    per sample, and completions longer than `max_chars` fail as too_long. The RL loops use them
+    as `RewardSettings`; the Aligner reward server, which reads the task from its prompt file, as is."""
 
-    task: str = "world"
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
     workers: int = 2
@@ -52,8 +52,6 @@ class RewardSettings:
     max_chars: int = 4000
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            _bad("rewards.task", self.task, f"one of {', '.join(TASKS)}")
         for name in ("accuracy_weight", "format_weight"):
             _number(f"rewards.{name}", getattr(self, name))
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
@@ -62,11 +60,27 @@ class RewardSettings:
         _number("rewards.memory_mb", self.memory_mb, lo_open=True)
         _positive_int("rewards.max_chars", self.max_chars)
 
-    def reward_config(self) -> RewardConfig:
-        return RewardConfig(self.task, self.accuracy_weight, self.format_weight)
+    def reward_config_for(self, task: str) -> RewardConfig:
+        return RewardConfig(task, self.accuracy_weight, self.format_weight)
 
     def limits(self) -> SandboxLimits:
         return SandboxLimits(self.workers, self.timeout_s, self.memory_mb, self.max_chars)
+
+
+@dataclass
+class RewardSettings(ScoringSettings):
+    """What a completion scores: the reward `task` (one of `rewards.TASKS`, kept mutable so
+    YAML/overrides can set it) with `ScoringSettings`' weights and sandbox limits."""
+
+    task: str = "world"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            _bad("rewards.task", self.task, f"one of {', '.join(TASKS)}")
+        super().__post_init__()
+
+    def reward_config(self) -> RewardConfig:
+        return self.reward_config_for(self.task)
 
     def scorer(self) -> RuleScorer:
         """The rule-reward scorer these settings describe (close it, or use it as a context manager)."""
