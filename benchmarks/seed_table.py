@@ -3,7 +3,9 @@
 For stages run once per seed outside `reproduce_readme.py` (e.g. a real-model preset's recovery
 stage with `recovery.seed=S`): give one report per seed, the figures as dotted keys, and the pairs
 to compare as `A-B`. Differences are paired by report (seed); an interval that includes zero is
-flagged "no measurable difference here".
+flagged "no measurable difference here". A key `A|B` takes the first alternative a report has,
+for reports of two shapes (the sft stage's `after.on.adherence`, bench_toggle.py's
+`result.on.adherence`).
 
     python benchmarks/seed_table.py --reports /tmp/smolT/out/recovery/report.json \\
         /tmp/recS1/recovery/report.json /tmp/recS2/recovery/report.json \\
@@ -26,15 +28,30 @@ from nemo_plugins.utils.atomic import write_json_atomic
 
 
 def lookup(report: dict, key: str, where: str) -> float:
-    """The number at dotted `key` in `report`, or SystemExit naming the file and the key."""
+    """The number at dotted `key` in `report`, or SystemExit naming the file and the key. A key
+    may name alternatives, `A|B`: the first one the report has (the sft stage's report says
+    `after.on.adherence` where bench_toggle.py's JSON says `result.on.adherence`)."""
+    *alternatives, last = key.split("|")
+    for alt in alternatives:
+        if _has(report, alt):
+            return lookup(report, alt, where)
     value = report
-    for part in key.split("."):
+    for part in last.split("."):
         if not isinstance(value, dict) or part not in value:
             raise SystemExit(f"{where}: no {key!r} (missing {part!r})")
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SystemExit(f"{where}: {key}={value!r}: expected a number")
     return float(value)
+
+
+def _has(report: dict, key: str) -> bool:
+    value = report
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
 
 
 def seed_table(reports: list[str], keys: list[str], diffs: list[str]) -> dict:

@@ -70,6 +70,21 @@ def test_bad_input_names_the_file_and_key(tmp_path, seed_table):
         seed_table.seed_table([str(tmp_path / "missing.json")], ["kd_gap_closed"], [])
 
 
+def test_a_key_with_alternatives_reads_reports_of_two_shapes(tmp_path, seed_table):
+    """`A|B`: the first alternative each report has, so the sft stage's reports and
+    bench_toggle.py's JSON (the same figure under another path) make one table; a report with
+    neither is refused naming the whole key."""
+    stage, bench, neither = (tmp_path / f"{n}.json" for n in ("stage", "bench", "neither"))
+    stage.write_text(json.dumps({"after": {"off": {"adherence": 1.0}}}))
+    bench.write_text(json.dumps({"result": {"off": {"adherence": 0.9}}, "after": {"on": {"adherence": 0.5}}}))
+    neither.write_text(json.dumps({"before": {}}))
+    key = "after.off.adherence|result.off.adherence"
+    table = seed_table.seed_table([str(stage), str(bench)], [key], [])
+    assert table["figures"][key]["values"] == [1.0, 0.9]
+    with pytest.raises(SystemExit, match=r"neither.json: no 'after.off.adherence\|result.off.adherence'"):
+        seed_table.seed_table([str(stage), str(neither)], [key], [])
+
+
 @pytest.mark.parametrize("table", sorted((ROOT / "benchmarks" / "results").glob("smollm2_*_seeds.json")), ids=lambda p: p.name)
 def test_the_readme_quotes_each_committed_seed_table_verbatim(table):
     """Every interval and paired difference of a committed seed table (as seed_table.py wrote it)
