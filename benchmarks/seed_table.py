@@ -27,31 +27,29 @@ from reproduce_readme import difference, interval
 from nemo_plugins.utils.atomic import write_json_atomic
 
 
+def _dig(report: dict, key: str):
+    """(value at dotted `key`, None) or (None, the first missing part)."""
+    value = report
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None, part
+        value = value[part]
+    return value, None
+
+
 def lookup(report: dict, key: str, where: str) -> float:
     """The number at dotted `key` in `report`, or SystemExit naming the file and the key. A key
     may name alternatives, `A|B`: the first one the report has (the sft stage's report says
     `after.on.adherence` where bench_toggle.py's JSON says `result.on.adherence`)."""
-    *alternatives, last = key.split("|")
-    for alt in alternatives:
-        if _has(report, alt):
-            return lookup(report, alt, where)
-    value = report
-    for part in last.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise SystemExit(f"{where}: no {key!r} (missing {part!r})")
-        value = value[part]
+    for alt in key.split("|"):
+        value, missing = _dig(report, alt)
+        if missing is None:
+            break
+    else:
+        raise SystemExit(f"{where}: no {key!r} (missing {missing!r})")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SystemExit(f"{where}: {key}={value!r}: expected a number")
     return float(value)
-
-
-def _has(report: dict, key: str) -> bool:
-    value = report
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False
-        value = value[part]
-    return True
 
 
 def seed_table(reports: list[str], keys: list[str], diffs: list[str]) -> dict:
