@@ -46,13 +46,14 @@ def test_scores_the_chosen_split_with_the_configs_decoding(model_dir, tmp_path, 
     monkeypatch.setattr(bench, "evaluate_toggle", recording)
     out = tmp_path / "train.json"
     assert bench.main(["--model", str(model_dir), "--n", "3", "--json", str(out), "sft.max_new_tokens=4",
-                       "sft.eval_batch_size=2", "sft.repetition_penalty=1.3"]) == 0  # fmt: skip
+                       "sft.eval_batch_size=2", "sft.repetition_penalty=1.3", "sft.repetition_penalty_off=1.0"]) == 0  # fmt: skip
     saved = json.loads(out.read_text())
     assert saved["settings"]["split"] == "train" and saved["settings"]["n"] == 3
     assert set(saved["result"]) == {"on", "off"} and saved["result"]["on"]["n"] == 3
     assert saved["result"]["on"]["mean_response_tokens"] <= 4
     assert asked[0][0] == [p.question for p in world.train[:3]]
     assert asked[0][1]["repetition_penalty"] == 1.3 and asked[0][1]["batch_size"] == 2
+    assert asked[0][1]["repetition_penalty_off"] == 1.0 and saved["settings"]["repetition_penalty_off"] == 1.0
     bench.main(["--model", str(model_dir), "--split", "heldout", "--n", "2", "sft.max_new_tokens=2"])
     assert asked[1][0] == [p.question for p in world.eval[:2]]
     with pytest.raises(SystemExit):
