@@ -179,6 +179,19 @@ def test_sft_pairs(problems):
 
 
 @needs_champ
+def test_concluded_traces_end_on_the_plain_answer(problems):
+    """conclude: the trace's last step states CHAMP's answer unboxed; the rest is unchanged."""
+    plain, concluded = champ_sft_examples(problems), champ_sft_examples(problems, conclude=True)
+    for p, on, off, on_c, off_c in zip(problems, plain[0::2], plain[1::2], concluded[0::2], concluded[1::2]):
+        assert off_c == off
+        *steps, last = on_c.reasoning.split("\n")
+        assert steps == list(p.steps) and last == f"So the answer is {p.answer.rstrip('.')}."
+        assert "\\boxed" not in on_c.reasoning and has_think_block(on_c.response)
+        assert on_c.response.split(THINK_END, 1)[1] == on.response.split(THINK_END, 1)[1]
+    assert problems[0].id == "P_Combinatorics_1" and concluded[0].reasoning.endswith("\nSo the answer is 239.")
+
+
+@needs_champ
 def test_prompts_and_documents(problems):
     recs = champ_prompts(problems)
     assert len(recs) == 212 and len({r.id for r in recs}) == 212

@@ -37,6 +37,11 @@ def test_champ_problems_split_by_id_with_references(tiny_world):
     assert not verify("<think>work</think>The answer is \\boxed{12345678}.", p)
     pairs = ps.sft_examples(ps.train[:3])
     assert [ex.thinking for ex in pairs] == [True, False] * 3 and ps.train[0].steps[0] in pairs[0].reasoning  # human steps in the think block
+    assert not pairs[0].reasoning.splitlines()[-1].startswith("So the answer is")
+    concluded = ProblemSet(tiny_world, ProblemSourceConfig(source="champ", conclude_trace=True))
+    on, off = concluded.sft_examples(ps.train[:1])
+    assert on.reasoning == pairs[0].reasoning + "\nSo the answer is " + on.reasoning.rsplit("So the answer is ", 1)[1]
+    assert off == pairs[1] and concluded.key == ps.key  # the problems and their split are the same
 
 
 def test_jsonl_prompts_need_one_task_and_name_bad_records(tiny_world, tmp_path):

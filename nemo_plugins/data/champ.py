@@ -295,17 +295,28 @@ def champ_answer_text(p: ChampProblem) -> str:
     return f"{p.answer}, so the answer is \\boxed{{{p.reference}}}."
 
 
-def champ_solution_text(p: ChampProblem, step_sep: str = "\n") -> str:
-    """The human solution, steps joined by `step_sep` (the thinking trace of the SFT pair)."""
-    return step_sep.join(p.steps)
+def champ_solution_text(p: ChampProblem, step_sep: str = "\n", *, conclude: bool = False) -> str:
+    """The human solution, steps joined by `step_sep` (the thinking trace of the SFT pair).
+
+    `conclude` appends CHAMP's answer as a plain last step, "So the answer is <answer>.", so that
+    every trace ends on the same unboxed sentence before `</think>`: the boxed answer sentence,
+    which ends the turn in both modes, then only ever follows a closed think block.
+    """
+    steps = (*p.steps, f"So the answer is {p.answer.rstrip('.')}.") if conclude else p.steps
+    return step_sep.join(steps)
 
 
 def champ_sft_examples(
-    problems: Iterable[ChampProblem], *, instruction: str | None = DEFAULT_INSTRUCTION, step_sep: str = "\n"
+    problems: Iterable[ChampProblem],
+    *,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    step_sep: str = "\n",
+    conclude: bool = False,
 ) -> list[ChatExample]:
     """(thinking-on, thinking-off) `ChatExample`s for every problem, flat: on, off, on, off, ...
 
     On: `<think>` human steps `</think>` then `champ_answer_text`; off: `champ_answer_text` alone.
+    `conclude`: end each trace with the answer as a plain step (`champ_solution_text`).
     The user turn is `instruction` + blank line + statement. meta holds the CHAMP id.
     """
     out: list[ChatExample] = []
@@ -313,7 +324,7 @@ def champ_sft_examples(
         out.extend(
             paired_examples(
                 _prompt_text(p, instruction),
-                champ_solution_text(p, step_sep),
+                champ_solution_text(p, step_sep, conclude=conclude),
                 champ_answer_text(p),
                 category=p.category,
                 meta={"dataset": "champ", "id": p.id},

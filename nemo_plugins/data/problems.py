@@ -46,6 +46,8 @@ class ProblemSourceConfig:
     heldout_fraction: float = 0.2  # share of problems held out (champ, jsonl; the tiny world has its own split)
     seed: int = 0  # of the held-out split
     on_error: str = "skip"  # skip | raise: a malformed JSONL record
+    # champ: end every SFT thinking trace with "So the answer is <answer>." (champ.champ_solution_text)
+    conclude_trace: bool = False
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths]
@@ -88,7 +90,7 @@ class ProblemSet:
         problems = [TaskProblem(f"{DEFAULT_INSTRUCTION}\n\n{p.statement}", p.reference, p.id, steps=p.steps) for p in champ]
         self.task = SOURCE_TASKS["champ"]
         self.train, self.eval = self._split(problems)
-        pairs = champ_sft_examples(champ)
+        pairs = champ_sft_examples(champ, conclude=self.cfg.conclude_trace)
         self._sft = {p.id: (pairs[2 * i], pairs[2 * i + 1]) for i, p in enumerate(champ)}
         self.report["without_reference"] = len(load_champ()) - len(champ)
 
