@@ -108,7 +108,8 @@ class PipelineConfig:
         found = self.misfits(SOURCE_TASKS.get(source))
         if found:
             errors.append(misfit_message(found, source, task_known=source in SOURCE_TASKS))
-        if "reward_model" in self.stages and source != "tiny" and self.reward_model.pairs_path is None:
+        if "reward_model" in self.stages and source != "tiny" and self.reward_model.pairs_path is None \
+                and not self.reward_model.policy_samples:  # fmt: skip
             errors.append(missing_pairs_message(source))
         if errors:
             raise ValueError("\n".join(errors))

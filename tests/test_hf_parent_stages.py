@@ -241,3 +241,17 @@ def test_the_reward_model_on_real_problems_without_pairs_names_the_key_before_an
     # stages without the reward model, or with a pairs file, load
     assert load_config(PipelineConfig, DEFAULT_CONFIGS, ["data.problems.source=champ", "stages=[world,parent,sft]"])
     assert load_config(PipelineConfig, DEFAULT_CONFIGS, [*CHAMP, "reward_model.pairs_path=p.jsonl"])
+
+
+def test_the_reward_model_from_the_policys_own_samples_runs_on_real_problems(hf_parent, tmp_path, capsys):
+    """`reward_model.policy_samples` builds pairs from the policy's verified samples on any problem
+    source: the config loads on CHAMP; a policy with no right answer (a random one) gets a clear
+    error naming the setting and the counts, and nothing is written in place of a reward model."""
+    assert load_config(PipelineConfig, DEFAULT_CONFIGS, [*CHAMP, "reward_model.policy_samples=4"])
+    out = tmp_path / "out"
+    small = ["reward_model.policy_samples=2", "reward_model.train_pairs=2", "reward_model.heldout_pairs=2",
+             "reward_model.policy_max_new_tokens=4"]  # fmt: skip
+    assert main(["reward_model", f"model={hf_parent}", f"output_dir={out}", *SMALL, *CHAMP, *small]) == 2
+    err = capsys.readouterr().err
+    assert "reward_model.policy_samples=2: expected samples that give pairs (the train set has none: " in err
+    assert "'all_wrong': 2" in err and not (out / "reward_model" / "report.json").exists()

@@ -1,13 +1,19 @@
 """The `reward_model` stage: a reward model (`rl.reward_model`: the policy's architecture with a
 scalar head, Bradley-Terry loss) trained from the input policy's weights on preference pairs.
 
-Pairs: with `pairs_path` null (the tiny world), built by `data.preference_pairs.world_pairs`
-(a correct, well-formatted response against a wrong one) on three disjoint prompt sets: the
-first `train_pairs` training problems, a "tuning" set that validates during training (the set
-the defaults were chosen on), and a "report" set drawn apart from both, on which the stage
-reports its held-out accuracy. With `pairs_path` (JSONL of {prompt, chosen, rejected}), the
-prompts are split by a hash of the prompt text: `heldout_fraction` of them to each held-out set,
-so no prompt is in two sets.
+Pairs come from one of three sources, each on three disjoint prompt sets: training prompts, a
+"tuning" set that validates during training (the set the defaults were chosen on), and a
+"report" set drawn apart from both, on which the stage reports its held-out accuracy.
+- `pairs_path` (JSONL of {prompt, chosen, rejected}): the prompts are split by a hash of the
+  prompt text, `heldout_fraction` of them to each held-out set.
+- `policy_samples` >= 2: the input policy's own samples, a verified-correct one against a wrong
+  one (`rl.policy_pairs`), on any problem source: the first `train_pairs` training problems, and
+  `heldout_pairs` held-out problems in each held-out set (tiny world: drawn apart from both splits;
+  other sources: the held-out split's problems alternately to tuning and report). The samples are
+  cached per starting policy and settings.
+- otherwise (the tiny world only): `data.preference_pairs.world_pairs`, a correct, well-formatted
+  response against a hand-made wrong one, on the first `train_pairs` training problems and
+  `heldout_pairs` new problems in each held-out set.
 
 Writes `<stage>/model/` (the backbone), `<stage>/reward_head.safetensors` and
 `<stage>/reward_model.json` (`reward_model.load_reward_model(<stage>)` reads them), and
@@ -27,10 +33,13 @@ from pathlib import Path
 from ..data.chat_tokenizer import ChatTokenizer
 from ..data.preference_pairs import PreferencePair, load_pairs, pair_examples, world_pairs
 from ..data.problems import ProblemSet
+from ..data.sources import DataError
 from ..data.tiny_world import World
 from ..model.checkpoint import fingerprint
 from ..utils.atomic import write_json_atomic
 from ..utils.hashing import config_hash
+from .grpo_stage import _cached
+from .policy_pairs import PolicyPairSettings, policy_pairs
 from .reward_model import RewardModel, RewardModelConfig, evaluate_pairs, save_reward_model, train_reward_model
 
 log = logging.getLogger("nemo_plugins.reward_model")
@@ -47,14 +56,21 @@ class RewardModelStageConfig(RewardModelConfig):
     """Training settings (`reward_model.RewardModelConfig`) plus where the pairs come from (see
     the module doc): `pairs_path` (JSONL; null: the tiny world), `train_pairs` (tiny world:
     training problems, one pair each), `heldout_pairs` (tiny world: pairs in each held-out set),
-    `difficulties` (tiny world: levels the pairs' problems come from; null: all) and
-    `heldout_fraction` (JSONL: share of prompts in each held-out set)."""
+    `difficulties` (tiny world: levels the pairs' problems come from; null: all),
+    `heldout_fraction` (JSONL: share of prompts in each held-out set) and, for pairs from the
+    policy's samples, `policy_samples` (per prompt; 0: not from the policy),
+    `policy_temperature`, `policy_max_new_tokens` and `policy_batch_size` (sequences per
+    generate call)."""
 
     pairs_path: str | None = None
     train_pairs: int = 2048
     heldout_pairs: int = 300
     difficulties: list[int] | None = None
     heldout_fraction: float = 0.1
+    policy_samples: int = 0
+    policy_temperature: float = 1.0
+    policy_max_new_tokens: int = 64
+    policy_batch_size: int = 64
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,13 +84,29 @@ class RewardModelStageConfig(RewardModelConfig):
             _bad("heldout_fraction", self.heldout_fraction, "a number in (0, 0.5): the share of prompts in each held-out set")
         if self.pairs_path is not None and not str(self.pairs_path).strip():
             _bad("pairs_path", self.pairs_path, "a JSONL file or directory of pairs, or null for the tiny world")
+        n = self.policy_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n == 1:
+            _bad("policy_samples", self.policy_samples, "0 (pairs not from the policy) or at least 2 samples per prompt")
+        if self.policy_samples and self.pairs_path is not None:
+            _bad("policy_samples", self.policy_samples, f"0 with reward_model.pairs_path={self.pairs_path!r} (one source of pairs)")
+        for name in ("policy_max_new_tokens", "policy_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _bad(name, value, "a positive integer")
+        if not (isinstance(self.policy_temperature, (int, float)) and self.policy_temperature > 0):
+            _bad("policy_temperature", self.policy_temperature, "a temperature > 0 (the samples must differ)")
+
+    def policy_settings(self, seed_offset: int = 0) -> PolicyPairSettings:
+        return PolicyPairSettings(self.policy_samples, self.policy_temperature, self.policy_max_new_tokens,
+                                  self.policy_batch_size, self.seed + seed_offset)  # fmt: skip
 
 
 def missing_pairs_message(source: str) -> str:
     """Why the stage has no pairs on `source`'s problems (not the tiny world's), and what to give."""
     return (f"reward_model.pairs_path=None: data.problems.source={source} has no tiny-world responses to build "
             'preference pairs from; give reward_model.pairs_path=PAIRS.jsonl (one {"prompt", "chosen", "rejected"} '
-            "a line), or leave reward_model out of stages")  # fmt: skip
+            "a line), or reward_model.policy_samples=4 (pairs from the policy's own verified samples), "
+            "or leave reward_model out of stages")  # fmt: skip
 
 
 def _prompt_bucket(prompt: str, seed: int) -> float:
@@ -91,8 +123,46 @@ def split_by_prompt(pairs: Sequence[PreferencePair], fraction: float, seed: int)
     return out
 
 
+def pair_prompts(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str, list]:
+    """The train / tuning / report problems (disjoint) that tiny-world and policy pairs are built on."""
+    if problems.cfg.source != "tiny":
+        return {"train": problems.train[: cfg.train_pairs], "tuning": problems.eval[0::2][: cfg.heldout_pairs],
+                "report": problems.eval[1::2][: cfg.heldout_pairs]}  # fmt: skip
+    world = problems.world
+    levels = cfg.difficulties or world.config.difficulties
+    train = [p for p in world.train if p.difficulty in set(levels)]
+    tuning = world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-tuning")
+    return {"train": list({p.question: p for p in train}.values())[: cfg.train_pairs], "tuning": tuning,
+            "report": world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-report", exclude=tuning)}  # fmt: skip
+
+
+def sampled_pairs(model, chat: ChatTokenizer, problems: ProblemSet, cfg: RewardModelStageConfig,
+                  out_dir: Path) -> tuple[dict[str, list[PreferencePair]], dict]:  # fmt: skip
+    """Pairs from `model`'s own samples on each set of `pair_prompts` (cached in `out_dir` per
+    starting weights, settings and prompts), and per set how many prompts gave none and why."""
+    sets, counts = {}, {}
+    for offset, (name, prompts) in enumerate(pair_prompts(problems, cfg).items()):
+        settings = cfg.policy_settings(offset)
+        key = {"model": fingerprint(model), "settings": asdict(settings), "task": problems.task,
+               "prompts": config_hash([(p.question, str(p.answer)) for p in prompts])}  # fmt: skip
+
+        def sample(prompts=prompts, settings=settings):
+            pairs, n = policy_pairs(model, chat, prompts, problems.task, settings)
+            return {"pairs": [p.to_json() for p in pairs], "counts": n}
+
+        got = _cached(out_dir / f"policy-pairs-{name}-{config_hash(key)}.json", key, sample)
+        sets[name] = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["thinking"], r.get("kind", "")) for r in got["pairs"]]
+        counts[name] = got["counts"]
+        if not sets[name]:
+            raise DataError(f"reward_model.policy_samples={cfg.policy_samples}: expected samples that give pairs (the "
+                            f"{name} set has none: {got['counts']}); the policy needs both right and wrong answers: "
+                            "more samples, a higher policy_temperature, or a policy that solves some problems")  # fmt: skip
+    return sets, counts
+
+
 def stage_pairs(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str, list[PreferencePair]]:
-    """The train / tuning / report pairs (disjoint prompts) of the stage (see the module doc)."""
+    """The train / tuning / report pairs (disjoint prompts) of the stage from a JSONL file or the
+    tiny world (see the module doc; pairs from the policy are `sampled_pairs`)."""
     if cfg.pairs_path is not None:
         pairs, read = load_pairs(cfg.pairs_path)
         if read.skipped:
@@ -106,14 +176,8 @@ def stage_pairs(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str, 
         return sets
     if problems.cfg.source != "tiny":
         raise ValueError(missing_pairs_message(problems.cfg.source))
-    world = problems.world
-    levels = cfg.difficulties or world.config.difficulties
-    train = [p for p in world.train if p.difficulty in set(levels)]
-    unique = list({p.question: p for p in train}.values())[: cfg.train_pairs]
-    tuning = world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-tuning")
-    report = world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-report", exclude=tuning)
-    return {"train": world_pairs(unique, cfg.seed), "tuning": world_pairs(tuning, cfg.seed + 1),
-            "report": world_pairs(report, cfg.seed + 2)}  # fmt: skip
+    prompts = pair_prompts(problems, cfg)
+    return {name: world_pairs(prompts[name], cfg.seed + i) for i, name in enumerate(("train", "tuning", "report"))}
 
 
 def run_reward_model_stage(
@@ -124,7 +188,11 @@ def run_reward_model_stage(
     out_dir = Path(out_dir)
     chat = chat or world.chat
     problems = problems or ProblemSet(world)
-    sets = stage_pairs(problems, cfg)
+    sampled = None
+    if cfg.policy_samples:
+        sets, sampled = sampled_pairs(model, chat, problems, cfg, out_dir)
+    else:
+        sets = stage_pairs(problems, cfg)
     ids = {name: pair_examples(chat, pairs) for name, pairs in sets.items()}
     start = fingerprint(model)
     key = {k: v for k, v in asdict(cfg).items() if k not in _REPORT_ONLY}
@@ -137,7 +205,8 @@ def run_reward_model_stage(
     report = {
         "start_fingerprint": start,
         "pairs": {name: len(v) for name, v in sets.items()},
-        "source": cfg.pairs_path or "tiny world (world_pairs)",
+        "source": cfg.pairs_path or ("the policy's samples (policy_pairs)" if sampled else "tiny world (world_pairs)"),
+        **({"sampled": sampled} if sampled else {}),
         "heldout_accuracy": held_out["val_accuracy"],
         "heldout": {"set": "report", **held_out},
         "tuning_accuracy": summary["accuracy"],
