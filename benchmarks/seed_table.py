@@ -28,12 +28,16 @@ from nemo_plugins.utils.atomic import write_json_atomic
 
 
 def _dig(report: dict, key: str):
-    """(value at dotted `key`, None) or (None, the first missing part)."""
+    """(value at dotted `key`, None) or (None, the first missing part). A part that is a number
+    indexes a list (`iterations.2.accuracy`)."""
     value = report
     for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             return None, part
-        value = value[part]
     return value, None
 
 

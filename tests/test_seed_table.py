@@ -85,6 +85,20 @@ def test_a_key_with_alternatives_reads_reports_of_two_shapes(tmp_path, seed_tabl
         seed_table.seed_table([str(stage), str(neither)], [key], [])
 
 
+def test_a_number_in_a_key_indexes_a_list(tmp_path, seed_table):
+    """rpo's report keeps its rounds in a list: `iterations.2.accuracy` is round 2's accuracy;
+    an index past the end is refused naming it."""
+    paths = []
+    for i, accs in enumerate([(0.5, 0.52, 0.49), (0.5, 0.51, 0.53)]):
+        paths.append(tmp_path / f"rpo{i}.json")
+        paths[-1].write_text(json.dumps({"iterations": [{"accuracy": a} for a in accs]}))
+    table = seed_table.seed_table([str(p) for p in paths], ["iterations.2.accuracy"], ["iterations.2.accuracy-iterations.0.accuracy"])
+    assert table["figures"]["iterations.2.accuracy"]["values"] == [0.49, 0.53]
+    assert table["differences"]["iterations.2.accuracy-iterations.0.accuracy"].startswith("+0.010 ± ")
+    with pytest.raises(SystemExit, match=r"rpo0.json: no 'iterations.3.accuracy' \(missing '3'\)"):
+        seed_table.seed_table([str(paths[0])], ["iterations.3.accuracy"], [])
+
+
 @pytest.mark.parametrize("table", sorted((ROOT / "benchmarks" / "results").glob("smollm2_*_seeds.json")), ids=lambda p: p.name)
 def test_the_readme_quotes_each_committed_seed_table_verbatim(table):
     """Every interval and paired difference of a committed seed table (as seed_table.py wrote it)
