@@ -46,7 +46,8 @@ class ProblemSourceConfig:
     heldout_fraction: float = 0.2  # share of problems held out (champ, jsonl; the tiny world has its own split)
     seed: int = 0  # of the held-out split
     on_error: str = "skip"  # skip | raise: a malformed JSONL record
-    # champ: end every SFT thinking trace with "So the answer is <answer>." (champ.champ_solution_text)
+    # champ: end every SFT thinking trace with "So the answer is <answer>." (champ.champ_solution_text;
+    # on SmolLM2 it lowered thinking-on adherence, README "Reasoning-toggle SFT")
     conclude_trace: bool = False
 
     def __post_init__(self):
