@@ -31,7 +31,7 @@ class PolicyPairSettings:
     samples: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 64
-    batch_size: int = 256
+    batch_size: int = 64
     seed: int = 0
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
-from ..data.preference_pairs import PreferencePair, load_pairs, pair_examples, world_pairs
+from ..data.preference_pairs import PreferencePair, load_pairs, pair_examples, pair_from_record, world_pairs
 from ..data.problems import ProblemSet
 from ..data.sources import DataError
 from ..data.tiny_world import World
@@ -136,14 +136,15 @@ def pair_prompts(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str,
             "report": world.extra_heldout(cfg.heldout_pairs, levels, tag="rm-report", exclude=tuning)}  # fmt: skip
 
 
-def sampled_pairs(model, chat: ChatTokenizer, problems: ProblemSet, cfg: RewardModelStageConfig,
-                  out_dir: Path) -> tuple[dict[str, list[PreferencePair]], dict]:  # fmt: skip
+def sampled_pairs(model, chat: ChatTokenizer, problems: ProblemSet, cfg: RewardModelStageConfig, out_dir: Path,
+                  start: str) -> tuple[dict[str, list[PreferencePair]], dict]:  # fmt: skip
     """Pairs from `model`'s own samples on each set of `pair_prompts` (cached in `out_dir` per
-    starting weights, settings and prompts), and per set how many prompts gave none and why."""
+    starting weights `start` (its fingerprint), settings and prompts), and per set how many prompts
+    gave none and why."""
     sets, counts = {}, {}
     for offset, (name, prompts) in enumerate(pair_prompts(problems, cfg).items()):
         settings = cfg.policy_settings(offset)
-        key = {"model": fingerprint(model), "settings": asdict(settings), "task": problems.task,
+        key = {"model": start, "settings": asdict(settings), "task": problems.task,
                "prompts": config_hash([(p.question, str(p.answer)) for p in prompts])}  # fmt: skip
 
         def sample(prompts=prompts, settings=settings):
@@ -151,7 +152,7 @@ def sampled_pairs(model, chat: ChatTokenizer, problems: ProblemSet, cfg: RewardM
             return {"pairs": [p.to_json() for p in pairs], "counts": n}
 
         got = _cached(out_dir / f"policy-pairs-{name}-{config_hash(key)}.json", key, sample)
-        sets[name] = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["thinking"], r.get("kind", "")) for r in got["pairs"]]
+        sets[name] = [pair_from_record(r) for r in got["pairs"]]
         counts[name] = got["counts"]
         if not sets[name]:
             raise DataError(f"reward_model.policy_samples={cfg.policy_samples}: expected samples that give pairs (the "
@@ -188,13 +189,13 @@ def run_reward_model_stage(
     out_dir = Path(out_dir)
     chat = chat or world.chat
     problems = problems or ProblemSet(world)
+    start = fingerprint(model)
     sampled = None
     if cfg.policy_samples:
-        sets, sampled = sampled_pairs(model, chat, problems, cfg, out_dir)
+        sets, sampled = sampled_pairs(model, chat, problems, cfg, out_dir, start)
     else:
         sets = stage_pairs(problems, cfg)
     ids = {name: pair_examples(chat, pairs) for name, pairs in sets.items()}
-    start = fingerprint(model)
     key = {k: v for k, v in asdict(cfg).items() if k not in _REPORT_ONLY}
     data = [[(p.prompt, p.chosen, p.rejected) for p in sets[n]] for n in ("train", "tuning")]
     run_dir = out_dir / f"run-{config_hash(key, start, data)}"
