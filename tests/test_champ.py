@@ -192,6 +192,23 @@ def test_concluded_traces_end_on_the_plain_answer(problems):
 
 
 @needs_champ
+def test_plain_wording_answers_with_the_boxed_reference_alone(problems):
+    """wording=plain: "The answer is \\boxed{R}." for every problem with a reference, so CHAMP's
+    worded answers ("..., so the answer is \\boxed{R}.") are gone; traces and prompts unchanged."""
+    champ, plain = champ_sft_examples(problems), champ_sft_examples(problems, wording="plain")
+    worded = 0
+    for p, on, off, on_p, off_p in zip(problems, champ[0::2], champ[1::2], plain[0::2], plain[1::2]):
+        expected = champ_answer_text(p) if p.reference is None else f"The answer is \\boxed{{{p.reference}}}."
+        assert off_p.response == expected and on_p.response == f"{THINK_START}{on.reasoning}{THINK_END}{expected}"
+        assert on_p.messages == on.messages and on_p.reasoning == on.reasoning
+        worded += off.response != off_p.response
+        assert off.response == off_p.response or ", so the answer is \\boxed{" in off.response
+    assert worded > 50  # CHAMP words about 80 of its answers
+    with pytest.raises(ValueError, match="wording 'words'"):
+        champ_answer_text(problems[0], "words")
+
+
+@needs_champ
 def test_prompts_and_documents(problems):
     recs = champ_prompts(problems)
     assert len(recs) == 212 and len({r.id for r in recs}) == 212

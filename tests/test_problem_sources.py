@@ -42,6 +42,12 @@ def test_champ_problems_split_by_id_with_references(tiny_world):
     on, off = concluded.sft_examples(ps.train[:1])
     assert on.reasoning == pairs[0].reasoning + "\nSo the answer is " + on.reasoning.rsplit("So the answer is ", 1)[1]
     assert off == pairs[1] and concluded.key == ps.key  # the problems and their split are the same
+    plain = ProblemSet(tiny_world, ProblemSourceConfig(source="champ", answer_wording="plain"))
+    assert plain.key == ps.key and all(
+        off.response == f"The answer is \\boxed{{{p.answer}}}." for p in ps.train for _, off in [plain.sft_examples([p])]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="data.problems.answer_wording='words'"):
+        ProblemSourceConfig(source="champ", answer_wording="words")
 
 
 def test_jsonl_prompts_need_one_task_and_name_bad_records(tiny_world, tmp_path):

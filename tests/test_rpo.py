@@ -103,6 +103,32 @@ def test_prepare_pairs_the_reward_models_best_and_worst(tok, start_model, reward
     assert int(prepared.keep.sum()) == 2 * prepared.metrics["pairs"]
 
 
+def test_rule_weight_adds_the_rule_reward_to_the_reward_models_score(tok, start_model, reward_model, problems):
+    """reward = RM score + w x rule reward: with a large w the one right response of a group is
+    chosen although the reward model scores it lowest; rm_score logs the reward model alone."""
+    import dataclasses
+
+    probs = list(problems.values())[:4]
+    base = small()
+    roll = rollout(start_model, tok, probs, choose_modes(4, 0.0, 0, 0), base, seed=7)
+    plain = R.RPO(base, reward_model, as_chat(tok).pad_id).prepare(roll, score_rollout(roll, base.rewards.scorer(), base))
+    rm = plain.rewards.view(4, 4)
+    right = torch.zeros(16)
+    right[torch.arange(4) * 4 + rm.argmin(dim=1)] = 1.0  # the verifier accepts the RM's worst response of each group
+    rewards = dataclasses.replace(score_rollout(roll, base.rewards.scorer(), base), total=right, accuracy=right)
+    w = 100.0
+    mixed = R.RPO(small(rule_weight=w), reward_model, as_chat(tok).pad_id).prepare(roll, rewards)
+    torch.testing.assert_close(mixed.rewards, plain.rewards + w * right)
+    assert mixed.metrics["rm_score"] == plain.metrics["rm_score"] and mixed.metrics["chosen_pass_rate"] == 1.0
+    assert len(mixed.pairs) == 4
+    for c, r in mixed.pairs.tolist():
+        g = c // 4
+        assert right[c] == 1 and rm[g].min() == plain.rewards[c]  # the verified response, the RM's lowest
+        assert r == g * 4 + int(torch.where(right.view(4, 4)[g] == 1, torch.inf, rm[g]).argmin())  # worst of the wrong
+    with pytest.raises(ValueError, match=r"rpo\.rule_weight"):
+        small(rule_weight=-1.0)
+
+
 def test_pair_micro_batches_sum_to_the_full_batch_update(tok, start_model, reward_model, problems):
     cfg = small()
     probs = list(problems.values())[:4]
@@ -284,6 +310,7 @@ def test_jsonl_pairs_split_by_prompt_into_disjoint_sets():
         ("rpo", "rpo.train_problems=0", "rpo.train_problems=0"),
         ("rpo", "rpo.rewards.timeout_s=0", "rpo.rewards.timeout_s=0"),  # shared settings: named by this section
         ("rpo", "rpo.overlong.penalty=-1", "rpo.overlong.penalty=-1"),
+        ("rpo", "rpo.rule_weight=-0.5", "rpo.rule_weight=-0.5"),
         ("reward_model", "reward_model.steps=0", "reward_model.steps"),
         ("reward_model", "reward_model.heldout_fraction=0.6", "reward_model.heldout_fraction=0.6"),
         ("reward_model", "reward_model.train_pairs=0", "reward_model.train_pairs=0"),

@@ -281,16 +281,23 @@ def _prompt_text(p: ChampProblem, instruction: str | None) -> str:
     return f"{instruction}\n\n{p.statement}" if instruction else p.statement
 
 
-def champ_answer_text(p: ChampProblem) -> str:
+ANSWER_WORDINGS = ("champ", "plain")
+
+
+def champ_answer_text(p: ChampProblem, wording: str = "champ") -> str:
     """The final answer as the model should write it, ending in `\\boxed{...}.`
 
     "The answer is \\boxed{R}." when the answer is a single math value R; CHAMP's wording then
     the reference ("0 is the only possible value, so the answer is \\boxed{0}.") when the
     reference was extracted from words; "The answer is \\boxed{<answer>}." for word answers.
+    `wording="plain"` drops CHAMP's wording: "The answer is \\boxed{R}." whenever there is a
+    reference, so no answer reads like a step of a trace.
     """
+    if wording not in ANSWER_WORDINGS:
+        raise ValueError(f"answer wording {wording!r}: expected one of {', '.join(ANSWER_WORDINGS)}")
     if p.reference is None:
         return f"The answer is \\boxed{{{p.answer}}}."
-    if _value(p.raw_answer) is not None or p.id in REFERENCE_OVERRIDES:
+    if wording == "plain" or _value(p.raw_answer) is not None or p.id in REFERENCE_OVERRIDES:
         return f"The answer is \\boxed{{{p.reference}}}."
     return f"{p.answer}, so the answer is \\boxed{{{p.reference}}}."
 
@@ -312,11 +319,13 @@ def champ_sft_examples(
     instruction: str | None = DEFAULT_INSTRUCTION,
     step_sep: str = "\n",
     conclude: bool = False,
+    wording: str = "champ",
 ) -> list[ChatExample]:
     """(thinking-on, thinking-off) `ChatExample`s for every problem, flat: on, off, on, off, ...
 
     On: `<think>` human steps `</think>` then `champ_answer_text`; off: `champ_answer_text` alone.
-    `conclude`: end each trace with the answer as a plain step (`champ_solution_text`).
+    `conclude`: end each trace with the answer as a plain step (`champ_solution_text`);
+    `wording`: of the answer part (`champ_answer_text`).
     The user turn is `instruction` + blank line + statement. meta holds the CHAMP id.
     """
     out: list[ChatExample] = []
@@ -325,7 +334,7 @@ def champ_sft_examples(
             paired_examples(
                 _prompt_text(p, instruction),
                 champ_solution_text(p, step_sep, conclude=conclude),
-                champ_answer_text(p),
+                champ_answer_text(p, wording),
                 category=p.category,
                 meta={"dataset": "champ", "id": p.id},
             )
@@ -369,6 +378,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION",
     "REFERENCE_OVERRIDES",
     "ascii_math_to_latex",
+    "ANSWER_WORDINGS",
     "champ_answer_text",
     "champ_data_file",
     "champ_documents",

@@ -49,6 +49,10 @@ class ProblemSourceConfig:
     # champ: end every SFT thinking trace with "So the answer is <answer>." (champ.champ_solution_text;
     # on SmolLM2 it lowered thinking-on adherence, README "Reasoning-toggle SFT")
     conclude_trace: bool = False
+    # champ: the answer part's wording. champ: CHAMP's words then the boxed reference where the
+    # answer is in words ("C(10, 5), or equivalently 252, so the answer is \\boxed{252}.");
+    # plain: "The answer is \\boxed{252}." always (champ.champ_answer_text)
+    answer_wording: str = "champ"
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths]
@@ -58,6 +62,8 @@ class ProblemSourceConfig:
             raise ValueError("data.problems.source=jsonl: give data.problems.paths=[FILE.jsonl, ...]")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.problems.heldout_fraction={self.heldout_fraction}: expected a fraction in (0, 1)")
+        if self.answer_wording not in ("champ", "plain"):
+            raise ValueError(f"data.problems.answer_wording={self.answer_wording!r}: expected champ or plain")
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"data.problems.on_error={self.on_error!r}: expected skip or raise")
 
@@ -91,7 +97,7 @@ class ProblemSet:
         problems = [TaskProblem(f"{DEFAULT_INSTRUCTION}\n\n{p.statement}", p.reference, p.id, steps=p.steps) for p in champ]
         self.task = SOURCE_TASKS["champ"]
         self.train, self.eval = self._split(problems)
-        pairs = champ_sft_examples(champ, conclude=self.cfg.conclude_trace)
+        pairs = champ_sft_examples(champ, conclude=self.cfg.conclude_trace, wording=self.cfg.answer_wording)
         self._sft = {p.id: (pairs[2 * i], pairs[2 * i + 1]) for i, p in enumerate(champ)}
         self.report["without_reference"] = len(load_champ()) - len(champ)
 

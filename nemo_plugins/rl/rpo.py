@@ -7,10 +7,13 @@ of a round, as the loop runs it:
 
 1. **Sample.** `prompts_per_step` prompts (random order: RPO has no pass-rate curriculum) and
    n = `group_size` responses each from the CURRENT policy (the rollout engine).
-2. **Score.** The rule reward (accuracy, format) is logged, not trained on; `RPO.prepare` scores
-   every prompt + response with the reward model (`reward_model.score_sequences`).
-3. **Pairs** (`best_worst_pairs`). Per prompt the best and the worst response by reward-model
-   score make a (chosen, rejected) pair; a prompt whose best and worst tie (equal scores or the
+2. **Score.** `RPO.prepare` scores every prompt + response with the reward model
+   (`reward_model.score_sequences`). The rule reward (accuracy, format) is logged; with
+   `rule_weight` w > 0 it is also added to the reward-model score, reward = RM + w · rule (as
+   TRL's `reward_weights` combine reward functions), so a verifier can overrule a reward model
+   that cannot check answers. w = 0 (default): the paper's reward model alone.
+3. **Pairs** (`best_worst_pairs`). Per prompt the best and the worst response by that reward
+   make a (chosen, rejected) pair; a prompt whose best and worst tie (equal rewards or the
    same response) gives none and is counted (`ties_skipped`).
 4. **Update.** `updates_per_rollout` optimizer steps over the pairs (`update.pair_batches`)
    through `preference_loss.PreferenceLoss` with `loss`, β and η.
@@ -55,16 +58,18 @@ class RPOConfig(LoopConfig):
     """Settings of iterative online RPO: the loop's (`config.LoopConfig`; `steps` per round,
     `group_size` = n responses per prompt) plus `loss` (one of LOSS_KINDS), `beta` (β, the scale
     of the policy's implicit reward margin), `eta` (η, the scale of the reward model's margin),
-    `iterations` (rounds, each with the previous round's policy as reference) and
-    `score_batch_size` (sequences per reward-model forward). Errors name `rpo.<field>`."""
+    `iterations` (rounds, each with the previous round's policy as reference),
+    `score_batch_size` (sequences per reward-model forward) and `rule_weight` (w: the reward
+    is the reward-model score + w x the rule reward). Errors name `rpo.<field>`."""
 
-    run_defining: ClassVar[tuple[str, ...]] = (*LoopConfig.run_defining, "loss", "beta", "eta")
+    run_defining: ClassVar[tuple[str, ...]] = (*LoopConfig.run_defining, "loss", "beta", "eta", "rule_weight")
 
     loss: str = "rpo_bwd_kl"
     beta: float = 0.1
     eta: float = 1.0
     iterations: int = 2
     score_batch_size: int = 64
+    rule_weight: float = 0.0
     curriculum: SamplerSettings = field(default_factory=lambda: SamplerSettings(kind="random"))
 
     def __post_init__(self):
@@ -76,6 +81,7 @@ class RPOConfig(LoopConfig):
             _number("eta", self.eta)
             _positive_int("iterations", self.iterations)
             _positive_int("score_batch_size", self.score_batch_size)
+            _number("rule_weight", self.rule_weight)
         except ValueError as e:  # the shared checks name the GRPO section
             raise ValueError(re.sub(r"\bgrpo\.", "rpo.", str(e))) from None
 
@@ -125,7 +131,8 @@ class RPO:
     def prepare(self, roll: Rollout, rewards: Rewards) -> Prepared:
         seqs = [p + c for p, c in zip(roll.prompt_ids, roll.completions)]
         scores = score_sequences(self.reward_model, seqs, self.pad_id, self.cfg.score_batch_size)
-        pairs, ties = best_worst_pairs(scores, self.cfg.group_size, roll.completions)
+        reward = scores + self.cfg.rule_weight * rewards.total if self.cfg.rule_weight else scores
+        pairs, ties = best_worst_pairs(reward, self.cfg.group_size, roll.completions)
         keep = torch.zeros(len(seqs), dtype=torch.bool)
         keep[pairs.flatten()] = True
         chosen, rejected = pairs[:, 0], pairs[:, 1]
@@ -137,7 +144,7 @@ class RPO:
             "chosen_pass_rate": float(rewards.accuracy[chosen].mean()) if len(pairs) else None,
             "rejected_pass_rate": float(rewards.accuracy[rejected].mean()) if len(pairs) else None,
         }
-        return Prepared(None, keep, metrics, pairs=pairs, rewards=scores)
+        return Prepared(None, keep, metrics, pairs=pairs, rewards=reward)
 
 
 def run_rpo(
