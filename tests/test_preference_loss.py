@@ -160,3 +160,24 @@ def test_policy_loss_ignores_masked_positions_and_checks_the_layout():
     batch.pair_index, batch.ref_logp = torch.tensor([0, 0, 1, 1]), None
     with pytest.raises(ValueError, match="ref_logp"):
         fn(logp, batch, *batch.normalizers())
+
+
+def test_sft_loss_weight_adds_the_chosen_rows_token_mean_nll_and_micro_batches_add_up():
+    batch, logp = pair_batch(2, 3)
+    logp.requires_grad_(True)
+    tokens, seqs = batch.normalizers()
+    alpha = 0.7
+    plain, _ = PreferenceLoss("rpo_bwd_kl", BETA, ETA)(logp, batch, tokens, seqs)
+    fn = PreferenceLoss("rpo_bwd_kl", BETA, ETA, sft_loss_weight=alpha)
+    loss, metrics = fn(logp, batch, tokens, seqs)
+    m = batch.mask.bool()
+    nll = [-logp[i][m[i]].mean().item() for i in (0, 2, 4)]  # the chosen rows
+    assert loss.item() == pytest.approx(plain.item() + alpha * sum(nll) / 3, rel=1e-6)
+    assert metrics["sft_loss"].item() == pytest.approx(sum(nll) / 3, rel=1e-6)
+    grad = torch.autograd.grad(loss - plain, logp)[0]  # only the chosen rows' tokens, each -α / (3 n_i)
+    for i in range(6):
+        want = torch.where(m[i], -alpha / (3 * m[i].sum()), 0.0) if i % 2 == 0 else torch.zeros(m.shape[1])
+        torch.testing.assert_close(grad[i], want.to(grad.dtype))
+    parts = [fn(logp[r], TrainBatch(batch.ids[r], batch.mask[r], pair_index=batch.pair_index[r], rewards=batch.rewards[r],
+                                    ref_logp=batch.ref_logp[r]), tokens, seqs)[0] for r in (slice(0, 2), slice(2, 6))]  # fmt: skip
+    assert sum(p.item() for p in parts) == pytest.approx(loss.item(), rel=1e-6)

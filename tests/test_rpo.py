@@ -127,6 +127,7 @@ def test_rule_weight_adds_the_rule_reward_to_the_reward_models_score(tok, start_
         assert r == g * 4 + int(torch.where(right.view(4, 4)[g] == 1, torch.inf, rm[g]).argmin())  # worst of the wrong
     with pytest.raises(ValueError, match=r"rpo\.rule_weight"):
         small(rule_weight=-1.0)
+    assert R.RPO(small(sft_loss_weight=0.5), reward_model, 0).loss == PreferenceLoss("rpo_bwd_kl", 0.5, 1.0, 0.5)
 
 
 def test_pair_micro_batches_sum_to_the_full_batch_update(tok, start_model, reward_model, problems):
@@ -311,6 +312,7 @@ def test_jsonl_pairs_split_by_prompt_into_disjoint_sets():
         ("rpo", "rpo.rewards.timeout_s=0", "rpo.rewards.timeout_s=0"),  # shared settings: named by this section
         ("rpo", "rpo.overlong.penalty=-1", "rpo.overlong.penalty=-1"),
         ("rpo", "rpo.rule_weight=-0.5", "rpo.rule_weight=-0.5"),
+        ("rpo", "rpo.sft_loss_weight=-1", "rpo.sft_loss_weight=-1"),
         ("reward_model", "reward_model.steps=0", "reward_model.steps"),
         ("reward_model", "reward_model.heldout_fraction=0.6", "reward_model.heldout_fraction=0.6"),
         ("reward_model", "reward_model.train_pairs=0", "reward_model.train_pairs=0"),

@@ -15,7 +15,10 @@ With per-sequence summed response log-probs of the policy and the frozen referen
 
 The RPO losses pull the policy's implicit reward margin towards the reward model's margin, so a
 pair whose responses the reward model barely tells apart moves the policy little (DPO pushes every
-pair apart alike). Every log-probability is a `logsigmoid` (log(1 − σ(x)) = logsigmoid(−x)), so
+pair apart alike). `PreferenceLoss` can add α × the chosen response's token-mean negative
+log-likelihood per pair (α = `sft_loss_weight`, NeMo-Aligner's DPO `sft_loss_weight`, TRL's
+`rpo_alpha`): preference losses only move the margin, and can lower the chosen response's
+likelihood along with the rejected one's. Every log-probability is a `logsigmoid` (log(1 − σ(x)) = logsigmoid(−x)), so
 no |Δ| overflows or takes log(0).
 """
 
@@ -78,12 +81,14 @@ class PreferenceLoss:
     out as two consecutive rows (chosen, then rejected) with the same `pair_index`; it brings the
     reference's log-probs (`ref_logp`) and each sequence's reward (`rewards`). The loss is the
     sum of its per-pair losses ÷ the step's pairs (global_sequences / 2), so micro-batches add up to
-    the full-batch mean. Metrics (already ÷ the step's pairs): the policy's implicit margin Δπ, the
-    reward margin Δr, and the share of pairs with Δπ > 0."""
+    the full-batch mean. `sft_loss_weight` α adds α × the chosen row's token-mean NLL per pair.
+    Metrics (already ÷ the step's pairs): the policy's implicit margin Δπ, the reward margin Δr,
+    the share of pairs with Δπ > 0, and with α > 0 the chosen rows' NLL (`sft_loss`)."""
 
     kind: str
     beta: float
     eta: float
+    sft_loss_weight: float = 0.0
 
     def __call__(self, logp: torch.Tensor, batch: TrainBatch, global_tokens: int, global_sequences: int):
         if batch.pair_index is None or batch.ref_logp is None or batch.rewards is None:
@@ -96,6 +101,10 @@ class PreferenceLoss:
         per_pair = preference_loss(self.kind, seq[0::2], seq[1::2], ref[0::2], ref[1::2], r[0::2], r[1::2],
                                    self.beta, self.eta)  # fmt: skip
         n_pairs = max(global_sequences, 1) / 2
+        if self.sft_loss_weight:
+            chosen_mask = batch.mask[0::2]
+            nll = -seq[0::2] / chosen_mask.bool().sum(dim=1).clamp(min=1)
+            per_pair = per_pair + self.sft_loss_weight * nll
         with torch.no_grad():
             delta_pi = self.beta * ((seq[0::2] - ref[0::2]) - (seq[1::2] - ref[1::2]))
             delta_r = self.eta * (upcast(r[0::2]) - upcast(r[1::2]))
@@ -106,4 +115,6 @@ class PreferenceLoss:
             "pref_accuracy": (delta_pi > 0).float().sum() / n_pairs,
             "tokens": batch.mask.bool().sum(),
         }
+        if self.sft_loss_weight:
+            metrics["sft_loss"] = nll.detach().sum() / n_pairs
         return per_pair.sum() / n_pairs, metrics

@@ -16,7 +16,7 @@ of a round, as the loop runs it:
    make a (chosen, rejected) pair; a prompt whose best and worst tie (equal rewards or the
    same response) gives none and is counted (`ties_skipped`).
 4. **Update.** `updates_per_rollout` optimizer steps over the pairs (`update.pair_batches`)
-   through `preference_loss.PreferenceLoss` with `loss`, β and η.
+   through `preference_loss.PreferenceLoss` with `loss`, β, η and `sft_loss_weight`.
 
 Difference from the paper: there, a round samples responses for its whole prompt set once, then
 trains on those pairs (offline within the round); here every step samples from the current
@@ -60,9 +60,12 @@ class RPOConfig(LoopConfig):
     of the policy's implicit reward margin), `eta` (η, the scale of the reward model's margin),
     `iterations` (rounds, each with the previous round's policy as reference),
     `score_batch_size` (sequences per reward-model forward) and `rule_weight` (w: the reward
-    is the reward-model score + w x the rule reward). Errors name `rpo.<field>`."""
+    is the reward-model score + w x the rule reward) and `sft_loss_weight` (α × the chosen
+    response's token-mean NLL added per pair, `preference_loss.PreferenceLoss`). Errors name
+    `rpo.<field>`."""
 
-    run_defining: ClassVar[tuple[str, ...]] = (*LoopConfig.run_defining, "loss", "beta", "eta", "rule_weight")
+    run_defining: ClassVar[tuple[str, ...]] = (*LoopConfig.run_defining, "loss", "beta", "eta", "rule_weight",
+                                                  "sft_loss_weight")
 
     loss: str = "rpo_bwd_kl"
     beta: float = 0.1
@@ -70,6 +73,7 @@ class RPOConfig(LoopConfig):
     iterations: int = 2
     score_batch_size: int = 64
     rule_weight: float = 0.0
+    sft_loss_weight: float = 0.0
     curriculum: SamplerSettings = field(default_factory=lambda: SamplerSettings(kind="random"))
 
     def __post_init__(self):
@@ -82,6 +86,7 @@ class RPOConfig(LoopConfig):
             _positive_int("iterations", self.iterations)
             _positive_int("score_batch_size", self.score_batch_size)
             _number("rule_weight", self.rule_weight)
+            _number("sft_loss_weight", self.sft_loss_weight)
         except ValueError as e:  # the shared checks name the GRPO section
             raise ValueError(re.sub(r"\bgrpo\.", "rpo.", str(e))) from None
 
@@ -126,7 +131,7 @@ class RPO:
 
     @property
     def loss(self) -> PreferenceLoss:
-        return PreferenceLoss(self.cfg.loss, self.cfg.beta, self.cfg.eta)
+        return PreferenceLoss(self.cfg.loss, self.cfg.beta, self.cfg.eta, self.cfg.sft_loss_weight)
 
     def prepare(self, roll: Rollout, rewards: Rewards) -> Prepared:
         seqs = [p + c for p, c in zip(roll.prompt_ids, roll.completions)]

@@ -25,7 +25,7 @@ from .policy_loss import PolicyLoss, TrainBatch, entropy, token_logprobs
 
 # Loss metrics already normalized by the step's global counts: summed over micro-batches as they
 # are (the others are token-weighted). A loss returns "loss" and whichever of the rest it has.
-GLOBAL_METRICS = ("loss", "pg_loss", "kl_loss", "pref_margin", "reward_margin", "pref_accuracy")
+GLOBAL_METRICS = ("loss", "pg_loss", "kl_loss", "pref_margin", "reward_margin", "pref_accuracy", "sft_loss")
 
 
 def sequence_token_logprobs(model, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
