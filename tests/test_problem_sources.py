@@ -42,10 +42,12 @@ def test_champ_problems_split_by_id_with_references(tiny_world):
     on, off = concluded.sft_examples(ps.train[:1])
     assert on.reasoning == pairs[0].reasoning + "\nSo the answer is " + on.reasoning.rsplit("So the answer is ", 1)[1]
     assert off == pairs[1] and concluded.key == ps.key  # the problems and their split are the same
-    plain = ProblemSet(tiny_world, ProblemSourceConfig(source="champ", answer_wording="plain"))
-    assert plain.key == ps.key and all(
-        off.response == f"The answer is \\boxed{{{p.answer}}}." for p in ps.train for _, off in [plain.sft_examples([p])]
+    worded = ProblemSet(tiny_world, ProblemSourceConfig(source="champ", answer_wording="champ"))
+    assert worded.key == ps.key and all(  # plain by default: the boxed reference alone
+        off.response == f"The answer is \\boxed{{{p.answer}}}." for p in ps.train for _, off in [ps.sft_examples([p])]
     )  # fmt: skip
+    changed = [p for p in ps.train if worded.sft_examples([p])[1] != ps.sft_examples([p])[1]]
+    assert changed and all(", so the answer is \\boxed{" in worded.sft_examples([p])[1].response for p in changed)
     with pytest.raises(ValueError, match="data.problems.answer_wording='words'"):
         ProblemSourceConfig(source="champ", answer_wording="words")
 

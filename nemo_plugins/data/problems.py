@@ -49,10 +49,11 @@ class ProblemSourceConfig:
     # champ: end every SFT thinking trace with "So the answer is <answer>." (champ.champ_solution_text;
     # on SmolLM2 it lowered thinking-on adherence, README "Reasoning-toggle SFT")
     conclude_trace: bool = False
-    # champ: the answer part's wording. champ: CHAMP's words then the boxed reference where the
-    # answer is in words ("C(10, 5), or equivalently 252, so the answer is \\boxed{252}.");
-    # plain: "The answer is \\boxed{252}." always (champ.champ_answer_text)
-    answer_wording: str = "champ"
+    # champ: the SFT answer's wording (champ.champ_answer_text). plain: "The answer is \\boxed{252}."
+    # always; champ: CHAMP's words before the boxed reference where its answer is in words ("C(10, 5),
+    # or equivalently 252, so the answer is \\boxed{252}."), which on SmolLM2 thinking-on answers
+    # copied into their think block and ended the turn there (README "Reasoning-toggle SFT")
+    answer_wording: str = "plain"
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths]
