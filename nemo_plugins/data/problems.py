@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .champ import ANSWER_WORDINGS
 from .sft_data import ChatExample, world_paired_examples
 from .text_data import split_documents
 from ..utils.hashing import config_hash
@@ -63,8 +64,9 @@ class ProblemSourceConfig:
             raise ValueError("data.problems.source=jsonl: give data.problems.paths=[FILE.jsonl, ...]")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.problems.heldout_fraction={self.heldout_fraction}: expected a fraction in (0, 1)")
-        if self.answer_wording not in ("champ", "plain"):
-            raise ValueError(f"data.problems.answer_wording={self.answer_wording!r}: expected champ or plain")
+        if self.answer_wording not in ANSWER_WORDINGS:
+            raise ValueError(f"data.problems.answer_wording={self.answer_wording!r}: expected one of "
+                             f"{', '.join(ANSWER_WORDINGS)}")  # fmt: skip
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"data.problems.on_error={self.on_error!r}: expected skip or raise")
 

@@ -18,8 +18,8 @@ pair whose responses the reward model barely tells apart moves the policy little
 pair apart alike). `PreferenceLoss` can add α × the chosen response's token-mean negative
 log-likelihood per pair (α = `sft_loss_weight`, NeMo-Aligner's DPO `sft_loss_weight`, TRL's
 `rpo_alpha`): preference losses only move the margin, and can lower the chosen response's
-likelihood along with the rejected one's. Every log-probability is a `logsigmoid` (log(1 − σ(x)) = logsigmoid(−x)), so
-no |Δ| overflows or takes log(0).
+likelihood along with the rejected one's. Every log-probability is a `logsigmoid`
+(log(1 − σ(x)) = logsigmoid(−x)), so no |Δ| overflows or takes log(0).
 """
 
 from __future__ import annotations
@@ -102,8 +102,7 @@ class PreferenceLoss:
                                    self.beta, self.eta)  # fmt: skip
         n_pairs = max(global_sequences, 1) / 2
         if self.sft_loss_weight:
-            chosen_mask = batch.mask[0::2]
-            nll = -seq[0::2] / chosen_mask.bool().sum(dim=1).clamp(min=1)
+            nll = -seq[0::2] / batch.mask[0::2].bool().sum(dim=1).clamp(min=1)  # chosen rows, per token
             per_pair = per_pair + self.sft_loss_weight * nll
         with torch.no_grad():
             delta_pi = self.beta * ((seq[0::2] - ref[0::2]) - (seq[1::2] - ref[1::2]))

@@ -59,10 +59,9 @@ class RPOConfig(LoopConfig):
     `group_size` = n responses per prompt) plus `loss` (one of LOSS_KINDS), `beta` (β, the scale
     of the policy's implicit reward margin), `eta` (η, the scale of the reward model's margin),
     `iterations` (rounds, each with the previous round's policy as reference),
-    `score_batch_size` (sequences per reward-model forward) and `rule_weight` (w: the reward
-    is the reward-model score + w x the rule reward) and `sft_loss_weight` (α × the chosen
-    response's token-mean NLL added per pair, `preference_loss.PreferenceLoss`). Errors name
-    `rpo.<field>`."""
+    `score_batch_size` (sequences per reward-model forward), `rule_weight` (w: the reward is the
+    reward-model score + w × the rule reward) and `sft_loss_weight` (α × the chosen response's
+    token-mean NLL added per pair, `preference_loss.PreferenceLoss`). Errors name `rpo.<field>`."""
 
     run_defining: ClassVar[tuple[str, ...]] = (*LoopConfig.run_defining, "loss", "beta", "eta", "rule_weight",
                                                   "sft_loss_weight")
