@@ -90,6 +90,31 @@ def test_best_and_worst_make_the_pair_and_ties_are_skipped():
         R.best_worst_pairs(scores[:6], 4)
 
 
+def test_verified_pairs_take_the_best_right_response_against_the_worst_wrong_one():
+    scores = torch.tensor([0.1, 0.9, -0.3, 0.5,  # right: 0, 2 (best 0); wrong: 1, 3 (worst 3)
+                           0.2, 0.4, 0.6, 0.8,  # all right -> none
+                           1.0, 3.0, 2.0, -2.0,  # right: 11 only; wrong: 8, 9, 10 (worst 8)
+                           0.4, 0.7, 0.1, 0.3])  # all wrong -> none  # fmt: skip
+    accepted = torch.tensor([1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0], dtype=torch.float)
+    pairs, skipped = R.verified_pairs(scores, accepted, 4)
+    assert pairs.tolist() == [[0, 3], [11, 8]] and skipped == 2
+    with pytest.raises(ValueError, match="group_size"):
+        R.verified_pairs(scores[:6], accepted[:6], 4)
+
+
+def test_random_pairs_are_two_different_responses_of_a_group_drawn_reproducibly():
+    completions = [[i] for i in range(12)] + [[7]] * 4  # the last group: one response four times
+    pairs, ties = R.random_pairs(completions, 4, seed=3)
+    assert ties == 1 and len(pairs) == 3
+    for c, r in pairs.tolist():
+        assert c // 4 == r // 4 and c != r
+    assert torch.equal(pairs, R.random_pairs(completions, 4, seed=3)[0])  # a resumed step draws the same
+    draws = {tuple(map(tuple, R.random_pairs(completions, 4, seed=s)[0].tolist())) for s in range(20)}
+    assert len(draws) > 10  # the seed matters
+    firsts = {c % 4 for s in range(40) for c, _ in R.random_pairs(completions, 4, seed=s)[0].tolist()}
+    assert firsts == {0, 1, 2, 3}  # not tied to a position
+
+
 def test_prepare_pairs_the_reward_models_best_and_worst(tok, start_model, reward_model, problems):
     cfg = small()
     probs = list(problems.values())[:4]
@@ -128,6 +153,29 @@ def test_rule_weight_adds_the_rule_reward_to_the_reward_models_score(tok, start_
     with pytest.raises(ValueError, match=r"rpo\.rule_weight"):
         small(rule_weight=-1.0)
     assert R.RPO(small(sft_loss_weight=0.5), reward_model, 0).loss == PreferenceLoss("rpo_bwd_kl", 0.5, 1.0, 0.5)
+
+
+def test_verified_and_random_pairs_in_prepare(tok, start_model, reward_model, problems):
+    """pairs=verified: every chosen response is accepted and every rejected one is not, the reward
+    still RM + w x rule; pairs=random: pairs inside groups, not the reward's best and worst."""
+    import dataclasses
+
+    probs = list(problems.values())[:4]
+    base = small()
+    roll = rollout(start_model, tok, probs, choose_modes(4, 0.0, 0, 0), base, seed=7)
+    right = torch.tensor([1.0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0])  # groups 0, 1 mixed
+    rewards = dataclasses.replace(score_rollout(roll, base.rewards.scorer(), base), total=right, accuracy=right)
+    pad = as_chat(tok).pad_id
+    ver = R.RPO(small(pairs="verified", rule_weight=0.5), reward_model, pad).prepare(roll, rewards)
+    assert len(ver.pairs) == 2 and ver.metrics["ties_skipped"] == 2
+    assert right[ver.pairs[:, 0]].tolist() == [1, 1] and right[ver.pairs[:, 1]].tolist() == [0, 0]
+    rm = R.RPO(base, reward_model, pad).prepare(roll, rewards).rewards
+    torch.testing.assert_close(ver.rewards, rm + 0.5 * right)
+    for c, r in ver.pairs.tolist():  # the best-rewarded right one against the worst-rewarded wrong one
+        g = slice(c // 4 * 4, c // 4 * 4 + 4)
+        assert ver.rewards[c] == ver.rewards[g][right[g] == 1].max() and ver.rewards[r] == ver.rewards[g][right[g] == 0].min()
+    rnd = R.RPO(small(pairs="random", loss="dpo"), reward_model, pad).prepare(roll, rewards)
+    assert torch.equal(rnd.pairs, R.random_pairs(roll.completions, 4, 0)[0])
 
 
 def test_pair_micro_batches_sum_to_the_full_batch_update(tok, start_model, reward_model, problems):
@@ -313,6 +361,8 @@ def test_jsonl_pairs_split_by_prompt_into_disjoint_sets():
         ("rpo", "rpo.overlong.penalty=-1", "rpo.overlong.penalty=-1"),
         ("rpo", "rpo.rule_weight=-0.5", "rpo.rule_weight=-0.5"),
         ("rpo", "rpo.sft_loss_weight=-1", "rpo.sft_loss_weight=-1"),
+        ("rpo", "rpo.pairs=best", "rpo.pairs='best': expected one of reward, verified, random"),
+        ("rpo", "rpo.pairs=verified", "rpo.rule_weight=0.0: expected > 0 with rpo.pairs=verified"),
         ("reward_model", "reward_model.steps=0", "reward_model.steps"),
         ("reward_model", "reward_model.heldout_fraction=0.6", "reward_model.heldout_fraction=0.6"),
         ("reward_model", "reward_model.train_pairs=0", "reward_model.train_pairs=0"),

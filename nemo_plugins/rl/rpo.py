@@ -12,9 +12,15 @@ of a round, as the loop runs it:
    `rule_weight` w > 0 it is also added to the reward-model score, reward = RM + w · rule (as
    TRL's `reward_weights` combine reward functions), so a verifier can overrule a reward model
    that cannot check answers. w = 0 (default): the paper's reward model alone.
-3. **Pairs** (`best_worst_pairs`). Per prompt the best and the worst response by that reward
-   make a (chosen, rejected) pair; a prompt whose best and worst tie (equal rewards or the
-   same response) gives none and is counted (`ties_skipped`).
+3. **Pairs**, by `pairs` (`PAIR_KINDS`):
+   - `reward` (default, `best_worst_pairs`): per prompt the best and the worst response by that
+     reward make a (chosen, rejected) pair; a prompt whose best and worst tie (equal rewards or
+     the same response) gives none and is counted (`ties_skipped`);
+   - `verified` (`verified_pairs`): the best-rewarded response that the verifier accepts against
+     the worst-rewarded one it rejects; a prompt without both gives none (counted as a tie). It needs
+     `rule_weight` > 0, so that Δr carries the verifier;
+   - `random` (`random_pairs`): two different responses at random, a control: with `loss=dpo`
+     (which ignores the rewards) it measures what updates of this size do without any preference.
 4. **Update.** `updates_per_rollout` optimizer steps over the pairs (`update.pair_batches`)
    through `preference_loss.PreferenceLoss` with `loss`, β, η and `sft_loss_weight`.
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,11 +67,12 @@ class RPOConfig(LoopConfig):
     of the policy's implicit reward margin), `eta` (η, the scale of the reward model's margin),
     `iterations` (rounds, each with the previous round's policy as reference),
     `score_batch_size` (sequences per reward-model forward), `rule_weight` (w: the reward is the
-    reward-model score + w × the rule reward) and `sft_loss_weight` (α × the chosen response's
-    token-mean NLL added per pair, `preference_loss.PreferenceLoss`). Errors name `rpo.<field>`."""
+    reward-model score + w × the rule reward), `sft_loss_weight` (α × the chosen response's
+    token-mean NLL added per pair, `preference_loss.PreferenceLoss`) and `pairs` (how a group
+    makes its pair, one of PAIR_KINDS). Errors name `rpo.<field>`."""
 
     run_defining: ClassVar[tuple[str, ...]] = (*LoopConfig.run_defining, "loss", "beta", "eta", "rule_weight",
-                                                  "sft_loss_weight")
+                                                  "sft_loss_weight", "pairs")
 
     loss: str = "rpo_bwd_kl"
     beta: float = 0.1
@@ -73,6 +81,7 @@ class RPOConfig(LoopConfig):
     score_batch_size: int = 64
     rule_weight: float = 0.0
     sft_loss_weight: float = 0.0
+    pairs: str = "reward"
     curriculum: SamplerSettings = field(default_factory=lambda: SamplerSettings(kind="random"))
 
     def __post_init__(self):
@@ -86,6 +95,10 @@ class RPOConfig(LoopConfig):
             _positive_int("score_batch_size", self.score_batch_size)
             _number("rule_weight", self.rule_weight)
             _number("sft_loss_weight", self.sft_loss_weight)
+            if self.pairs not in PAIR_KINDS:
+                _bad("pairs", self.pairs, f"one of {', '.join(PAIR_KINDS)}")
+            if self.pairs == "verified" and not self.rule_weight > 0:
+                _bad("rule_weight", self.rule_weight, "> 0 with rpo.pairs=verified (Δr must carry the verifier)")
         except ValueError as e:  # the shared checks name the GRPO section
             raise ValueError(re.sub(r"\bgrpo\.", "rpo.", str(e))) from None
 
@@ -96,6 +109,9 @@ class RPOConfig(LoopConfig):
     def iteration_config(self, iteration: int) -> RPOConfig:
         """The loop settings of round `iteration` (1-based): its own seed, so rounds differ."""
         return dataclasses.replace(self, seed=seed_for(self.seed, "rpo-iteration", iteration) % 2**31)
+
+
+PAIR_KINDS = ("reward", "verified", "random")
 
 
 def best_worst_pairs(
@@ -119,6 +135,40 @@ def best_worst_pairs(
     return torch.tensor(pairs, dtype=torch.long).view(-1, 2), ties
 
 
+def verified_pairs(scores: torch.Tensor, accepted: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """([P, 2] pairs, groups without one): per group, the highest-scored response that the verifier
+    `accepted` against the lowest-scored one it did not; a group that is all right or all wrong
+    gives none."""
+    if scores.shape != accepted.shape or scores.dim() != 1 or scores.numel() % group_size:
+        shapes = f"scores {tuple(scores.shape)}, accepted {tuple(accepted.shape)}"
+        raise ValueError(f"{shapes}: expected both [N * {group_size}] (group_size)")
+    right = accepted.view(-1, group_size).bool()
+    grouped = scores.view(-1, group_size)
+    best = torch.where(right, grouped, -torch.inf).argmax(dim=1)
+    worst = torch.where(right, torch.inf, grouped).argmin(dim=1)
+    mixed = right.any(dim=1) & ~right.all(dim=1)
+    pairs = [(g * group_size + int(best[g]), g * group_size + int(worst[g])) for g in range(len(grouped)) if mixed[g]]
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2), int((~mixed).sum())
+
+
+def random_pairs(completions: Sequence[Sequence[int]], group_size: int, seed: int) -> tuple[torch.Tensor, int]:
+    """([P, 2] pairs, groups without one): per group two different positions at random, drawn from
+    a generator seeded by `seed` and the responses' tokens (so a resumed step draws the same
+    pairs); the same tokens at both give none."""
+    if len(completions) % group_size:
+        raise ValueError(f"{len(completions)} responses: expected a multiple of group_size={group_size}")
+    digest = hashlib.sha256(repr((seed, [list(c) for c in completions])).encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    pairs, ties = [], 0
+    for g in range(len(completions) // group_size):
+        a, b = (g * group_size + int(i) for i in torch.randperm(group_size, generator=gen)[:2])
+        if list(completions[a]) == list(completions[b]):
+            ties += 1
+        else:
+            pairs.append((a, b))
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2), ties
+
+
 @dataclass
 class RPO:
     """RPO's parts for the loop: reward-model scores, best/worst pairs, the preference loss."""
@@ -136,7 +186,12 @@ class RPO:
         seqs = [p + c for p, c in zip(roll.prompt_ids, roll.completions)]
         scores = score_sequences(self.reward_model, seqs, self.pad_id, self.cfg.score_batch_size)
         reward = scores + self.cfg.rule_weight * rewards.total if self.cfg.rule_weight else scores
-        pairs, ties = best_worst_pairs(reward, self.cfg.group_size, roll.completions)
+        if self.cfg.pairs == "verified":
+            pairs, ties = verified_pairs(reward, rewards.accuracy, self.cfg.group_size)
+        elif self.cfg.pairs == "random":
+            pairs, ties = random_pairs(roll.completions, self.cfg.group_size, self.cfg.seed)
+        else:
+            pairs, ties = best_worst_pairs(reward, self.cfg.group_size, roll.completions)
         keep = torch.zeros(len(seqs), dtype=torch.bool)
         keep[pairs.flatten()] = True
         chosen, rejected = pairs[:, 0], pairs[:, 1]
