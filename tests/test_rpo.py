@@ -260,8 +260,12 @@ class CrashInRound(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_crash_in_the_second_round_then_resume_is_bit_exact(tok, start_model, reward_model, problems, tmp_path, monkeypatch):
-    cfg = small(steps=2, iterations=2, updates_per_rollout=2, off_fraction=0.25)
+@pytest.mark.parametrize("pairs", ["reward", "random"])
+def test_crash_in_the_second_round_then_resume_is_bit_exact(tok, start_model, reward_model, problems, tmp_path, monkeypatch,
+                                                            pairs):  # fmt: skip
+    """Also with random pairs: a resumed step draws the same pairs (seeded by the round and the responses)."""
+    cfg = small(steps=2, iterations=2, updates_per_rollout=2, off_fraction=0.25, pairs=pairs,
+                loss="dpo" if pairs == "random" else "rpo_bwd_kl")  # fmt: skip
     clean = copy.deepcopy(start_model)
     ref = R.run_rpo(clean, tok, problems, cfg, reward_model, tmp_path / "clean")
 
@@ -315,6 +319,7 @@ def test_reward_model_and_rpo_stages_write_their_outputs(tok, start_model, tmp_p
     assert not changed(original, weights(start_model)) and changed(original, weights(policy))
     on_disk = json.loads((tmp_path / "rpo" / "report.json").read_text())
     rows = on_disk["iterations"]
+    assert on_disk["pairs"] == "reward" and on_disk["rule_weight"] == 0.0
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[0]["win_rate"] == 0.5
     assert all(r["n"] == 6 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert all(r["steps"] == 2 and r["pairs"] + r["ties_skipped"] == 8 for r in rows[1:])
