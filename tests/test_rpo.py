@@ -173,7 +173,8 @@ def test_verified_and_random_pairs_in_prepare(tok, start_model, reward_model, pr
     torch.testing.assert_close(ver.rewards, rm + 0.5 * right)
     for c, r in ver.pairs.tolist():  # the best-rewarded right one against the worst-rewarded wrong one
         g = slice(c // 4 * 4, c // 4 * 4 + 4)
-        assert ver.rewards[c] == ver.rewards[g][right[g] == 1].max() and ver.rewards[r] == ver.rewards[g][right[g] == 0].min()
+        assert ver.rewards[c] == ver.rewards[g][right[g] == 1].max()
+        assert ver.rewards[r] == ver.rewards[g][right[g] == 0].min()
     rnd = R.RPO(small(pairs="random", loss="dpo"), reward_model, pad).prepare(roll, rewards)
     assert torch.equal(rnd.pairs, R.random_pairs(roll.completions, 4, 0)[0])
 
