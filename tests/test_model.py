@@ -19,6 +19,7 @@ from nemo_plugins.arch import (
     to_hf_config,
 )
 from nemo_plugins.model import HeteroLlamaForCausalLM
+from nemo_plugins.model import generate as generate_mod
 from nemo_plugins.model.generate import SamplingConfig, generate, penalize_repeats, sample_next
 from nemo_plugins.model.llama import rope_inv_freq
 
@@ -172,6 +173,70 @@ def test_greedy_generation_with_and_without_cache_and_padding_agree():
     alone = [generate(model, [p], cfg)[0] for p in prompts]
     assert cached == uncached == alone
     assert all(len(o) == 10 for o in cached)
+
+
+def test_rows_to_keep_takes_live_rows_in_whole_blocks_and_only_when_worth_it():
+    keep = generate_mod._rows_to_keep
+    alive = torch.zeros(64, dtype=torch.bool)
+    alive[[3, 20, 41, 63]] = True  # 4 live rows: topped up with the first stopped ones to MIN_ROWS
+    rows = keep(alive).tolist()
+    assert len(rows) == generate_mod.MIN_ROWS == 16 and {3, 20, 41, 63} <= set(rows) and rows == sorted(rows)
+    alive = torch.arange(64) < 54  # 54 live -> 56 rows (a whole number of blocks of 4)
+    assert keep(alive).tolist() == list(range(56))
+    assert keep(torch.arange(64) < 57) is None  # 60 rows would save less than an eighth
+    assert keep(torch.arange(30) < 2) is None  # 30 rows: not whole blocks, keep the batch as it is
+    assert keep(torch.arange(16) < 1) is None  # already at the floor
+    assert keep(torch.zeros(128, dtype=torch.bool)).tolist() == list(range(16))
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3)],
+)
+def test_stopped_rows_leave_the_batch_without_changing_any_completion(monkeypatch, sampling):
+    """Rows that stopped are no longer computed (the model sees smaller batches), and every row's
+    completion is what it is when the whole batch runs to the end."""
+    torch.manual_seed(7)
+    model = HeteroLlamaForCausalLM(hetero_cfg()).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (48,), generator=g)]
+    # With greedy decoding on random weights every row would loop; stop ids common enough to end rows at varied steps.
+    free = generate(model, prompts, SamplingConfig(max_new_tokens=40, **sampling), generator=torch.Generator().manual_seed(0))
+    stops = tuple(sorted({t for row in free for t in row[2:6]}))[:12]
+    cfg = SamplingConfig(max_new_tokens=40, stop_token_ids=stops, **sampling)
+
+    def run():
+        seen = []
+        hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        try:
+            out = generate(model, prompts, cfg, pad_id=0, generator=torch.Generator().manual_seed(3))
+        finally:
+            hook.remove()
+        return out, seen
+
+    shrunk, sizes = run()
+    monkeypatch.setattr(generate_mod, "MIN_ROWS", 10**6)  # never shrink: the reference
+    full, full_sizes = run()
+    assert set(full_sizes) == {48}
+    assert min(sizes) < 48 and all(n % generate_mod.ROW_GRANULE == 0 and n >= 16 for n in sizes)
+    lengths = sorted(len(r) for r in full)
+    assert lengths[0] < 20 and lengths[-1] > lengths[0] + 10  # rows stop at varied steps
+    assert shrunk == full
+
+
+def test_cache_keep_selects_sequences():
+    torch.manual_seed(8)
+    model = HeteroLlamaForCausalLM(hetero_cfg()).eval()
+    x = torch.randint(0, VOCAB, (6, 9))
+    rows = torch.tensor([4, 1, 5])
+    with torch.no_grad():
+        cache = model.new_cache(6, 9)
+        model(x[:, :8], cache=cache)
+        cache.keep(rows)
+        step = model(x[rows, 8:], cache=cache)
+        alone = model(x[rows])
+    assert all(t.shape[0] == 3 for t in [*cache.k.values(), *cache.v.values()])
+    torch.testing.assert_close(step[:, -1], alone[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_generation_stops_at_stop_token_per_sequence():

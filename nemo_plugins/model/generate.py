@@ -68,6 +68,29 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), valid.to(device)
 
 
+# Stopped rows leave the batch (with the KV cache, `_rows_to_keep`) once it can shrink by an eighth,
+# to a multiple of ROW_GRANULE rows and never below MIN_ROWS. CPU GEMMs (MKL) compute rows in
+# blocks of 4, with a different path for a remainder of 1-3 rows, so a row's logits depend on
+# where it sits unless every batch the model sees is a whole number of blocks; kept that way, the
+# shrunken batches give the same logits bit for bit as the full one (tests/test_rollout.py checks
+# it on this machine's BLAS; another BLAS may differ in the last bits, as any change of BLAS does).
+ROW_GRANULE = 4
+MIN_ROWS = 16
+
+
+def _rows_to_keep(alive: torch.Tensor) -> torch.Tensor | None:
+    """Positions in the running batch to keep, given which of its rows are `alive`; None: keep all.
+
+    The live rows, topped up with stopped ones to a multiple of ROW_GRANULE and to MIN_ROWS."""
+    n_run = alive.numel()
+    n_alive = int(alive.sum())
+    target = -(-max(n_alive, MIN_ROWS) // ROW_GRANULE) * ROW_GRANULE
+    if n_run % ROW_GRANULE or target > 0.875 * n_run:
+        return None
+    order = torch.argsort((~alive).to(torch.int8), stable=True)  # live rows first, in batch order
+    return order[:target].sort().values
+
+
 @torch.no_grad()
 def generate(
     model: HeteroLlamaForCausalLM,
@@ -81,7 +104,9 @@ def generate(
     """Continue each prompt; returns the new tokens of each, ending at (and including) a stop token.
 
     With `use_cache=False` every step re-runs the whole sequence (the slow path, kept for
-    benchmarks and as a check of the cache).
+    benchmarks and as a check of the cache). With the cache, rows that have stopped stop being
+    computed (see `ROW_GRANULE`); sampling still draws for every row, so a row's tokens do not
+    depend on when the others stop.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -96,6 +121,7 @@ def generate(
     n_out = torch.zeros(B, dtype=torch.long, device=device)
 
     cache = model.new_cache(B, T + cfg.max_new_tokens) if use_cache else None
+    running = torch.arange(B, device=device)  # the batch rows the model still computes (cache order)
     logits = _last_logits(model, ids, positions, valid if padded else None, cache)
     penalize = cfg.repetition_penalty != 1.0
     seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device) if penalize else None
@@ -116,7 +142,14 @@ def generate(
         valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         positions = torch.cat([positions, next_pos], dim=1)
         if use_cache:
-            logits = model(nxt[:, None], positions=next_pos, key_valid=valid if padded else None, cache=cache)[:, -1]
+            keep = _rows_to_keep(~done[running])
+            if keep is not None:
+                running = running[keep]
+                cache.keep(keep)
+            key_valid = valid[running] if padded else None
+            step_logits = model(nxt[running, None], positions=next_pos[running], key_valid=key_valid, cache=cache)
+            # Rows no longer computed keep stale logits: they have stopped, their draws are discarded.
+            logits = logits.index_copy(0, running, step_logits[:, -1]) if len(running) < B else step_logits[:, -1]
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             logits = _last_logits(model, ids, positions, valid if padded else None, None)

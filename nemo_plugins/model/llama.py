@@ -97,6 +97,12 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def keep(self, rows: torch.Tensor):
+        """Keep only the sequences `rows` (indices into the batch), in that order."""
+        for cached in (self.k, self.v):
+            for layer, t in cached.items():
+                cached[layer] = t.index_select(0, rows)
+
 
 # ----------------------------------------------------------------------------- sub-blocks
 
