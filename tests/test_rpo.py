@@ -320,7 +320,7 @@ def test_reward_model_and_rpo_stages_write_their_outputs(tok, start_model, tmp_p
     assert not changed(original, weights(start_model)) and changed(original, weights(policy))
     on_disk = json.loads((tmp_path / "rpo" / "report.json").read_text())
     rows = on_disk["iterations"]
-    assert on_disk["pairs"] == "reward" and on_disk["rule_weight"] == 0.0
+    assert on_disk["pairs"] == "reward" and on_disk["rule_weight"] == 0.0 and on_disk["lr"] == 3e-3
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[0]["win_rate"] == 0.5
     assert all(r["n"] == 6 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert all(r["steps"] == 2 and r["pairs"] + r["ties_skipped"] == 8 for r in rows[1:])

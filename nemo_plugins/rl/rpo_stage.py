@@ -182,7 +182,7 @@ def run_rpo_stage(
     report = {
         "start_fingerprint": start, "reward_model": str(reward_model_dir), "loss": cfg.loss, "beta": cfg.beta,
         "eta": cfg.eta, "rule_weight": cfg.rule_weight, "sft_loss_weight": cfg.sft_loss_weight, "pairs": cfg.pairs,
-        "train_prompts": len(pool),
+        "lr": cfg.lr, "train_prompts": len(pool),
         "heldout": {"n": len(held_out), "set": cfg.eval_set if cfg.eval_difficulties is not None else "eval split",
                     "difficulties": cfg.eval_difficulties, "decoding": "greedy, thinking on"},
         "iterations": rows, "run_dir": str(run_dir),
