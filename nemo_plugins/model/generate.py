@@ -69,11 +69,11 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 
 
 # Stopped rows leave the batch (with the KV cache, `_rows_to_keep`) once it can shrink by an eighth,
-# to a multiple of ROW_GRANULE rows and never below MIN_ROWS. CPU GEMMs (MKL) compute rows in
-# blocks of 4, with a different path for a remainder of 1-3 rows, so a row's logits depend on
-# where it sits unless every batch the model sees is a whole number of blocks; kept that way, the
-# shrunken batches give the same logits bit for bit as the full one (tests/test_rollout.py checks
-# it on this machine's BLAS; another BLAS may differ in the last bits, as any change of BLAS does).
+# to a multiple of ROW_GRANULE rows and never below MIN_ROWS. The CPU GEMM (MKL) computes rows in
+# blocks of 4; a remainder of 1-3 rows (and, with several threads, some other counts) takes other
+# paths, which round differently. With every batch a whole number of blocks, the shrunken batches
+# give the same logits bit for bit as the full one (measured at 1-16 threads; tests/test_model.py
+# checks the completions). Another BLAS may differ in the last bits, as any change of BLAS does.
 ROW_GRANULE = 4
 MIN_ROWS = 16
 
