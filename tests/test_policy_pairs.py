@@ -79,6 +79,17 @@ def test_the_stage_trains_on_verified_pairs_of_the_policys_samples_and_caches_th
     assert calls == [40, 12, 12] and again["pairs"] == report["pairs"]
 
 
+def test_world_pairs_take_the_configured_kinds_and_thinking_share(tiny_world):
+    problems = ProblemSet(tiny_world)
+    sets = S.stage_pairs(problems, RewardModelStageConfig(world_kinds=["carried_step"], thinking_fraction=1.0,
+                                                          train_pairs=30, heldout_pairs=6, difficulties=[2, 3]))  # fmt: skip
+    assert [len(v) for v in sets.values()] == [30, 6, 6]
+    assert {(p.kind, p.thinking) for v in sets.values() for p in v} == {("carried_step", True)}
+    default = S.stage_pairs(problems, RewardModelStageConfig(train_pairs=30, heldout_pairs=6, difficulties=[2, 3]))
+    assert {p.kind for p in default["train"]} == {"wrong_answer", "wrong_step", "bad_format"}
+    assert {p.thinking for p in default["train"]} == {True, False}
+
+
 def test_real_problem_sets_split_their_heldout_problems_into_tuning_and_report():
     champ = pytest.importorskip("champ_dataset") and ProblemSet(None, ProblemSourceConfig(source="champ"))
     sets = S.pair_prompts(champ, RewardModelStageConfig(train_pairs=50, heldout_pairs=10))
@@ -94,6 +105,9 @@ def test_real_problem_sets_split_their_heldout_problems_into_tuning_and_report()
     ({"policy_samples": 4, "pairs_path": "p.jsonl"}, "policy_samples=4: expected 0 with reward_model.pairs_path='p.jsonl'"),
     ({"policy_samples": 4, "policy_temperature": 0.0}, "policy_temperature=0.0: expected a temperature > 0"),
     ({"policy_batch_size": 0}, "policy_batch_size=0: expected a positive integer"),
+    ({"world_kinds": ["wrong_step", "typo"]}, r"world_kinds=\['wrong_step', 'typo'\]: expected a non-empty list of \['wrong_answer'"),
+    ({"world_kinds": []}, r"world_kinds=\[\]: expected a non-empty list"),
+    ({"thinking_fraction": 1.5}, "thinking_fraction=1.5: expected a number in"),
 ])  # fmt: skip
 def test_config_names_the_bad_policy_pair_setting(bad, match):
     with pytest.raises(ValueError, match=f"reward_model.{match}"):

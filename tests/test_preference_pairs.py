@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nemo_plugins.data.preference_pairs import (
-    PAIR_REASONS, WORLD_KINDS, PairReader, PreferencePair, load_pairs, pair_examples, world_pairs, write_pairs,
+    DEFAULT_WORLD_KINDS, PAIR_REASONS, WORLD_KINDS, PairReader, PreferencePair, load_pairs, pair_examples, world_pairs, write_pairs,
 )  # fmt: skip
 from nemo_plugins.data.reasoning_world import generate_problems, is_correct, is_well_formatted
 from nemo_plugins.data.sft_data import BadRecord
@@ -68,8 +68,10 @@ def test_world_pairs_chosen_right_rejected_wrong():
     problems = generate_problems(60, seed=3)
     pairs = world_pairs(problems, seed=0)
     assert pairs == world_pairs(problems, seed=0)  # deterministic
-    assert {p.kind for p in pairs} == set(WORLD_KINDS) and {p.thinking for p in pairs} == {True, False}
-    for prob, p in zip(problems, pairs, strict=True):
+    assert {p.kind for p in pairs} == set(DEFAULT_WORLD_KINDS) and {p.thinking for p in pairs} == {True, False}
+    every = world_pairs(problems, seed=0, kinds=WORLD_KINDS)
+    assert {p.kind for p in every} == set(WORLD_KINDS)
+    for prob, p in zip(problems * 2, pairs + every, strict=True):
         assert p.prompt == prob.question
         assert is_correct(p.chosen, prob) and is_well_formatted(p.chosen, p.thinking)
         assert not (is_correct(p.rejected, prob) and is_well_formatted(p.rejected, p.thinking))
@@ -77,6 +79,39 @@ def test_world_pairs_chosen_right_rejected_wrong():
             assert is_correct(p.rejected, prob)  # right answer, wrong format
         else:
             assert not is_correct(p.rejected, prob)
+
+
+def _step(line: str) -> tuple[int, str, int, int]:
+    a, op, b, eq, c = line.split()
+    assert eq == "="
+    return int(a), op, int(b), int(c)
+
+
+def test_carried_step_slips_once_and_computes_on_from_the_slip():
+    """A carried_step rejection keeps the steps before the slip, gets one step's result wrong, and
+    computes every later step correctly from the wrong value, into the stated answer."""
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
+    problems = generate_problems(300, seed=5, difficulties=[1, 2, 3, 4])
+    pairs = world_pairs(problems, seed=1, kinds=["carried_step"], thinking_fraction=1.0)
+    slips_at = set()
+    for prob, p in zip(problems, pairs, strict=True):
+        assert p.kind == "carried_step" and p.thinking
+        body, answer = p.rejected.removeprefix("<think>").split("</think>")
+        lines = body.split("\n")
+        assert len(lines) == len(prob.steps)
+        k = next(i for i, (x, y) in enumerate(zip(lines, prob.steps)) if x != y)
+        slips_at.add(k)
+        a, op, b, c = _step(lines[k])
+        ra, rop, rb, rc = _step(prob.steps[k])
+        assert (a, op, b) == (ra, rop, rb) and c != rc and 0 <= c <= 99  # the slip: same operation, wrong result
+        for line, right in zip(lines[k + 1 :], prob.steps[k + 1 :]):
+            a2, op2, b2, c2 = _step(line)
+            assert (op2, b2) == _step(right)[1:3] and a2 == c and c2 == ops[op2](a2, b2)  # carried, computed right
+            c = c2
+        assert answer == f"The answer is {c}." and c != prob.answer
+    assert slips_at == {0, 1, 2, 3}  # the slip can be at any step
+    off = world_pairs(problems[:20], seed=1, kinds=["carried_step"], thinking_fraction=0.0)
+    assert all(p.rejected.startswith("The answer is ") and not is_correct(p.rejected, q) for p, q in zip(off, problems))
 
 
 def test_pair_examples_render_the_prompt_with_the_toggle(tiny_world):

@@ -12,8 +12,9 @@ Every malformed record is counted in a `data.sft_data.ReadReport` with its `file
 or raised (`on_error`), as the SFT and prompt readers do. Extra fields are ignored.
 
 On the tiny world, `world_pairs` builds pairs from the correct, well-formatted response of a
-problem (chosen) against a wrong one (rejected): a wrong final answer, a wrong step carried to
-the end, or the right answer in a broken format. `pair_examples` renders them with a chat
+problem (chosen) against a wrong one (rejected): a wrong final answer, a wrong last step carried
+into the answer, a wrong step anywhere carried through the steps after it (the slips a policy
+makes), or the right answer in a broken format. `pair_examples` renders them with a chat
 template and its thinking toggle into token ids.
 """
 
@@ -28,7 +29,7 @@ from typing import Literal
 from ..utils.atomic import write_jsonl_atomic
 from .chat import ASSISTANT, BOS, EOS, PAD, SYSTEM, THINK_END, THINK_START, USER
 from .chat_tokenizer import ChatTokenizer
-from .reasoning_world import STEP_SEP, Problem, answer_text, is_correct, is_well_formatted, response_for
+from .reasoning_world import MAX_VALUE, MIN_VALUE, OPS, STEP_SEP, Problem, answer_text, is_correct, is_well_formatted, response_for
 from .sft_data import ReadReport, RecordError
 from .text_data import PathsLike, expand_paths, load_json_object
 
@@ -44,7 +45,8 @@ PAIR_REASONS = {
     "same_response": "chosen and rejected are the same text",
 }
 
-WORLD_KINDS = ("wrong_answer", "wrong_step", "bad_format")
+WORLD_KINDS = ("wrong_answer", "wrong_step", "carried_step", "bad_format")
+DEFAULT_WORLD_KINDS = ("wrong_answer", "wrong_step", "bad_format")
 _STRUCTURE_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT)
 
 
@@ -131,6 +133,22 @@ def _wrong_number(rng: random.Random, right: int) -> int:
     return right + rng.choice([d for d in range(-9, 10) if d])
 
 
+def _carried_steps(p: Problem, rng: random.Random) -> tuple[list[str], int]:
+    """(steps, final value) of `p` with one step's result wrong (a step drawn uniformly, the
+    wrong value kept in 0..99) and every later step computed on from it, as a model that slips
+    once and then calculates correctly would write them."""
+    k = rng.randrange(len(p.steps))
+    steps, value = list(p.steps[:k]), None
+    for i, step in enumerate(p.steps[k:]):
+        a, op, b, _, c = step.split()
+        a = int(a) if i == 0 else value
+        value = OPS[op](a, int(b))
+        if i == 0:
+            value = rng.choice([w for w in range(max(MIN_VALUE, value - 9), min(MAX_VALUE, value + 9) + 1) if w != value])
+        steps.append(f"{a} {op} {b} = {value}")
+    return steps, value
+
+
 def wrong_response(p: Problem, thinking: bool, kind: str, rng: random.Random) -> str:
     """A response to `p` that is wrong in the way `kind` names (see WORLD_KINDS)."""
     if kind == "wrong_answer":  # the steps (when thinking) are right, the stated answer is not
@@ -142,6 +160,11 @@ def wrong_response(p: Problem, thinking: bool, kind: str, rng: random.Random) ->
             return answer_text(wrong)
         steps = [*p.steps[:-1], p.steps[-1].rsplit("=", 1)[0] + f"= {wrong}"]
         return f"{THINK_START}{STEP_SEP.join(steps)}{THINK_END}{answer_text(wrong)}"
+    if kind == "carried_step":  # one step's result is wrong, and the steps after it go on from it
+        steps, wrong = _carried_steps(p, rng)
+        if not thinking:
+            return answer_text(wrong)
+        return f"{THINK_START}{STEP_SEP.join(steps)}{THINK_END}{answer_text(wrong)}"
     if kind == "bad_format":  # the right answer, outside the mode's format
         if thinking:  # the steps without their think block
             return f"{STEP_SEP.join(p.steps)}{STEP_SEP}{answer_text(p.answer)}"
@@ -150,7 +173,7 @@ def wrong_response(p: Problem, thinking: bool, kind: str, rng: random.Random) ->
 
 
 def world_pairs(
-    problems: Sequence[Problem], seed: int, *, kinds: Sequence[str] = WORLD_KINDS, thinking_fraction: float = 0.5
+    problems: Sequence[Problem], seed: int, *, kinds: Sequence[str] = DEFAULT_WORLD_KINDS, thinking_fraction: float = 0.5
 ) -> list[PreferencePair]:
     """One pair per problem: its correct, well-formatted response against a wrong one of a kind
     drawn from `kinds`, in a reasoning mode drawn with P(on) = thinking_fraction. Deterministic in

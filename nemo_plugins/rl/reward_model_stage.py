@@ -27,11 +27,13 @@ import copy
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
-from ..data.preference_pairs import PreferencePair, load_pairs, pair_examples, pair_from_record, world_pairs
+from ..data.preference_pairs import (
+    DEFAULT_WORLD_KINDS, WORLD_KINDS, PreferencePair, load_pairs, pair_examples, pair_from_record, world_pairs,
+)
 from ..data.problems import ProblemSet
 from ..data.sources import DataError
 from ..data.tiny_world import World
@@ -57,7 +59,9 @@ class RewardModelStageConfig(RewardModelConfig):
     the module doc): `pairs_path` (JSONL; null: the tiny world), `train_pairs` (tiny world:
     training problems, one pair each), `heldout_pairs` (tiny world: pairs in each held-out set),
     `difficulties` (tiny world: levels the pairs' problems come from; null: all),
-    `heldout_fraction` (JSONL: share of prompts in each held-out set) and, for pairs from the
+    `heldout_fraction` (JSONL: share of prompts in each held-out set), `world_kinds` and
+    `thinking_fraction` (tiny world: the wrong responses' kinds, `preference_pairs.WORLD_KINDS`, and
+    the share of pairs in thinking-on mode) and, for pairs from the
     policy's samples, `policy_samples` (per prompt; 0: not from the policy),
     `policy_temperature`, `policy_max_new_tokens` and `policy_batch_size` (sequences per
     generate call)."""
@@ -67,6 +71,8 @@ class RewardModelStageConfig(RewardModelConfig):
     heldout_pairs: int = 300
     difficulties: list[int] | None = None
     heldout_fraction: float = 0.1
+    world_kinds: list[str] = field(default_factory=lambda: list(DEFAULT_WORLD_KINDS))
+    thinking_fraction: float = 0.5
     policy_samples: int = 0
     policy_temperature: float = 1.0
     policy_max_new_tokens: int = 64
@@ -82,6 +88,10 @@ class RewardModelStageConfig(RewardModelConfig):
             _bad("difficulties", self.difficulties, "a non-empty list of integers >= 1, or null for all")
         if not (isinstance(self.heldout_fraction, (int, float)) and 0 < self.heldout_fraction < 0.5):
             _bad("heldout_fraction", self.heldout_fraction, "a number in (0, 0.5): the share of prompts in each held-out set")
+        if not self.world_kinds or any(k not in WORLD_KINDS for k in self.world_kinds):
+            _bad("world_kinds", self.world_kinds, f"a non-empty list of {list(WORLD_KINDS)}")
+        if not (isinstance(self.thinking_fraction, (int, float)) and 0 <= self.thinking_fraction <= 1):
+            _bad("thinking_fraction", self.thinking_fraction, "a number in [0, 1]: the share of thinking-on pairs")
         if self.pairs_path is not None and not str(self.pairs_path).strip():
             _bad("pairs_path", self.pairs_path, "a JSONL file or directory of pairs, or null for the tiny world")
         n = self.policy_samples
@@ -178,7 +188,8 @@ def stage_pairs(problems: ProblemSet, cfg: RewardModelStageConfig) -> dict[str, 
     if problems.cfg.source != "tiny":
         raise ValueError(missing_pairs_message(problems.cfg.source))
     prompts = pair_prompts(problems, cfg)
-    return {name: world_pairs(prompts[name], cfg.seed + i) for i, name in enumerate(("train", "tuning", "report"))}
+    return {name: world_pairs(prompts[name], cfg.seed + i, kinds=cfg.world_kinds, thinking_fraction=cfg.thinking_fraction)
+            for i, name in enumerate(("train", "tuning", "report"))}  # fmt: skip
 
 
 def run_reward_model_stage(
