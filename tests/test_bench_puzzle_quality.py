@@ -1,11 +1,10 @@
 """Smoke test of benchmarks/bench_puzzle_quality.py on a very small world and two BLD seeds: one
 row per child and seed, the table's intervals, and Puzzle's KL is the stage's."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_puzzle_quality.py"
+from benchmark_scripts import load_benchmark
+
 SMALL = [
     "world.n_train=96", "world.n_eval=20", "parent.steps=20", "parent.batch_size=8", "parent.hidden_size=64",
     "parent.intermediate_size=512", "parent.num_layers=2", "parent.num_attention_heads=4", "parent.num_kv_heads=4",
@@ -16,9 +15,7 @@ SMALL = [
 
 
 def test_bench_puzzle_quality_two_seeds(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_puzzle_quality", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_puzzle_quality")
     out = tmp_path / "table.json"
     res = mod.main(["--seeds", "0", "1", "--out", str(tmp_path / "runs"), "--json", str(out),
                     f"cache_dir={tmp_path / 'cache'}", *SMALL])  # fmt: skip

@@ -3,24 +3,20 @@ a run on the tiny parent with an untrained reward model (every figure in range, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from nemo_plugins.data.reasoning_world import Problem
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reward_ranking.py"
+from benchmark_scripts import load_benchmark
+
 P = Problem("What is (7 + 5) * 3?", ("7 + 5 = 12", "12 * 3 = 36"), 36, 2)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_reward_ranking", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_reward_ranking")
 
 
 @pytest.mark.parametrize("response, kind", [

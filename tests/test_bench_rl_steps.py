@@ -9,28 +9,21 @@ is not tested.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rl_steps.py"
+from benchmark_scripts import load_benchmark
+
 TINY = ["--prompts", "2", "--group-size", "3", "--max-new-tokens", "8", "--reps", "1", "--warmup", "0",
         "--reward-workers", "0", "--quiet"]  # fmt: skip
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_rl_steps", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("prompt_set", ["instructed", "own"])
 def test_bench_rl_steps_on_the_tiny_parent(prompt_set, parent_checkpoint, tmp_path):
-    bench = _load()
+    bench = load_benchmark("bench_rl_steps")
     out = tmp_path / "steps.json"
     res = bench.main([*TINY, "--prompt-set", prompt_set, "--json", str(out)])
     assert Path(res["model"]["source"]) == Path(parent_checkpoint)
@@ -55,7 +48,7 @@ def test_bench_rl_steps_on_the_tiny_parent(prompt_set, parent_checkpoint, tmp_pa
 
 
 def test_ratios_are_per_generated_token():
-    bench = _load()
+    bench = load_benchmark("bench_rl_steps")
 
     def rows(times, len_on):
         return [{"time_s": t, "len_on": len_on, "batch": "b", "seqs_trained": 4, "tokens_trained": 8, "updates": 1,
@@ -75,7 +68,7 @@ def test_ratios_are_per_generated_token():
 @pytest.mark.parametrize("argv, message", [(["--group-size", "1"], "--group-size=1"), (["--reps", "0"], "--reps=0"),
                                            (["--temperature", "0"], "--temperature=0")])  # fmt: skip
 def test_bad_arguments_are_named(argv, message, capsys):
-    bench = _load()
+    bench = load_benchmark("bench_rl_steps")
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert message in capsys.readouterr().err

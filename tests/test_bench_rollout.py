@@ -9,7 +9,6 @@ specs and a failed sanity check are refused. No timing assertion: this machine's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,18 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_rollout.py"
 TINY = ["--batch-size", "4", "--reps", "2", "--warmup", "0", "--quiet"]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_rollout", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def _check(w: dict, prompts: int, group: int, max_new: int):
 
 
 def test_bench_rollout_on_the_tiny_parent(parent_checkpoint, tmp_path):
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     out = tmp_path / "rollout.json"
     res = bench.main([*TINY, "--workloads", "3x2x24", "--json", str(out)])
     assert Path(res["model"]["source"]) == Path(parent_checkpoint)
@@ -72,7 +66,7 @@ def test_bench_rollout_on_the_tiny_parent(parent_checkpoint, tmp_path):
 
 
 def test_bench_rollout_workload_list_on_a_hf_directory(hf_dir, tmp_path):
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     out = tmp_path / "rollout.json"
     argv = [*TINY, "--model", str(hf_dir), "--workloads", "3x2x6", "1x3x4", "--thinking", "off", "--json", str(out)]
     res = bench.main(argv)
@@ -100,7 +94,7 @@ def test_bench_rollout_script_exits_zero(hf_dir, tmp_path):
 
 
 def test_passed_fails_on_a_greedy_mismatch_or_a_bad_figure():
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     side = {"tokens_per_s": 100.0}
     setting = {"engine": side, "hf": side, "ratio_engine_over_hf": 1.0, "paired_ratio_engine_over_hf": 1.0}
 
@@ -117,13 +111,13 @@ def test_passed_fails_on_a_greedy_mismatch_or_a_bad_figure():
 
 
 def test_goal_needs_both_ratios():
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     assert bench.goal_met({"ratio_engine_over_hf": 1.5, "paired_ratio_engine_over_hf": 1.6})
     assert not bench.goal_met({"ratio_engine_over_hf": 1.7, "paired_ratio_engine_over_hf": 1.49})
 
 
 def test_workload_specs_are_checked(hf_dir):
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     assert bench.parse_workload("16x8x64") == (16, 8, 64)
     assert bench.parse_args(["--workloads", "2x4x32", "8X8X64"]).workloads == [(2, 4, 32), (8, 8, 64)]
     for bad in ("8x8", "8x8xa", "0x8x64"):
@@ -134,7 +128,7 @@ def test_workload_specs_are_checked(hf_dir):
 
 
 def test_counting_stops_after_the_first_stop_id():
-    bench = _load()
+    bench = load_benchmark("bench_rollout")
     assert bench.cut_at_stop([5, 2, 7, 2], {2}) == [5, 2]
     assert bench.cut_at_stop([5, 6], {2}) == [5, 6]
     assert bench.agreement([[1, 2], [3]], [[1, 2], [4, 5]]) == {

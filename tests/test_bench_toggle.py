@@ -3,9 +3,7 @@ problems of a saved model, with the pipeline config's data and decoding settings
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,14 +12,7 @@ from nemo_plugins.data.tiny_world import WorldConfig, build_world
 from nemo_plugins.model.checkpoint import save_checkpoint
 from nemo_plugins.model.llama import HeteroLlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_toggle", ROOT / "benchmarks" / "bench_toggle.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_scores_the_chosen_split_with_the_configs_decoding(model_dir, tmp_path, monkeypatch):
-    bench, world = _load(), build_world(WorldConfig())
+    bench, world = load_benchmark("bench_toggle"), build_world(WorldConfig())
     asked = []
     real = bench.evaluate_toggle
 

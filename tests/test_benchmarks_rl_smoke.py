@@ -7,19 +7,10 @@ direct call without a single failure. No timing assertion: this machine's speed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmark_scripts import load_benchmark
 
 
 def _positive(v) -> bool:
@@ -27,7 +18,7 @@ def _positive(v) -> bool:
 
 
 def test_reward_pool_benchmark_runs_without_failures(tmp_path):
-    bench = _load("bench_reward_pool")
+    bench = load_benchmark("bench_reward_pool")
     out = tmp_path / "pool.json"
     args = ["--prompts", "2", "--samples", "3", "--reps", "2", "--warmup", "1", "--quiet", "--json", str(out)]
     res = bench.main(args)
@@ -50,7 +41,7 @@ def test_reward_pool_benchmark_runs_without_failures(tmp_path):
 
 def test_reward_pool_batches_are_mixed_and_labelled_right():
     """The benchmark's completions are a real mix, and the rewards agree with how they were built."""
-    bench = _load("bench_reward_pool")
+    bench = load_benchmark("bench_reward_pool")
     from nemo_plugins.rl.rewards import RewardConfig, combined_reward
 
     for task in bench.TASKS:

@@ -6,16 +6,15 @@ Checks that the figures are positive finite numbers and that our greedy tokens e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
+
 pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reference_model.py"
 TINY = [
     "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
     "--vocab", "128", "--train-batch", "2", "--train-seq", "16", "--train-steps", "1",
@@ -24,16 +23,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_reference_model", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_benchmark_runs_and_agrees(tmp_path):
     out = tmp_path / "bench.json"
-    res = _load().main([*TINY, "--json", str(out)])
+    res = load_benchmark("bench_reference_model").main([*TINY, "--json", str(out)])
 
     assert set(res["ratios"]) == {"train_ours_over_hf", "decode_ours_over_hf", "decode_cache_over_nocache"}
     assert set(res["paired_ratios"]) == set(res["ratios"])
@@ -51,7 +43,7 @@ def test_benchmark_runs_and_agrees(tmp_path):
 
 
 def test_benchmark_skip_nocache():
-    res = _load().main([*TINY, "--skip-nocache", "--reps", "1", "--train-reps", "1", "--warmup", "0"])
+    res = load_benchmark("bench_reference_model").main([*TINY, "--skip-nocache", "--reps", "1", "--train-reps", "1", "--warmup", "0"])
     assert "decode_cache_over_nocache" not in res["ratios"]
     assert res["sanity"]["greedy_tokens_equal_nocache"] is None
     assert res["sanity"]["greedy_tokens_equal_hf"]

@@ -16,6 +16,8 @@ from nemo_plugins.cli.main import main
 from nemo_plugins.puzzle import mip
 from nemo_plugins.puzzle.mip import InfeasibleBudgetError, LibraryError
 
+from benchmark_scripts import load_benchmark
+
 KEYS = ("a", "b", "c")
 
 
@@ -469,13 +471,8 @@ def test_cli_infeasible_and_bad_arguments_exit_2(tmp_path, capsys):
 def test_benchmark_script_runs_on_a_tiny_library(tmp_path):
     """Smoke test of benchmarks/bench_mip.py (no timing assertion: this machine's speed is not tested)."""
     pytest.importorskip("pulp")
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mip.py"
-    spec = importlib.util.spec_from_file_location("bench_mip", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_mip")
     out = tmp_path / "bench.json"
     argv = ["--layers", "8", "--large-layers", "3", "--budgets", "2", "--reps", "1", "--sweep-points", "5",
             "--quiet", "--json", str(out)]  # fmt: skip

@@ -1,13 +1,13 @@
 """benchmarks/reproduce_readme.py: per-seed runs of the main command at toy size, the tables made
 from them, the paired differences flagged when within noise."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_readme.py"
+from benchmark_scripts import load_benchmark
+
 SMALL = [
     "world.n_train=96", "world.n_eval=16", "parent.steps=20", "parent.batch_size=8", "parent.hidden_size=64",
     "parent.intermediate_size=512", "parent.num_layers=2", "parent.num_attention_heads=4", "parent.num_kv_heads=4",
@@ -28,10 +28,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_readme", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("reproduce_readme")
 
 
 def test_two_seeds_of_the_main_command_make_the_tables(script, tmp_path, capsys):
