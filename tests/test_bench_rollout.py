@@ -65,6 +65,20 @@ def test_bench_rollout_on_the_tiny_parent(parent_checkpoint, tmp_path):
     assert json.loads(out.read_text())["workloads"]["3x2x24"]["sanity"] == w["sanity"]
 
 
+def test_bench_rollout_profile_splits_out_the_matrix_multiplications(parent_checkpoint):
+    bench = load_benchmark("bench_rollout")
+    res = bench.main([*TINY, "--workloads", "2x2x8", "--profile"])
+    prof = res["workloads"]["2x2x8"]["profile"]
+    for side in ("engine", "hf"):
+        p = prof[side]
+        assert p["gemm_s"] > 0 and p["attention_s"] > 0 and p["gemm_s"] + p["attention_s"] < p["total_s"], prof
+    e = prof["engine"]
+    assert prof["ceiling_engine_over_hf"] == pytest.approx(prof["hf"]["total_s"] / (e["gemm_s"] + e["attention_s"]))
+    assert "profile 2x2x8, greedy" in bench.format_report(res)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--profile", "--device", "cuda"])
+
+
 def test_bench_rollout_workload_list_on_a_hf_directory(hf_dir, tmp_path):
     bench = load_benchmark("bench_rollout")
     out = tmp_path / "rollout.json"
