@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from nemo_plugins.data.problems import ProblemSet
-from nemo_plugins.data.reasoning_world import OPS, Problem, has_think_block, is_correct
+from nemo_plugins.data.chat import THINK_END, THINK_START
+from nemo_plugins.data.reasoning_world import OPS, STEP_SEP, Problem, has_think_block, is_correct
 from nemo_plugins.data.tiny_world import build_world
 from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.model.generate import SamplingConfig
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def error_kind(response: str, problem: Problem) -> str:
     """What went wrong in a wrong thinking-on response: "slip", "misread" or "other" (module doc)."""
-    lines = response.split("</think>")[0].removeprefix("<think>").split("\n")
+    lines = response.split(THINK_END)[0].removeprefix(THINK_START).split(STEP_SEP)
     if len(lines) != len(problem.steps):
         return "other"
     slip = misread = False

@@ -29,7 +29,9 @@ from typing import Literal
 from ..utils.atomic import write_jsonl_atomic
 from .chat import ASSISTANT, BOS, EOS, PAD, SYSTEM, THINK_END, THINK_START, USER
 from .chat_tokenizer import ChatTokenizer
-from .reasoning_world import MAX_VALUE, MIN_VALUE, OPS, STEP_SEP, Problem, answer_text, is_correct, is_well_formatted, response_for
+from .reasoning_world import (
+    MAX_VALUE, MIN_VALUE, OPS, STEP_SEP, Problem, answer_text, is_correct, is_well_formatted, response_for,
+)
 from .sft_data import ReadReport, RecordError
 from .text_data import PathsLike, expand_paths, load_json_object
 
@@ -140,7 +142,7 @@ def _carried_steps(p: Problem, rng: random.Random) -> tuple[list[str], int]:
     k = rng.randrange(len(p.steps))
     steps, value = list(p.steps[:k]), None
     for i, step in enumerate(p.steps[k:]):
-        a, op, b, _, c = step.split()
+        a, op, b, _, _ = step.split()
         a = int(a) if i == 0 else value
         value = OPS[op](a, int(b))
         if i == 0:
