@@ -145,10 +145,21 @@ class StageContext:
         return load_model(path or self.model_dir)
 
     def verify(self):
-        """`verify(text, problem) -> bool` for the problems' task."""
+        """`verify(text, problem) -> bool` for the problems' task: its rule, or for task "judge" the
+        LLM judge of `grpo.rewards.judge` (the pipeline's judge outside the RL stages too)."""
         from .rl.rewards import answer_checker
 
-        return answer_checker(self.problems.task)
+        if self.problems.task != "judge":
+            return answer_checker(self.problems.task)
+        rewards = self.cfg.grpo.rewards
+        if rewards.judge.base_url is None or rewards.judge.model is None:
+            raise ValueError(f"data.problems ({self.problems.cfg.source}) are of task 'judge': set "
+                             "grpo.rewards.judge.base_url and grpo.rewards.judge.model, the judge that checks their "
+                             "answers in every stage")  # fmt: skip
+        from .rl.config import judge_verifier
+        from .rl.judge import LLMJudge
+
+        return judge_verifier(LLMJudge(rewards.judge.judge_config()))
 
     def chat(self, path: Path | None = None) -> ChatTokenizer:
         """The input model's (or `path`'s) tokenizer and chat template."""

@@ -6,11 +6,12 @@ object a line:
 
     {"prompt": "What is 1/2 + 1/4?",   # required, non-blank, no chat special token
      "answer": "3/4",                  # required: a string or a number (kept as its string)
-     "task": "math",                   # "math" | "choice" | "world" (or `default_task`)
+     "task": "math",                   # "math" | "choice" | "world" | "judge" (or `default_task`)
      "id": "q-17"}                     # optional string or integer; default `file:line`
 
 Per task the answer must fit its reward: "choice" a single letter A-Z (stored upper-case),
-"world" an integer (the tiny world's exact match). "math" answers are any non-blank text that
+"world" an integer (the tiny world's exact match). "judge" answers are free text that an LLM
+judge compares a completion's answer with (`rl.judge`). "math" answers are any non-blank text that
 math-verify should parse; that is checked when rewards are computed (rl.rewards raises on an
 unparsable reference), since this module does not import the RL code. `TASKS` mirrors
 `rl.rewards.TASKS`; a test keeps the two equal.
@@ -38,7 +39,7 @@ from .text_data import PathsLike, expand_paths, load_json_object, record_id
 
 OnError = Literal["skip", "raise"]
 
-TASKS = ("math", "choice", "world")  # = rl.rewards.TASKS (checked by tests/test_prompts_data.py)
+TASKS = ("math", "choice", "world", "judge")  # = rl.rewards.TASKS (checked by tests/test_prompts_data.py)
 
 PROMPT_REASONS = {
     "bad_json": "the line is not valid UTF-8 JSON",

@@ -13,8 +13,9 @@ from typing import ClassVar
 from ..data.curriculum import CurriculumConfig
 from ..model.generate import SamplingConfig
 from ..utils.training import PRECISIONS
-from .rewards import TASKS, RewardConfig
-from .scoring import RuleScorer, SandboxLimits
+from .judge import JudgeConfig, LLMJudge
+from .rewards import TASKS, RewardConfig, answer_checker
+from .scoring import JudgeScorer, RuleScorer, SandboxLimits
 
 SAMPLERS = ("curriculum", "random")
 
@@ -68,23 +69,78 @@ class ScoringSettings:
 
 
 @dataclass
+class JudgeSettings:
+    """The LLM judge of reward task "judge" (`judge.JudgeConfig`): an OpenAI-compatible endpoint
+    `base_url` (e.g. http://host:8000/v1, a vLLM or NIM server) serving `model`. The API key is
+    read from the environment variable `api_key_env`, never from a config file. Each call gets
+    `timeout_s` and `retries` retries; `concurrency` calls run at once; the judge sees at most
+    `max_answer_chars` of a completion's answer."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 30.0
+    retries: int = 2
+    concurrency: int = 4
+    max_answer_chars: int = 4000
+
+    def judge_config(self) -> JudgeConfig:
+        fields = {k: getattr(self, k) for k in ("base_url", "model", "api_key_env", "timeout_s", "retries",
+                                                "concurrency", "max_answer_chars")}  # fmt: skip
+        try:
+            return JudgeConfig(**fields)
+        except ValueError as e:  # "JudgeConfig.<field> ..." -> the YAML key
+            raise ValueError(str(e).replace("JudgeConfig.", "grpo.rewards.judge.", 1)) from None
+
+
+@dataclass
 class RewardSettings(ScoringSettings):
     """What a completion scores: the reward `task` (one of `rewards.TASKS`, kept mutable so
-    YAML/overrides can set it) with `ScoringSettings`' weights and sandbox limits."""
+    YAML/overrides can set it) with `ScoringSettings`' weights and sandbox limits; for task
+    "judge", the `judge` that checks answers (`JudgeSettings`, required then)."""
 
     task: str = "world"
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
 
     def __post_init__(self):
         if self.task not in TASKS:
             _bad("rewards.task", self.task, f"one of {', '.join(TASKS)}")
+        if isinstance(self.judge, Mapping):
+            self.judge = JudgeSettings(**self.judge)
+        if self.task == "judge":
+            for name in ("base_url", "model"):
+                if getattr(self.judge, name) is None:
+                    _bad(f"rewards.judge.{name}", None, "a value with rewards.task=judge (the judge's endpoint "
+                         "and model, e.g. base_url=http://localhost:8000/v1)")
+            self.judge.judge_config()  # validates the rest
         super().__post_init__()
 
     def reward_config(self) -> RewardConfig:
         return self.reward_config_for(self.task)
 
-    def scorer(self) -> RuleScorer:
-        """The rule-reward scorer these settings describe (close it, or use it as a context manager)."""
+    def scorer(self) -> RuleScorer | JudgeScorer:
+        """The scorer these settings describe: rule rewards in the sandbox, or the LLM judge for task
+        "judge" (close it, or use it as a context manager)."""
+        if self.task == "judge":
+            return JudgeScorer(self.reward_config(), self.judge.judge_config(), self.limits())
         return RuleScorer(self.reward_config(), self.limits())
+
+    def verifier(self):
+        """`verify(text, problem) -> bool` for held-out accuracy and pass rates: the task's rule
+        (`rewards.answer_checker`), or one judge call per completion for task "judge"."""
+        if self.task != "judge":
+            return answer_checker(self.task)
+        return judge_verifier(LLMJudge(self.judge.judge_config()))
+
+
+def judge_verifier(judge: LLMJudge):
+    """`verify(text, problem) -> bool`: the judge says CORRECT for `problem.answer` (a failed call is
+    False, and counted in `judge.failures`)."""
+
+    def verify(text: str, problem) -> bool:
+        return judge.judge(problem.question, str(problem.answer), text).reward == 1.0
+
+    return verify
 
 
 @dataclass

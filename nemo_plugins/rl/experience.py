@@ -59,6 +59,7 @@ class Rollout:
     answers: list[int]
     truncated: list[bool]
     instructions: list[str | None] | None = None  # per sequence, the prompt's instruction spec (RLOO)
+    questions: list[str] | None = None  # per sequence, the question asked (the judge reads it)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -87,6 +88,7 @@ def rollout(
         thinking=[t for t in thinking for _ in range(G)], answers=[p.answer for p in problems for _ in range(G)],
         truncated=[not s for s in done.stopped],
         instructions=[getattr(p, "instruction", None) for p in problems for _ in range(G)],
+        questions=[p.question for p in problems for _ in range(G)],
     )  # fmt: skip
 
 
@@ -105,7 +107,8 @@ class Rewards:
 def score_rollout(roll: Rollout, scorer: Scorer, cfg: LoopConfig) -> Rewards:
     """Rewards of every completion (`scoring` protocol), the overlong penalty added; failed samples score 0."""
     instructions = roll.instructions or [None] * len(roll.texts)
-    refs = [Reference(a, t, i) for a, t, i in zip(roll.answers, roll.thinking, instructions)]
+    questions = roll.questions or [""] * len(roll.texts)
+    refs = [Reference(a, t, i, q) for a, t, i, q in zip(roll.answers, roll.thinking, instructions, questions)]
     scores = scorer.score(roll.texts, refs)
     penalty = overlong_penalty(roll.lengths, cfg.overlong_max_len, cfg.overlong.buffer, cfg.overlong.penalty)
     return Rewards(total=scores.total + penalty, accuracy=scores.parts["accuracy"], format=scores.parts["format"],

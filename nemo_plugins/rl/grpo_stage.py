@@ -40,7 +40,7 @@ from .config import _bad, _positive_int
 from .grpo import GRPOConfig, run_grpo
 from .metrics import heldout_accuracy
 from .plots import plot_reward_curves
-from .rewards import answer_checker, check_references
+from .rewards import check_references
 from .scoring import RuleScorer
 
 log = logging.getLogger("nemo_plugins.grpo")
@@ -151,7 +151,8 @@ def heldout_set(problems: ProblemSet, cfg: GRPOStageConfig) -> list[Problem]:
 
 
 def _evaluate(model, problems: ProblemSet, cfg: GRPOStageConfig, chat: ChatTokenizer, thinking: bool) -> dict:
-    return heldout_accuracy(model, chat, heldout_set(problems, cfg), cfg.max_new_tokens, thinking, cfg.rewards.task)
+    return heldout_accuracy(model, chat, heldout_set(problems, cfg), cfg.max_new_tokens, thinking,
+                            cfg.rewards.verifier())  # fmt: skip
 
 
 def _accuracies(model, problems: ProblemSet, cfg: GRPOStageConfig, chat: ChatTokenizer, on: dict | None = None) -> dict:
@@ -242,7 +243,7 @@ def run_grpo_stage(
     rates = estimate_pass_rates(
         model, chat, list(pool.values()), cfg.pass_rate_k, sampling=sampling, batch_size=cfg.pass_rate_batch_size,
         seed=cfg.seed, cache_path=out_dir / "pass_rates.json", model_id=start, thinking=True, progress=progress,
-        verify=answer_checker(cfg.rewards.task),
+        verify=cfg.rewards.verifier(),
     )  # fmt: skip
     kept = filter_by_pass_rate(rates, cfg.pass_rate_threshold).kept
     report: dict = {"start_fingerprint": start, "pass_rates": _pass_rate_summary(rates, cfg, kept)}

@@ -158,7 +158,8 @@ class RLModule(StepModule):
             self.write_plot()
 
     def evaluate(self) -> dict:
-        return heldout_accuracy(self.policy, self.tok, self.eval_problems, self.cfg.max_new_tokens, task=self.cfg.rewards.task)
+        return heldout_accuracy(self.policy, self.tok, self.eval_problems, self.cfg.max_new_tokens,
+                                verify=self.cfg.rewards.verifier())  # fmt: skip
 
     def write_plot(self):
         from .plots import plot_grpo

@@ -8,17 +8,16 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from ..data.chat_tokenizer import ChatTokenizer
-from ..data.reasoning_world import Problem
+from ..data.reasoning_world import Problem, is_correct
 from ..utils.atomic import write_text_atomic
 from .config import LoopConfig
 from .experience import Rewards, Rollout
-from .rewards import answer_checker
 from .sandbox import CRASH, MEMORY, TIMEOUT, TOO_LONG
 
 FAILURE_COLUMNS = {"fail_timeout": TIMEOUT, "fail_memory": MEMORY, "fail_too_long": TOO_LONG, "fail_crash": CRASH}
@@ -89,13 +88,13 @@ def write_metrics(history: Sequence[dict], csv_path: Path, jsonl_path: Path) -> 
 
 
 def heldout_accuracy(
-    model, tok: ChatTokenizer, problems: Sequence[Problem], max_new_tokens: int, thinking: bool = True, task: str = "world"
-) -> dict:
-    """Greedy accuracy on held-out problems (`evaluate.task_accuracy`, answers checked by `task`'s
-    verifier), JSON-ready (string keys)."""
+    model, tok: ChatTokenizer, problems: Sequence[Problem], max_new_tokens: int, thinking: bool = True,
+    verify: Callable[[str, Problem], bool] = is_correct,
+) -> dict:  # fmt: skip
+    """Greedy accuracy on held-out problems (`evaluate.task_accuracy`, answers checked by `verify`,
+    e.g. `RewardSettings.verifier()`), JSON-ready (string keys)."""
     from ..evaluate import task_accuracy
 
-    acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens,
-                        verify=answer_checker(task))  # fmt: skip
+    acc = task_accuracy(model, tok, problems, thinking=thinking, max_new_tokens=max_new_tokens, verify=verify)
     return {"accuracy": acc["accuracy"], "format_ok": acc["format_ok"], "n": acc["n"],
             "by_difficulty": {str(d): a for d, a in acc["by_difficulty"].items()}}  # fmt: skip

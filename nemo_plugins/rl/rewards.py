@@ -1,5 +1,8 @@
 """Rule-based GRPO rewards: answer accuracy (math, multiple choice, the tiny world) and format.
 
+The fourth reward task, "judge", has no rule: an LLM judge (`rl.judge`) checks its free-form
+answers. Here it only has its reference check (a non-blank text) and the generic format reward.
+
 Every function is pure: (completion text, reference, thinking mode) -> reward. Only the answer
 region counts: the text after the last `</think>` (cut at any later `<think>`), or the whole
 text when there is no think block; an answer that only appears inside the (possibly unclosed)
@@ -38,7 +41,8 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 from nemo_plugins.data import reasoning_world
 from nemo_plugins.data.chat import THINK_END, THINK_START
 
-TASKS = ("math", "choice", "world")
+RULE_TASKS = ("math", "choice", "world")  # answers a rule checks (`combined_reward`, `answer_checker`)
+TASKS = (*RULE_TASKS, "judge")  # every reward task; "judge": free-form answers an LLM judge checks
 MAX_ANSWER_CHARS = 512  # longer final answers are rejected before parsing
 MAX_ANSWER_DEPTH = 10  # deeper ( [ { nesting is rejected: ANTLR parse time grows steeply with it
 FORBIDDEN_IN_ANSWER = ("__", "import", "lambda", "`")  # Python-looking text never reaches a parser
@@ -293,6 +297,9 @@ def answer_checker(task: str):
     (in-process: `check_answer` bounds what reaches the parser)."""
     if task == "world":
         return reasoning_world.is_correct
+    if task == "judge":
+        raise ValueError("task='judge': its answers are checked by the LLM judge (`RewardSettings.verifier()`), "
+                         f"not a rule; a rule checks one of {', '.join(RULE_TASKS)}")
     reward = {"math": math_accuracy, "choice": choice_accuracy}.get(task)
     if reward is None:
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
@@ -341,6 +348,9 @@ def _reference_problem(reference, task: str) -> str | None:
     """Why `reference` cannot be scored for `task` (see `check_reference`), or None."""
     if task == "world":
         return None if _is_integer(reference) else f"reference {reference!r} is not an integer"
+    if task == "judge":  # any answer the judge can read: a non-blank text (or number)
+        ok = isinstance(reference, (str, int, float)) and not isinstance(reference, bool) and str(reference).strip()
+        return None if ok else f"reference {reference!r} is not a non-blank text"
     try:
         if task == "math":
             _math_reference(reference)
@@ -355,7 +365,7 @@ def check_reference(reference, task: str, where: str) -> None:
     """Raise BadReference "<where>: <what is wrong>" if `reference` cannot be scored for `task`.
 
     math: the limits of `check_answer` (length, nesting depth, forbidden text) and a math-verify
-    parse to an expression; choice: one letter A-Z; world: an integer. `where` names the data
+    parse to an expression; choice: one letter A-Z; world: an integer; judge: a non-blank text. `where` names the data
     (e.g. "prompt p17"), so one bad reference fails once, up front, instead of every sample
     failing (or timing out) in the reward pool. In-process, without a time limit:
     `check_references` runs it in the sandbox with one.
@@ -430,7 +440,9 @@ class RewardConfig:
     """What a completion is scored on: the task's accuracy and the mode's format, weighted.
 
     task: "math" (math-verify equivalence), "choice" (letter match) or "world" (the tiny
-    world's exact integer; its format reward is the strict `is_well_formatted`).
+    world's exact integer; its format reward is the strict `is_well_formatted`); "judge": the
+    accuracy comes from an LLM judge (`judge.JudgeScorer`), the format from `format_reward`, so
+    `combined_reward` (the rule path) refuses it.
     """
 
     task: str = "math"
@@ -471,7 +483,9 @@ def _format_for(task: str, completion: str, thinking: bool) -> float:
 def combined_reward(
     completion: str, reference: str | int, thinking: bool, config: RewardConfig = RewardConfig()
 ) -> RewardBreakdown:
-    """accuracy_weight * accuracy + format_weight * format, with both components."""
+    """accuracy_weight * accuracy + format_weight * format, with both components (rule tasks)."""
+    if config.task not in _ACCURACY:
+        raise ValueError(f"combined_reward: task {config.task!r} has no rule (expected one of {', '.join(RULE_TASKS)})")
     accuracy = _ACCURACY[config.task](completion, reference)
     fmt = _format_for(config.task, completion, thinking)
     total = config.accuracy_weight * accuracy + config.format_weight * fmt

@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from ..data.chat_tokenizer import ChatTokenizer
 from ..data.curriculum import problems_by_id
 from ..data.instructions import INSTRUCTION_KINDS, InstructedProblem, augment_all, check_choices
 from ..data.problems import ProblemSet
+from ..data.reasoning_world import Problem
 from ..data.tiny_world import World
 from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.generate import SamplingConfig
@@ -41,7 +42,7 @@ from ..utils.hashing import config_hash
 from .grpo_stage import _cached
 from .instructions import instruction_followed
 from .plots import plot_rloo
-from .rewards import answer_checker, check_references
+from .rewards import check_references
 from .rloo import RLOOConfig, run_rloo
 
 log = logging.getLogger("nemo_plugins.rloo")
@@ -119,11 +120,11 @@ def heldout_prompts(problems: ProblemSet, cfg: RLOOStageConfig, which: str | Non
 
 
 def instruction_eval(model, chat: ChatTokenizer, prompts: Sequence[InstructedProblem], max_new_tokens: int,
-                     task: str, batch_size: int = 256, thinking: bool = True) -> dict:  # fmt: skip
+                     verify: Callable[[str, Problem], bool], batch_size: int = 256,
+                     thinking: bool = True) -> dict:  # fmt: skip
     """Greedy instruction-following and task accuracy on `prompts`, overall and per kind."""
     engine = RolloutConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), n=1, batch_size=batch_size)
     done = sample_questions(model, chat, [p.question for p in prompts], thinking, engine)
-    verify = answer_checker(task)
     by_kind: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for p, text in zip(prompts, done.texts):
         by_kind[p.kind].append((instruction_followed(text, p.instruction), bool(verify(text, p))))
@@ -166,8 +167,10 @@ def run_rloo_stage(
                 "max_words": cfg.max_words, "difficulties": cfg.difficulties, "max_new_tokens": cfg.max_new_tokens,
                 "data": data_key}  # fmt: skip
 
+    verify = cfg.rewards.verifier()
+
     def evaluate(m) -> dict:
-        return instruction_eval(m, chat, held_out, cfg.max_new_tokens, cfg.rewards.task, cfg.eval_batch_size)
+        return instruction_eval(m, chat, held_out, cfg.max_new_tokens, verify, cfg.eval_batch_size)
 
     report: dict = {"start_fingerprint": start, "eval_set": cfg.eval_set, "train_prompts": len(train),
                     "heldout_prompts": len(held_out)}  # fmt: skip
