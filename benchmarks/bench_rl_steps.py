@@ -64,7 +64,7 @@ from nemo_plugins.model.checkpoint import load_checkpoint
 from nemo_plugins.pipeline import load_pipeline_config, parent_source
 from nemo_plugins.rl.grpo import run_grpo
 from nemo_plugins.rl.loop import run_loop
-from nemo_plugins.rl.reward_model import RewardModel, load_reward_model
+from nemo_plugins.rl.reward_model import RewardModel, RewardModelScorer, load_reward_model
 from nemo_plugins.rl.rloo import run_rloo
 from nemo_plugins.rl.rloo_stage import training_prompts
 from nemo_plugins.rl.rpo import RPO
@@ -174,7 +174,7 @@ def one_step(name: str, setup: dict, scorers: dict, out_dir: Path) -> dict:
     elif name == "rloo":
         summary = run_rloo(policy, chat, prompts, cfg, out_dir, scorer=scorers[name])
     else:
-        algorithm = RPO(cfg, setup["reward_model"], chat.pad_id)
+        algorithm = RPO(cfg, RewardModelScorer(setup["reward_model"], chat, cfg.score_batch_size))
         summary = run_loop(policy, chat, prompts, rates, cfg, algorithm, out_dir, scorer=scorers[name])
     (row,) = summary["history"]
     return row

@@ -23,7 +23,8 @@ from nemo_plugins.rl import rpo as R
 from nemo_plugins.rl import update as U
 from nemo_plugins.rl.experience import choose_modes, rollout, score_rollout
 from nemo_plugins.rl.preference_loss import PreferenceLoss
-from nemo_plugins.rl.reward_model import RewardModel, load_reward_model
+from nemo_plugins.rl.reward_model import RewardModel, RewardModelScorer, load_reward_model, score_sequences
+from nemo_plugins.rl.scoring import Reference
 from nemo_plugins.rl.reward_model_stage import RewardModelStageConfig, run_reward_model_stage, split_by_prompt
 from nemo_plugins.rl.rpo_stage import RPOStageConfig, run_rpo_stage, win_rate
 from nemo_plugins.data.preference_pairs import PreferencePair
@@ -115,11 +116,35 @@ def test_random_pairs_are_two_different_responses_of_a_group_drawn_reproducibly(
     assert firsts == {0, 1, 2, 3}  # not tied to a position
 
 
+def rpo(cfg: R.RPOConfig, reward_model: RewardModel, tok) -> R.RPO:
+    return R.RPO(cfg, RewardModelScorer(reward_model, tok))
+
+
+def test_the_reward_model_behind_the_reward_protocol(tok, start_model, reward_model, problems):
+    """Scored as text (encoded as the reward model's training pairs), a rollout's stopped responses
+    get the scores of their sampled tokens; a reference without its question is refused."""
+    cfg = small()
+    probs = list(problems.values())[:4]
+    roll = rollout(start_model, tok, probs, [True, False, True, False], cfg, seed=7)
+    scorer = RewardModelScorer(reward_model, tok, batch_size=5)
+    refs = [Reference(a, t, question=p.question) for a, t, p in zip(roll.answers, roll.thinking, [
+        p for p in probs for _ in range(cfg.group_size)])]  # fmt: skip
+    got = scorer.score(roll.texts, refs)
+    sampled = score_sequences(reward_model, [p + c for p, c in zip(roll.prompt_ids, roll.completions)], as_chat(tok).pad_id)
+    stopped = [not t for t in roll.truncated]
+    assert sum(stopped) >= 8 and not got.failures and torch.equal(got.parts["reward_model"], got.total)
+    torch.testing.assert_close(got.total[stopped], sampled[stopped])
+    torch.testing.assert_close(scorer.score_ids([p + c for p, c in zip(roll.prompt_ids, roll.completions)]), sampled)
+    assert len(set(got.total.tolist())) > 4  # the scores depend on the response
+    with pytest.raises(ValueError, match="reference 0 has no question"):
+        scorer.score(roll.texts[:1], [Reference(1, True)])
+
+
 def test_prepare_pairs_the_reward_models_best_and_worst(tok, start_model, reward_model, problems):
     cfg = small()
     probs = list(problems.values())[:4]
     roll = rollout(start_model, tok, probs, choose_modes(4, 0.0, 0, 0), cfg, seed=7)
-    prepared = R.RPO(cfg, reward_model, as_chat(tok).pad_id).prepare(roll, score_rollout(roll, cfg.rewards.scorer(), cfg))
+    prepared = rpo(cfg, reward_model, tok).prepare(roll, score_rollout(roll, cfg.rewards.scorer(), cfg))
     scores = prepared.rewards.view(4, 4)
     for c, r in prepared.pairs.tolist():
         g = c // 4
@@ -136,13 +161,13 @@ def test_rule_weight_adds_the_rule_reward_to_the_reward_models_score(tok, start_
     probs = list(problems.values())[:4]
     base = small()
     roll = rollout(start_model, tok, probs, choose_modes(4, 0.0, 0, 0), base, seed=7)
-    plain = R.RPO(base, reward_model, as_chat(tok).pad_id).prepare(roll, score_rollout(roll, base.rewards.scorer(), base))
+    plain = rpo(base, reward_model, tok).prepare(roll, score_rollout(roll, base.rewards.scorer(), base))
     rm = plain.rewards.view(4, 4)
     right = torch.zeros(16)
     right[torch.arange(4) * 4 + rm.argmin(dim=1)] = 1.0  # the verifier accepts the RM's worst response of each group
     rewards = dataclasses.replace(score_rollout(roll, base.rewards.scorer(), base), total=right, accuracy=right)
     w = 100.0
-    mixed = R.RPO(small(rule_weight=w), reward_model, as_chat(tok).pad_id).prepare(roll, rewards)
+    mixed = rpo(small(rule_weight=w), reward_model, tok).prepare(roll, rewards)
     torch.testing.assert_close(mixed.rewards, plain.rewards + w * right)
     assert mixed.metrics["rm_score"] == plain.metrics["rm_score"] and mixed.metrics["chosen_pass_rate"] == 1.0
     assert len(mixed.pairs) == 4
@@ -152,7 +177,7 @@ def test_rule_weight_adds_the_rule_reward_to_the_reward_models_score(tok, start_
         assert r == g * 4 + int(torch.where(right.view(4, 4)[g] == 1, torch.inf, rm[g]).argmin())  # worst of the wrong
     with pytest.raises(ValueError, match=r"rpo\.rule_weight"):
         small(rule_weight=-1.0)
-    assert R.RPO(small(sft_loss_weight=0.5), reward_model, 0).loss == PreferenceLoss("rpo_bwd_kl", 0.5, 1.0, 0.5)
+    assert rpo(small(sft_loss_weight=0.5), reward_model, tok).loss == PreferenceLoss("rpo_bwd_kl", 0.5, 1.0, 0.5)
 
 
 def test_verified_and_random_pairs_in_prepare(tok, start_model, reward_model, problems):
@@ -165,17 +190,16 @@ def test_verified_and_random_pairs_in_prepare(tok, start_model, reward_model, pr
     roll = rollout(start_model, tok, probs, choose_modes(4, 0.0, 0, 0), base, seed=7)
     right = torch.tensor([1.0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0])  # groups 0, 1 mixed
     rewards = dataclasses.replace(score_rollout(roll, base.rewards.scorer(), base), total=right, accuracy=right)
-    pad = as_chat(tok).pad_id
-    ver = R.RPO(small(pairs="verified", rule_weight=0.5), reward_model, pad).prepare(roll, rewards)
+    ver = rpo(small(pairs="verified", rule_weight=0.5), reward_model, tok).prepare(roll, rewards)
     assert len(ver.pairs) == 2 and ver.metrics["ties_skipped"] == 2
     assert right[ver.pairs[:, 0]].tolist() == [1, 1] and right[ver.pairs[:, 1]].tolist() == [0, 0]
-    rm = R.RPO(base, reward_model, pad).prepare(roll, rewards).rewards
+    rm = rpo(base, reward_model, tok).prepare(roll, rewards).rewards
     torch.testing.assert_close(ver.rewards, rm + 0.5 * right)
     for c, r in ver.pairs.tolist():  # the best-rewarded right one against the worst-rewarded wrong one
         g = slice(c // 4 * 4, c // 4 * 4 + 4)
         assert ver.rewards[c] == ver.rewards[g][right[g] == 1].max()
         assert ver.rewards[r] == ver.rewards[g][right[g] == 0].min()
-    rnd = R.RPO(small(pairs="random", loss="dpo"), reward_model, pad).prepare(roll, rewards)
+    rnd = rpo(small(pairs="random", loss="dpo"), reward_model, tok).prepare(roll, rewards)
     assert torch.equal(rnd.pairs, R.random_pairs(roll.completions, 4, 0)[0])
 
 

@@ -12,12 +12,15 @@ Saved into a directory as the model directory `model/` (`model.checkpoint.save_c
 config + safetensors, loadable as a plain causal LM) and beside it the head,
 `reward_head.safetensors`, and `reward_model.json` (`score_sequences` scores token sequences
 with it, e.g. an RL rollout's prompt + completion).
+
+`RewardModelScorer` puts it behind the reward protocol (`scoring.Scorer`): completions scored
+as text, encoded as the reward model was trained, or as the token ids that were sampled.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,12 +31,14 @@ from safetensors.torch import load_file, save as save_bytes
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..errors import CheckpointError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.llama import HeteroLlamaForCausalLM
 from ..utils import checks
 from ..utils.atomic import write_bytes_atomic, write_json_atomic
 from ..utils.training import PRECISIONS, LossModule, RunPaths, StepSampler, fit_steps, resume_or_seed, run_summary
+from .scoring import Reference, Scores
 
 MODEL_DIR = "model"
 HEAD_FILE = "reward_head.safetensors"
@@ -137,6 +142,44 @@ def score_sequences(rm: RewardModel, seqs: Sequence[Sequence[int]], pad_id: int,
     finally:
         rm.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+class RewardModelScorer:
+    """The reward protocol over a frozen reward model: `total` (and part "reward_model") is its
+    score of the question, under the reference's thinking mode, followed by the completion.
+
+    `score` encodes that text as the reward model's training pairs are encoded
+    (`ChatTokenizer.example_ids`: the chat template's prompt, then the response and its end of
+    turn), so any loop or evaluation that holds texts can use it. `score_ids` scores token
+    sequences as they were sampled (prompt ids + generated ids): RPO uses it, since a rollout's
+    tokens need not be the tokenizer's own encoding of their text, and a truncated response has
+    no end of turn. No failures: a model forward cannot time out."""
+
+    def __init__(self, reward_model: RewardModel, chat: ChatTokenizer, batch_size: int = 64):
+        self.reward_model, self.chat, self.batch_size = reward_model.requires_grad_(False).eval(), as_chat(chat), batch_size
+
+    def score(self, completions: Sequence[str], references: Sequence[Reference]) -> Scores:
+        if len(completions) != len(references):
+            raise ValueError(f"{len(completions)} completions, {len(references)} references: expected equal")
+        blank = [i for i, r in enumerate(references) if not r.question]
+        if blank:
+            raise ValueError(f"reference {blank[0]} has no question: a reward model scores the question with the response")
+        seqs = [self.chat.example_ids(r.question, text, r.thinking)[0] for text, r in zip(completions, references)]
+        scores = self.score_ids(seqs)
+        return Scores(scores, {"reward_model": scores}, Counter())
+
+    def score_ids(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[N] float32 scores of token sequences (`score_sequences`, `batch_size` per forward)."""
+        return score_sequences(self.reward_model, seqs, self.chat.pad_id, self.batch_size)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RewardModelScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- loss and accuracy

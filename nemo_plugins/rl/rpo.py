@@ -7,8 +7,8 @@ of a round, as the loop runs it:
 
 1. **Sample.** `prompts_per_step` prompts (random order: RPO has no pass-rate curriculum) and
    n = `group_size` responses each from the CURRENT policy (the rollout engine).
-2. **Score.** `RPO.prepare` scores every prompt + response with the reward model
-   (`reward_model.score_sequences`). The rule reward (accuracy, format) is logged; with
+2. **Score.** `RPO.prepare` scores every prompt + response, as sampled, with the reward model
+   (`reward_model.RewardModelScorer.score_ids`). The rule reward (accuracy, format) is logged; with
    `rule_weight` w > 0 it is also added to the reward-model score, reward = RM + w · rule (as
    TRL's `reward_weights` combine reward functions), so a verifier can overrule a reward model
    that cannot check answers. w = 0 (default): the paper's reward model alone.
@@ -50,13 +50,13 @@ from typing import ClassVar
 import lightning as L
 import torch
 
-from ..data.chat_tokenizer import ChatTokenizer, as_chat
+from ..data.chat_tokenizer import ChatTokenizer
 from ..data.reasoning_world import Problem
 from .config import LoopConfig, SamplerSettings, _bad, _number, _positive_int
 from .experience import Rewards, Rollout, seed_for
 from .loop import Prepared, run_loop
 from .preference_loss import LOSS_KINDS, PreferenceLoss
-from .reward_model import RewardModel, score_sequences
+from .reward_model import RewardModel, RewardModelScorer
 from .scoring import RuleScorer
 
 
@@ -174,8 +174,7 @@ class RPO:
     """RPO's parts for the loop: reward-model scores, best/worst pairs, the preference loss."""
 
     cfg: RPOConfig
-    reward_model: RewardModel
-    pad_id: int
+    rm_scorer: RewardModelScorer
     name: str = "rpo"
 
     @property
@@ -184,7 +183,7 @@ class RPO:
 
     def prepare(self, roll: Rollout, rewards: Rewards) -> Prepared:
         seqs = [p + c for p, c in zip(roll.prompt_ids, roll.completions)]
-        scores = score_sequences(self.reward_model, seqs, self.pad_id, self.cfg.score_batch_size)
+        scores = self.rm_scorer.score_ids(seqs)
         reward = scores + self.cfg.rule_weight * rewards.total if self.cfg.rule_weight else scores
         if self.cfg.pairs == "verified":
             pairs, ties = verified_pairs(reward, rewards.accuracy, self.cfg.group_size)
@@ -228,14 +227,13 @@ def run_rpo(
     after round i (e.g. a held-out evaluation), also for a round replayed from disk. The loop's
     `prompt_pass_rate` column is 0 here: RPO samples prompts without pass rates.
     """
-    reward_model.requires_grad_(False).eval()
-    pad_id = as_chat(tokenizer).pad_id
+    rm_scorer = RewardModelScorer(reward_model, tokenizer, cfg.score_batch_size)  # frozen, in eval mode
     rates = {pid: 0.0 for pid in problems}
     rounds = []
     for i in range(1, cfg.iterations + 1):
         reference = copy.deepcopy(policy)  # the previous round's policy (the start, for round 1)
         round_cfg = cfg.iteration_config(i)
-        summary = run_loop(policy, tokenizer, problems, rates, round_cfg, RPO(round_cfg, reward_model, pad_id),
+        summary = run_loop(policy, tokenizer, problems, rates, round_cfg, RPO(round_cfg, rm_scorer),
                            Path(out_dir) / f"iteration-{i}", reference=reference, scorer=scorer, progress=progress,
                            callbacks=callbacks)  # fmt: skip
         rounds.append(summary)

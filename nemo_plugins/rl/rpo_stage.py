@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +37,7 @@ from ..utils.atomic import write_json_atomic
 from ..utils.hashing import config_hash
 from .grpo_stage import _cached, _tiny_only
 from .plots import plot_rpo_iterations
-from .reward_model import RewardModel, load_reward_model, score_sequences
-from .rewards import answer_checker
+from .reward_model import RewardModel, RewardModelScorer, load_reward_model
 from .rpo import RPOConfig, run_rpo
 
 log = logging.getLogger("nemo_plugins.rpo")
@@ -105,14 +105,13 @@ def heldout_set(problems: ProblemSet, cfg: RPOStageConfig) -> list[Problem]:
 
 
 def evaluate_policy(model, rm: RewardModel, chat: ChatTokenizer, problems: list[Problem], cfg: RPOStageConfig,
-                    task: str) -> dict:  # fmt: skip
+                    verify: Callable[[str, Problem], bool]) -> dict:  # fmt: skip
     """Greedy responses (thinking on) to `problems`: the reward model's mean score, task accuracy,
     format rate, and per problem the score and the response (for win rates)."""
     engine = RolloutConfig(SamplingConfig(max_new_tokens=cfg.max_new_tokens), batch_size=cfg.generation_batch_size)
     done = sample_questions(model, chat, [p.question for p in problems], True, engine)
     seqs = [p + c for p, c in zip(done.prompt_ids, done.ids)]
-    scores = score_sequences(rm, seqs, chat.pad_id, cfg.score_batch_size).tolist()
-    verify = answer_checker(task)
+    scores = RewardModelScorer(rm, chat, cfg.score_batch_size).score_ids(seqs).tolist()
     correct = [bool(verify(text, p)) for text, p in zip(done.texts, problems)]
     n = len(problems)
     return {"rm_score": sum(scores) / n, "accuracy": sum(correct) / n,
@@ -169,7 +168,7 @@ def run_rpo_stage(
     def evaluate(policy) -> dict:
         name = fingerprint(policy)
         return _cached(out_dir / "evals" / f"{name}-{config_hash(eval_key)}.json", {**eval_key, "model": name},
-                       lambda: evaluate_policy(policy, rm, chat, held_out, cfg, problems.task))  # fmt: skip
+                       lambda: evaluate_policy(policy, rm, chat, held_out, cfg, cfg.rewards.verifier()))  # fmt: skip
 
     base = evaluate(model)
     rows = [_row(0, base, base, None)]
