@@ -16,7 +16,7 @@ from nemo_plugins.pipeline import PipelineConfig, run_pipeline
 from nemo_plugins.rl import config as C
 from nemo_plugins.rl import grpo as G
 from nemo_plugins.rl.rewards import RewardConfig, answer_checker, check_reference, format_reward
-from nemo_plugins.rl.scoring import JudgeScorer, Reference, RuleScorer, SandboxLimits
+from nemo_plugins.rl.scoring import InstructionScorer, JudgeScorer, Reference, RuleScorer, SandboxLimits
 
 from judge_stub import GradingJudge, start_judge
 from rl_models import rl_tokenizer, start_policy
@@ -72,6 +72,18 @@ def test_judge_scorer_agrees_with_the_rule_and_counts_failures(judge_url):
     assert bad.parts["accuracy"].tolist() == [0, 1, 0] and bad.total[2] == 0
     assert bad.failures == {"http:500": 1, "too_long": 1}
     assert [q for q, _ in GradingJudge.seen if q == "long"] == []  # too long: never sent
+
+
+def test_rloo_instruction_reward_over_the_judge(judge_url):
+    """RLOO's instruction reward adds to the judge's task reward as it does to the rule's."""
+    refs = [Reference(12, True, "steps", question="a"), Reference(13, True, "steps", question="b"),
+            Reference(12, False, "brackets", question="c")]  # fmt: skip
+    texts = ["<think>7 + 5 = 12</think>The answer is 12.", "<think>7 + 5 = 12</think>The answer is 12.",
+             "The answer is 12."]  # fmt: skip
+    with InstructionScorer(settings(judge_url, accuracy_weight=0.5).scorer(), instruction_weight=2.0) as scorer:
+        got = scorer.score(texts, refs)
+    assert got.parts["accuracy"].tolist() == [1, 0, 1] and got.parts["instruction"].tolist() == [1, 1, 0]
+    assert got.total.tolist() == pytest.approx([2.6, 2.1, 0.6])
 
 
 def test_judge_settings_name_what_is_wrong(judge_url):
@@ -171,3 +183,38 @@ def test_the_readme_judge_overrides_load(tmp_path):
     cfg = load_config(PipelineConfig, DEFAULT_CONFIGS, ["stages=[world,parent,grpo]", *data, *shlex.split(line)])
     judge = cfg.grpo.rewards.judge
     assert cfg.grpo.rewards.task == "judge" and judge.base_url.startswith("http://") and judge.model
+
+
+def test_the_aligner_reward_server_grades_judge_prompts_with_the_judge(judge_url, tmp_path):
+    """The reward server behind Aligner's trainer (its verifier; PyTriton itself is the aligner
+    tier's) scores token rows of judge prompts through the judge, with each row's question."""
+    import numpy as np
+
+    from nemo_plugins.aligner.reward_server import RewardServerConfig, build_verifier
+    from nemo_plugins.data.chat_tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.tiny(rl_tokenizer())
+    prompts = tmp_path / "prompts.jsonl"
+    questions = {"q1": ("What is 2 + 3?", "5"), "q2": ("What is 4 * 3?", "12")}
+    prompts.write_text("".join(json.dumps({"id": k, "prompt": q, "answer": a, "task": "judge"}) + "\n"
+                               for k, (q, a) in questions.items()))  # fmt: skip
+    (tmp_path / "tok").mkdir()
+    for name, text in tok.files().items():
+        (tmp_path / "tok" / name).write_text(text)
+    base = {"prompts": [str(prompts)], "tokenizer": str(tmp_path / "tok"), "workers": 0}
+    with pytest.raises(ValueError, match="are of task 'judge': set judge.base_url= and judge.model="):
+        build_verifier(RewardServerConfig(**base))
+    with pytest.raises(ValueError, match="^judge.base_url must start with http"):
+        RewardServerConfig(**base, judge={"base_url": "ftp://x", "model": "m"})
+    verifier = build_verifier(RewardServerConfig(**base, judge={"base_url": judge_url, "model": "stub-judge"}))
+    rows = [("What is 2 + 3?", True, "<think>2 + 3 = 5</think>The answer is 5."),
+            ("What is 4 * 3?", True, "<think>4 * 3 = 13</think>The answer is 13."),
+            ("What is 4 * 3?", False, "The answer is 12.")]  # fmt: skip
+    seqs = [tok.example_ids(q, text, thinking)[0] for q, thinking, text in rows]
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+    GradingJudge.seen.clear()
+    out = verifier(tokens, np.array([len(s) for s in seqs]))
+    assert out.rewards.tolist() == pytest.approx([1.1, 0.1, 1.1]) and not out.failures
+    assert sorted(q for q, _ in GradingJudge.seen) == sorted(q for q, _, _ in rows)

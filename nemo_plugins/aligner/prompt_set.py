@@ -29,13 +29,15 @@ from ..data.prompts import load_prompts
 
 @dataclass(frozen=True)
 class PromptRow:
-    """Dataset row `index`: `problem_id`'s question rendered under `thinking`, and its reference."""
+    """Dataset row `index`: `problem_id`'s question rendered under `thinking`, its reference, and
+    the question itself (an LLM judge reads it)."""
 
     index: int
     problem_id: str
     thinking: bool
     text: str
     answer: str
+    question: str = ""
 
 
 @dataclass
@@ -81,7 +83,7 @@ def load_prompt_set(paths, tokenizer: ChatTokenizer, modes=(True, False)) -> Pro
             continue
         seen.add(pid)
         for thinking in modes:
-            rows.append(PromptRow(len(rows), pid, thinking, tokenizer.prompt(r.prompt, thinking), r.answer))
+            rows.append(PromptRow(len(rows), pid, thinking, tokenizer.prompt(r.prompt, thinking), r.answer, r.prompt))
     return PromptSet(tasks[0], rows)
 
 

@@ -22,14 +22,15 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..data.chat_tokenizer import ChatTokenizer
-from ..rl.config import ScoringSettings
+from ..rl.config import JudgeSettings, ScoringSettings
 from ..rl.rewards import check_references
-from ..rl.scoring import RuleScorer
+from ..rl.scoring import JudgeScorer, RuleScorer
 from .deps import require
 from .prompt_index import PromptIndex
 from .prompt_set import load_prompt_set
@@ -46,7 +47,8 @@ class RewardServerConfig(ScoringSettings):
     trainer's prompt file was written with (`prompt_set`), which also gives the reward task; the
     weights and sandbox limits are `rl.config.ScoringSettings`' (`accuracy_weight=`, `workers=`, ...);
     `unknown_reward` scores a row whose prompt is not in the file. `host` 0.0.0.0 and `port` 5555
-    as in Aligner's reward-model server."""
+    as in Aligner's reward-model server. `judge` (`rl.config.JudgeSettings`: `judge.base_url=`,
+    `judge.model=`, ...) grades prompts of task "judge" and is required for them."""
 
     prompts: list[str] = field(default_factory=list)
     tokenizer: str = ""
@@ -56,10 +58,15 @@ class RewardServerConfig(ScoringSettings):
     port: int = 5555
     unknown_reward: float = 0.0
     max_queue_delay_microseconds: float = 2000.0
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
 
     def __post_init__(self):
         try:
             super().__post_init__()
+            if isinstance(self.judge, Mapping):
+                self.judge = JudgeSettings(**self.judge)
+            if self.judge.base_url is not None:
+                self.judge.judge_config()  # validates the judge's keys
         except ValueError as e:  # the server's keys are flat: workers=, not grpo.rewards.workers=
             raise ValueError(str(e).replace("grpo.rewards.", "", 1)) from None
         if not 0 < self.port < 65536:
@@ -69,7 +76,8 @@ class RewardServerConfig(ScoringSettings):
 
 
 def build_verifier(cfg: RewardServerConfig) -> TokenVerifier:
-    """The prompt rows, their index and a `RuleScorer` for the prompts' task, references checked."""
+    """The prompt rows, their index and the scorer of the prompts' task (`RuleScorer`, or
+    `JudgeScorer` for task "judge"), references checked."""
     for key in ("prompts", "tokenizer"):
         if not getattr(cfg, key):
             raise ValueError(f"{key} is not set: expected prompts=[file.jsonl] tokenizer=MODEL_DIR")
@@ -77,7 +85,13 @@ def build_verifier(cfg: RewardServerConfig) -> TokenVerifier:
     prompt_set = load_prompt_set(cfg.prompts, tok, cfg.modes)
     references = {r.problem_id: r.answer for r in prompt_set.rows}
     check_references(references, prompt_set.task, workers=max(cfg.workers, 1))
-    scorer = RuleScorer(cfg.reward_config_for(prompt_set.task), cfg.limits())
+    if prompt_set.task == "judge":
+        if cfg.judge.base_url is None or cfg.judge.model is None:
+            raise ValueError(f"prompts {cfg.prompts} are of task 'judge': set judge.base_url= and judge.model= "
+                             "(the OpenAI-compatible LLM judge that grades them)")  # fmt: skip
+        scorer = JudgeScorer(cfg.reward_config_for("judge"), cfg.judge.judge_config(), cfg.limits())
+    else:
+        scorer = RuleScorer(cfg.reward_config_for(prompt_set.task), cfg.limits())
     index = PromptIndex(prompt_set.rows, tok.encode)
     log.info("reward server: %d prompt rows (%d problems), task %s", len(index), len(references), prompt_set.task)
     return TokenVerifier(index, tok, scorer, cfg.unknown_reward)

@@ -2,8 +2,8 @@
 
 Each row's prompt is found in the `PromptIndex` (its answer and thinking mode), the response after
 it is decoded up to the first stop token, and all rows are scored together through the core's
-`Scorer` (`rl.scoring.RuleScorer`: accuracy + format in the sandboxed pool), so a reward here is
-the reward the core's GRPO gives the same completion. A row whose prompt is not in the index
+`Scorer` (`rl.scoring.RuleScorer`: accuracy + format in the sandboxed pool; for prompts of task
+"judge", `JudgeScorer`), so a reward here is the reward the core's GRPO gives the same completion. A row whose prompt is not in the index
 scores `unknown_reward` and is counted as `unknown_prompt`: the trainer's prompt file and the
 server's disagree, which the server logs rather than failing the whole batch.
 """
@@ -58,7 +58,7 @@ class TokenVerifier:
             row, n = found
             rows.append(b)
             texts.append(self.tokenizer.decode_response(ids[n:]))
-            refs.append(Reference(row.answer, row.thinking))
+            refs.append(Reference(row.answer, row.thinking, question=row.question))
         if rows:
             scores = self.scorer.score(texts, refs)
             rewards[rows] = scores.total.numpy()

@@ -1,1 +1,1 @@
-"""Reinforcement learning for the reasoning stage (GRPO): losses, rewards, their sandbox and an LLM judge."""
+"""Reinforcement learning after SFT: one loop (GRPO, RLOO, online RPO), its losses, and the rewards behind one protocol (rules in a sandbox, an LLM judge, a reward model)."""
