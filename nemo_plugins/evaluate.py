@@ -12,6 +12,17 @@ from .model.llama import HeteroLlamaForCausalLM
 from .model.rollout import RolloutConfig, sample_questions
 
 
+def check_answers(verify: Callable[[str, Problem], bool], texts: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
+    """`verify(text, problem)` for each pair, in order. A verifier with a `many(texts, problems)`
+    method checks them all in one call instead (the LLM judge's: its requests run concurrently)."""
+    if len(texts) != len(problems):
+        raise ValueError(f"{len(texts)} responses, {len(problems)} problems: expected equal")
+    many = getattr(verify, "many", None)
+    if many is not None:
+        return [bool(ok) for ok in many(texts, problems)]
+    return [bool(verify(t, p)) for t, p in zip(texts, problems)]
+
+
 def task_accuracy(
     model: HeteroLlamaForCausalLM,
     tok: ChatTokenizer,
@@ -34,8 +45,8 @@ def task_accuracy(
     done = sample_questions(model, tok, [p.question for p in problems], thinking, cfg, progress=progress, desc="evaluate")
     correct: dict[int, list[bool]] = defaultdict(list)
     formatted = 0
-    for p, text in zip(problems, done.texts):
-        correct[p.difficulty].append(bool(verify(text, p)))
+    for p, text, ok in zip(problems, done.texts, check_answers(verify, done.texts, problems)):
+        correct[p.difficulty].append(ok)
         formatted += bool(thinking is not None and is_well_formatted(text, bool(thinking)))
     every = [c for cs in correct.values() for c in cs]
     return {

@@ -156,10 +156,10 @@ class StageContext:
             raise ValueError(f"data.problems ({self.problems.cfg.source}) are of task 'judge': set "
                              "grpo.rewards.judge.base_url and grpo.rewards.judge.model, the judge that checks their "
                              "answers in every stage")  # fmt: skip
-        from .rl.config import judge_verifier
+        from .rl.config import JudgeVerifier
         from .rl.judge import LLMJudge
 
-        return judge_verifier(LLMJudge(rewards.judge.judge_config()))
+        return JudgeVerifier(LLMJudge(rewards.judge.judge_config()))
 
     def chat(self, path: Path | None = None) -> ChatTokenizer:
         """The input model's (or `path`'s) tokenizer and chat template."""

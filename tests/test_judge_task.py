@@ -111,6 +111,23 @@ def test_the_verifier_asks_the_judge(judge_url):
     right, wrong = rw.response_for(problem, True), think("x", f"The answer is {problem.answer + 1}.")
     assert (verify(right, problem), verify(wrong, problem)) == (True, False)
     assert GradingJudge.seen[-1][0] == problem.question
+    assert verify.many([wrong, right, right], [problem] * 3) == [False, True, True]
+
+
+def test_answers_are_checked_in_one_concurrent_call_when_the_verifier_can(judge_url, monkeypatch):
+    """Held-out accuracy, pass rates and toggle evaluation check through `check_answers`, which
+    hands the judge every answer at once (its calls then run `concurrency` at a time)."""
+    from nemo_plugins.evaluate import check_answers, task_accuracy
+
+    problems = rw.generate_problems(6, seed=6, difficulties=(1, 2))
+    texts = [rw.response_for(p, True) if i % 2 else "The answer is 0." for i, p in enumerate(problems)]
+    verify = settings(judge_url).verifier()
+    assert check_answers(verify, texts, problems) == [bool(i % 2) for i in range(6)]
+    assert check_answers(rw.is_correct, texts, problems) == [bool(i % 2) for i in range(6)]  # a plain function
+    monkeypatch.setattr(C.JudgeVerifier, "__call__", lambda *a: pytest.fail("one call per answer"))
+    tok = rl_tokenizer()
+    acc = task_accuracy(start_policy(tok, steps=5), tok, problems, max_new_tokens=8, verify=verify)
+    assert acc["n"] == 6
 
 
 def test_grpo_scored_by_an_agreeing_judge_is_the_rule_run(judge_url, tmp_path):

@@ -130,17 +130,23 @@ class RewardSettings(ScoringSettings):
         (`rewards.answer_checker`), or one judge call per completion for task "judge"."""
         if self.task != "judge":
             return answer_checker(self.task)
-        return judge_verifier(LLMJudge(self.judge.judge_config()))
+        return JudgeVerifier(LLMJudge(self.judge.judge_config()))
 
 
-def judge_verifier(judge: LLMJudge):
+class JudgeVerifier:
     """`verify(text, problem) -> bool`: the judge says CORRECT for `problem.answer` (a failed call is
-    False, and counted in `judge.failures`)."""
+    False, and counted in `judge.failures`); `many(texts, problems)` asks about all of them,
+    `concurrency` calls at a time (`evaluate.check_answers` uses it)."""
 
-    def verify(text: str, problem) -> bool:
-        return judge.judge(problem.question, str(problem.answer), text).reward == 1.0
+    def __init__(self, judge: LLMJudge):
+        self.judge = judge
 
-    return verify
+    def __call__(self, text: str, problem) -> bool:
+        return self.judge.judge(problem.question, str(problem.answer), text).reward == 1.0
+
+    def many(self, texts, problems) -> list[bool]:
+        rewards, _ = self.judge.score([(p.question, str(p.answer), t) for t, p in zip(texts, problems, strict=True)])
+        return [r == 1.0 for r in rewards]
 
 
 @dataclass

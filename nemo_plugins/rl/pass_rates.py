@@ -14,6 +14,7 @@ from pathlib import Path
 from ..data.chat_tokenizer import ChatTokenizer, as_chat
 from ..data.curriculum import problems_by_id
 from ..data.reasoning_world import Problem, is_correct
+from ..evaluate import check_answers
 from ..model.generate import SamplingConfig
 from ..model.rollout import RolloutConfig, sample_questions, with_stop_tokens
 from ..utils.atomic import write_json_atomic
@@ -74,9 +75,8 @@ def _sample_pass_rates(
     done = sample_questions(model, tok, [problems[i].question for i in ids], thinking, cfg,
                             progress=progress, desc="pass rates")  # fmt: skip
     correct = dict.fromkeys(ids, 0)
-    for j, text in enumerate(done.texts):
-        i = ids[j // k]
-        correct[i] += bool(verify(text, problems[i]))
+    for j, ok in enumerate(check_answers(verify, done.texts, [problems[i] for i in ids for _ in range(k)])):
+        correct[ids[j // k]] += ok
     return {i: c / k for i, c in correct.items()}
 
 

@@ -34,6 +34,7 @@ from ..data.instructions import INSTRUCTION_KINDS, InstructedProblem, augment_al
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import Problem
 from ..data.tiny_world import World
+from ..evaluate import check_answers
 from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.generate import SamplingConfig
 from ..model.rollout import RolloutConfig, sample_questions
@@ -126,8 +127,8 @@ def instruction_eval(model, chat: ChatTokenizer, prompts: Sequence[InstructedPro
     engine = RolloutConfig(SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), n=1, batch_size=batch_size)
     done = sample_questions(model, chat, [p.question for p in prompts], thinking, engine)
     by_kind: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
-    for p, text in zip(prompts, done.texts):
-        by_kind[p.kind].append((instruction_followed(text, p.instruction), bool(verify(text, p))))
+    for p, text, ok in zip(prompts, done.texts, check_answers(verify, done.texts, prompts)):
+        by_kind[p.kind].append((instruction_followed(text, p.instruction), ok))
 
     def summary(rows) -> dict:
         n = len(rows)

@@ -30,6 +30,7 @@ from ..data.curriculum import problems_by_id
 from ..data.problems import ProblemSet
 from ..data.reasoning_world import Problem, is_well_formatted
 from ..data.tiny_world import World
+from ..evaluate import check_answers
 from ..model.checkpoint import fingerprint, save_checkpoint, tensors_digest
 from ..model.generate import SamplingConfig
 from ..model.rollout import RolloutConfig, sample_questions
@@ -112,7 +113,7 @@ def evaluate_policy(model, rm: RewardModel, chat: ChatTokenizer, problems: list[
     done = sample_questions(model, chat, [p.question for p in problems], True, engine)
     seqs = [p + c for p, c in zip(done.prompt_ids, done.ids)]
     scores = RewardModelScorer(rm, chat, cfg.score_batch_size).score_ids(seqs).tolist()
-    correct = [bool(verify(text, p)) for text, p in zip(done.texts, problems)]
+    correct = check_answers(verify, done.texts, problems)
     n = len(problems)
     return {"rm_score": sum(scores) / n, "accuracy": sum(correct) / n,
             "format_ok": sum(is_well_formatted(t, True) for t in done.texts) / n, "n": n,

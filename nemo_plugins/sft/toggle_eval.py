@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from ..data.chat import THINK_END, THINK_START
 from ..data.chat_tokenizer import ChatTokenizer
 from ..data.reasoning_world import Problem, has_think_block, is_correct, is_well_formatted
+from ..evaluate import check_answers
 from ..model.generate import SamplingConfig
 from ..model.llama import HeteroLlamaForCausalLM
 from ..model.rollout import RolloutConfig, sample_questions
@@ -58,7 +59,7 @@ def mode_scores(
     if not problems:
         raise ValueError("evaluate_toggle: no problems given")
     n = len(problems)
-    correct = [bool(verify(t, p)) for p, t in zip(problems, texts)]
+    correct = check_answers(verify, texts, problems)
     by_level: dict[int, list[bool]] = defaultdict(list)
     for p, c in zip(problems, correct):
         by_level[p.difficulty].append(c)
