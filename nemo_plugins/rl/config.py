@@ -127,7 +127,8 @@ class RewardSettings(ScoringSettings):
 
     def verifier(self):
         """`verify(text, problem) -> bool` for held-out accuracy and pass rates: the task's rule
-        (`rewards.answer_checker`), or one judge call per completion for task "judge"."""
+        (`rewards.answer_checker`), or for task "judge" a `JudgeVerifier` (which also checks many
+        answers at once, concurrently)."""
         if self.task != "judge":
             return answer_checker(self.task)
         return JudgeVerifier(LLMJudge(self.judge.judge_config()))
