@@ -85,10 +85,9 @@ class JudgeSettings:
     max_answer_chars: int = 4000
 
     def judge_config(self) -> JudgeConfig:
-        fields = {k: getattr(self, k) for k in ("base_url", "model", "api_key_env", "timeout_s", "retries",
-                                                "concurrency", "max_answer_chars")}  # fmt: skip
+        """These settings as the judge client's config (the other `JudgeConfig` fields at their defaults)."""
         try:
-            return JudgeConfig(**fields)
+            return JudgeConfig(**asdict(self))
         except ValueError as e:  # "JudgeConfig.<field> ..." -> the YAML key
             raise ValueError(str(e).replace("JudgeConfig.", "grpo.rewards.judge.", 1)) from None
 
