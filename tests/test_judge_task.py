@@ -235,3 +235,43 @@ def test_the_aligner_reward_server_grades_judge_prompts_with_the_judge(judge_url
     out = verifier(tokens, np.array([len(s) for s in seqs]))
     assert out.rewards.tolist() == pytest.approx([1.1, 0.1, 1.1]) and not out.failures
     assert sorted(q for q, _ in GradingJudge.seen) == sorted(q for q, _, _ in rows)
+
+
+def test_unused_judge_settings_do_not_make_another_run(judge_url):
+    """A run directory is named by the settings the run reads: the judge's only under task judge."""
+    from nemo_plugins.rl.grpo_stage import GRPOStageConfig
+
+    plain, other = GRPOStageConfig(), GRPOStageConfig(rewards=C.RewardSettings(judge={"timeout_s": 5.0}))
+    assert C.run_key(plain) == C.run_key(other) and "judge" not in C.run_key(plain)["rewards"]
+    judged = [GRPOStageConfig(rewards=C.RewardSettings(task="judge", judge={"base_url": judge_url, "model": "m",
+                                                                            "timeout_s": t})) for t in (5.0, 9.0)]  # fmt: skip
+    assert C.run_key(judged[0])["rewards"]["judge"]["base_url"] == judge_url
+    assert C.run_key(judged[0]) != C.run_key(judged[1])
+    assert "compare_random" not in C.run_key(plain, ("compare_random",))
+
+
+def test_resuming_ignores_judge_settings_no_run_reads(tmp_path, caplog):
+    """A checkpoint from before the judge existed (its rewards have no judge block) resumes without
+    a "changed" warning; a changed setting the run reads still warns."""
+    from dataclasses import asdict, replace
+
+    from nemo_plugins.rl.loop import _unread_judge_as_now
+    from nemo_plugins.utils.resume import TrainingState
+    from nemo_plugins.utils.training import check_resumable
+
+    cfg = G.GRPOConfig(rewards=C.RewardSettings(judge={"timeout_s": 3.0}))
+    old = asdict(cfg)
+    del old["rewards"]["judge"]
+    state = TrainingState(tmp_path, 5, {"config": old})
+    with caplog.at_level("WARNING"):
+        check_resumable(_unread_judge_as_now(state, cfg), cfg, cfg.run_defining)
+        assert "changed" not in caplog.text
+        check_resumable(state, cfg, cfg.run_defining)  # unnormalized, the warning this prevents
+        assert "changed ['rewards']" in caplog.text
+    caplog.clear()
+    other = replace(cfg, rewards=C.RewardSettings(accuracy_weight=2.0))
+    with caplog.at_level("WARNING"):
+        check_resumable(_unread_judge_as_now(state, other), other, other.run_defining)
+    assert "changed ['rewards']" in caplog.text
+    judged = replace(cfg, rewards=settings("http://127.0.0.1:1"))
+    assert _unread_judge_as_now(state, judged) is state  # under task judge the judge counts

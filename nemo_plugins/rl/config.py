@@ -6,7 +6,7 @@ extends `LoopConfig` with its own fields (GRPO: `grpo.GRPOConfig`). Errors name 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -131,6 +131,17 @@ class RewardSettings(ScoringSettings):
         if self.task != "judge":
             return answer_checker(self.task)
         return JudgeVerifier(LLMJudge(self.judge.judge_config()))
+
+
+def run_key(cfg, report_only: Sequence[str] = ()) -> dict:
+    """The settings that name a stage's run directory: `asdict(cfg)` without the `report_only`
+    fields, and without `rewards.judge` unless the task is "judge" (a setting a run never reads
+    must not make it another run; runs from before the judge existed keep their directories)."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in report_only}
+    rewards = key.get("rewards")
+    if isinstance(rewards, dict) and rewards.get("task") != "judge":
+        rewards.pop("judge", None)
+    return key
 
 
 class JudgeVerifier:

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
@@ -36,7 +36,7 @@ from ..utils.hashing import config_hash
 from ..model.checkpoint import fingerprint, save_checkpoint
 from ..model.generate import SamplingConfig
 from ..utils.atomic import write_json_atomic, write_text_atomic
-from .config import _bad, _positive_int
+from .config import _bad, _positive_int, run_key
 from .grpo import GRPOConfig, run_grpo
 from .metrics import heldout_accuracy
 from .plots import plot_reward_curves
@@ -214,7 +214,7 @@ def _train(model, problems: ProblemSet, chat: ChatTokenizer, cfg: GRPOStageConfi
            rewarder: RuleScorer, before: dict, progress: bool):  # fmt: skip
     """(summary, trained copy of `model`, run dir) of the GRPO run with sampler `kind`."""
     run_cfg = cfg.run_config(kind)
-    key = {k: v for k, v in asdict(run_cfg).items() if k not in _REPORT_ONLY}
+    key = run_key(run_cfg, _REPORT_ONLY)
     data_key = [problems.key] if problems.key else []  # the tiny world's runs keep their keys
     run_dir = out_dir / f"{kind}-{config_hash(key, start, *data_key)}"
     policy = copy.deepcopy(model)

@@ -33,6 +33,7 @@ never duplicates rows), `<name>.png` (curves, `plots.plot_grpo`), `<name>_summar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -220,7 +221,7 @@ def run_loop(
     sampler = make_sampler(dict(pass_rates), cfg)
     resume = resume_latest(paths.checkpoints, policy, algorithm.name)
     if resume is not None:
-        check_resumable(resume, cfg, cfg.run_defining)
+        check_resumable(_unread_judge_as_now(resume, cfg), cfg, cfg.run_defining)
         sampler.load_state_dict(resume.extra["sampler"])
     else:
         L.seed_everything(cfg.seed, verbose=False)
@@ -242,6 +243,17 @@ def run_loop(
                 module.scorer.close()
     policy.eval()
     return _summary(module, paths, start)
+
+
+def _unread_judge_as_now(resume: TrainingState, cfg: LoopConfig) -> TrainingState:
+    """`resume` with its saved judge settings replaced by `cfg`'s where neither run reads them
+    (task not "judge"; a checkpoint from before the judge existed has none), so that only settings
+    a run reads count as changed when it resumes."""
+    rewards = resume.extra.get("config", {}).get("rewards")
+    if not isinstance(rewards, dict) or "judge" in (rewards.get("task"), cfg.rewards.task):
+        return resume
+    config = {**resume.extra["config"], "rewards": {**rewards, "judge": asdict(cfg.rewards.judge)}}
+    return dataclasses.replace(resume, extra={**resume.extra, "config": config})
 
 
 def _fit(module: RLModule, cfg: LoopConfig, start: int, progress: bool, callbacks) -> None:

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
@@ -40,6 +40,7 @@ from ..model.generate import SamplingConfig
 from ..model.rollout import RolloutConfig, sample_questions
 from ..utils.atomic import write_json_atomic
 from ..utils.hashing import config_hash
+from .config import run_key
 from .grpo_stage import _cached
 from .instructions import instruction_followed
 from .plots import plot_rloo
@@ -177,7 +178,7 @@ def run_rloo_stage(
                     "heldout_prompts": len(held_out)}  # fmt: skip
     report["before"] = _cached(out_dir / "before.json", eval_key, lambda: evaluate(model))
     run_cfg = cfg.run_config()
-    key = {k: v for k, v in asdict(cfg).items() if k not in _REPORT_ONLY}
+    key = run_key(cfg, _REPORT_ONLY)
     run_dir = out_dir / f"run-{config_hash(key, start, *data_key)}"
     policy = copy.deepcopy(model)
     summary = run_rloo(policy, chat, train, run_cfg, run_dir, progress=progress, callbacks=callbacks)

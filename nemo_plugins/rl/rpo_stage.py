@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.chat_tokenizer import ChatTokenizer
@@ -36,6 +36,7 @@ from ..model.generate import SamplingConfig
 from ..model.rollout import RolloutConfig, sample_questions
 from ..utils.atomic import write_json_atomic
 from ..utils.hashing import config_hash
+from .config import run_key
 from .grpo_stage import _cached, _tiny_only
 from .plots import plot_rpo_iterations
 from .reward_model import RewardModel, RewardModelScorer, load_reward_model
@@ -162,7 +163,7 @@ def run_rpo_stage(
     pool = training_pool(problems, cfg)
     held_out = heldout_set(problems, cfg)
     data_key = [problems.key] if problems.key else []
-    key = {k: v for k, v in asdict(cfg).items() if k not in _REPORT_ONLY}
+    key = run_key(cfg, _REPORT_ONLY)
     run_dir = out_dir / f"run-{config_hash(key, start, rm_id, *data_key)}"
     eval_key = {"problems": [p.question for p in held_out], "max_new_tokens": cfg.max_new_tokens, "rm": rm_id}
 
