@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -151,15 +151,7 @@ class StageContext:
 
         if self.problems.task != "judge":
             return answer_checker(self.problems.task)
-        rewards = self.cfg.grpo.rewards
-        if rewards.judge.base_url is None or rewards.judge.model is None:
-            raise ValueError(f"data.problems ({self.problems.cfg.source}) are of task 'judge': set "
-                             "grpo.rewards.judge.base_url and grpo.rewards.judge.model, the judge that checks their "
-                             "answers in every stage")  # fmt: skip
-        from .rl.config import JudgeVerifier
-        from .rl.judge import LLMJudge
-
-        return JudgeVerifier(LLMJudge(rewards.judge.judge_config()))
+        return replace(self.cfg.grpo.rewards, task="judge").verifier()  # names an unset judge key
 
     def chat(self, path: Path | None = None) -> ChatTokenizer:
         """The input model's (or `path`'s) tokenizer and chat template."""

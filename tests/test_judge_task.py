@@ -275,3 +275,20 @@ def test_resuming_ignores_judge_settings_no_run_reads(tmp_path, caplog):
     assert "changed ['rewards']" in caplog.text
     judged = replace(cfg, rewards=settings("http://127.0.0.1:1"))
     assert _unread_judge_as_now(state, judged) is state  # under task judge the judge counts
+
+
+def test_the_pipeline_checks_judge_answers_with_grpos_judge(judge_url):
+    """Outside the RL stages (evaluate, SFT's toggle evaluation), judge-task answers are checked by
+    `grpo.rewards.judge`; unset, the error names its key."""
+    from types import SimpleNamespace
+
+    from nemo_plugins.pipeline import StageContext
+
+    ctx = SimpleNamespace(problems=SimpleNamespace(task="judge"), cfg=PipelineConfig())
+    with pytest.raises(ValueError, match=r"grpo.rewards.judge.base_url=None"):
+        StageContext.verify(ctx)
+    ctx.cfg.grpo.rewards.judge = C.JudgeSettings(base_url=judge_url, model="stub-judge")
+    verify = StageContext.verify(ctx)
+    problem = rw.generate_problems(1, seed=8, difficulties=(1,))[0]
+    assert isinstance(verify, C.JudgeVerifier) and verify(rw.response_for(problem, True), problem)
+    assert StageContext.verify(SimpleNamespace(problems=SimpleNamespace(task="world"))) is rw.is_correct

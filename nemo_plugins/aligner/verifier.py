@@ -3,9 +3,10 @@
 Each row's prompt is found in the `PromptIndex` (its answer and thinking mode), the response after
 it is decoded up to the first stop token, and all rows are scored together through the core's
 `Scorer` (`rl.scoring.RuleScorer`: accuracy + format in the sandboxed pool; for prompts of task
-"judge", `JudgeScorer`), so a reward here is the reward the core's GRPO gives the same completion. A row whose prompt is not in the index
-scores `unknown_reward` and is counted as `unknown_prompt`: the trainer's prompt file and the
-server's disagree, which the server logs rather than failing the whole batch.
+"judge", `JudgeScorer`), so a reward here is the reward the core's GRPO gives the same
+completion. A row whose prompt is not in the index scores `unknown_reward` and is counted as
+`unknown_prompt`: the trainer's prompt file and the server's disagree, which the server logs
+rather than failing the whole batch.
 """
 
 from __future__ import annotations

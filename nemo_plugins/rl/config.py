@@ -85,7 +85,12 @@ class JudgeSettings:
     max_answer_chars: int = 4000
 
     def judge_config(self) -> JudgeConfig:
-        """These settings as the judge client's config (the other `JudgeConfig` fields at their defaults)."""
+        """These settings as the judge client's config (the other `JudgeConfig` fields at their
+        defaults); ValueError naming the `grpo.rewards.judge.*` key that is unset or bad."""
+        for name in ("base_url", "model"):
+            if getattr(self, name) is None:
+                _bad(f"rewards.judge.{name}", None, "a value with rewards.task=judge (the judge's endpoint "
+                     "and model, e.g. base_url=http://localhost:8000/v1)")
         try:
             return JudgeConfig(**asdict(self))
         except ValueError as e:  # "JudgeConfig.<field> ..." -> the YAML key
@@ -107,11 +112,7 @@ class RewardSettings(ScoringSettings):
         if isinstance(self.judge, Mapping):
             self.judge = JudgeSettings(**self.judge)
         if self.task == "judge":
-            for name in ("base_url", "model"):
-                if getattr(self.judge, name) is None:
-                    _bad(f"rewards.judge.{name}", None, "a value with rewards.task=judge (the judge's endpoint "
-                         "and model, e.g. base_url=http://localhost:8000/v1)")
-            self.judge.judge_config()  # validates the rest
+            self.judge.judge_config()  # validates the judge's keys
         super().__post_init__()
 
     def reward_config(self) -> RewardConfig:

@@ -365,10 +365,10 @@ def check_reference(reference, task: str, where: str) -> None:
     """Raise BadReference "<where>: <what is wrong>" if `reference` cannot be scored for `task`.
 
     math: the limits of `check_answer` (length, nesting depth, forbidden text) and a math-verify
-    parse to an expression; choice: one letter A-Z; world: an integer; judge: a non-blank text. `where` names the data
-    (e.g. "prompt p17"), so one bad reference fails once, up front, instead of every sample
-    failing (or timing out) in the reward pool. In-process, without a time limit:
-    `check_references` runs it in the sandbox with one.
+    parse to an expression; choice: one letter A-Z; world: an integer; judge: a non-blank text.
+    `where` names the data (e.g. "prompt p17"), so one bad reference fails once, up front,
+    instead of every sample failing (or timing out) in the reward pool. In-process, without a
+    time limit: `check_references` runs it in the sandbox with one.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
